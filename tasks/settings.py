@@ -1,0 +1,151 @@
+"""Typed settings read from params.yaml, the one home of Trainflow's config.
+
+Every key is declared here with its bounds; an unknown key or a bad value stops with a message that
+names the key and says how to fix it. Stages receive the whole `Settings` and read only their sections.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PARAMS = "params.yaml"
+
+
+class UserError(Exception):
+    """Bad input from the user (data, params, files). Reported as one message, without a traceback."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IngestSettings(Section):
+    source: str = Field(description="CSV or Parquet file to train on: a local path or an fsspec URL (s3://, gs://, https://).")
+    sha256: str | None = Field(description="Expected sha256 of the source file; null skips the check.", pattern=r"^[0-9a-f]{64}$")
+    out: str = Field(description="Where ingest writes the raw data as Parquet (a DVC output).")
+
+
+class ValidateSettings(Section):
+    suite: str = Field(description="Expectation suite (YAML) the raw data must pass.")
+    report: str = Field(description="JSON validation report (a DVC metric).")
+
+
+class SplitSettings(Section):
+    train: float = Field(gt=0, lt=1, description="Fraction of rows for training.")
+    val: float = Field(gt=0, lt=1, description="Fraction of rows for validation / early stopping.")
+    test: float = Field(gt=0, lt=1, description="Fraction of rows held out for evaluation.")
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitSettings:
+        total = self.train + self.val + self.test
+        if abs(total - 1) > 1e-9:
+            raise ValueError(f"train + val + test = {total:g}, must be 1; adjust the fractions")
+        return self
+
+
+class PreprocessSettings(Section):
+    target: str = Field(description="Column to predict.")
+    split: SplitSettings
+    scaler: Literal["quantile", "standard"] = Field(description="Feature scaling fitted on train: quantile (to a normal) or standard (z-score).")
+    n_quantiles: int = Field(ge=10, le=100_000, description="Quantiles kept by the quantile scaler.")
+    partition_rows: int = Field(ge=1000, description="Target rows per Dask partition and per output Parquet file.")
+    out_dir: str = Field(description="Feature splits, fitted transform and schema (a DVC output).")
+
+
+class DaskSettings(Section):
+    address: str = Field(description="'local' starts a local cluster; or a scheduler address such as tcp://10.0.0.5:8786.")
+    n_workers: int = Field(ge=1, le=1024, description="Worker processes of the local cluster.")
+    threads_per_worker: int = Field(ge=1, le=256, description="Threads per local worker.")
+
+
+class TrainSettings(Section):
+    world_size: int = Field(ge=1, le=1024, description="DDP ranks (local processes: gloo on CPU, NCCL on GPU).")
+    epochs: int = Field(ge=1, le=100_000, description="Maximum epochs.")
+    batch_size: int = Field(ge=1, description="Global batch size, split evenly across ranks.")
+    lr: float = Field(gt=0, le=10, description="Peak learning rate of AdamW (cosine decay).")
+    weight_decay: float = Field(ge=0, le=1, description="AdamW weight decay.")
+    hidden: list[int] = Field(min_length=1, description="Width of each hidden layer of the MLP.")
+    dropout: float = Field(ge=0, lt=1, description="Dropout after each hidden layer.")
+    patience: int = Field(ge=1, description="Stop after this many epochs without a better validation loss.")
+    seed: int = Field(ge=0, description="Seed of weights and data order.")
+    keep_checkpoints: int = Field(ge=1, description="Per-epoch checkpoints kept (oldest deleted first).")
+    out_dir: str = Field(description="Trained model and checkpoints.")
+    log_dir: str = Field(description="dvclive metrics and plots of training.")
+
+    @model_validator(mode="after")
+    def _layers_positive(self) -> TrainSettings:
+        if any(h < 1 for h in self.hidden):
+            raise ValueError(f"hidden={self.hidden}: every layer width must be >= 1")
+        return self
+
+
+class EvaluateSettings(Section):
+    out_dir: str = Field(description="Test metrics, predictions and plots.")
+
+
+class PackageSettings(Section):
+    out_dir: str = Field(description="The self-contained model package.")
+
+
+class Settings(Section):
+    ingest: IngestSettings
+    validate_: ValidateSettings = Field(alias="validate")
+    preprocess: PreprocessSettings
+    dask: DaskSettings
+    train: TrainSettings
+    evaluate: EvaluateSettings
+    package: PackageSettings
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def _fmt_error(err: dict, source: str) -> str:
+    key = ".".join(str(p) for p in err["loc"] if p != "__root__") or "(top level)"
+    key = key.replace("validate_", "validate")
+    if err["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}'; remove it or fix its spelling"
+    if err["type"] == "missing":
+        return f"{source}: missing key '{key}'; add it (see the README's params table)"
+    value = err.get("input")
+    shown = "" if isinstance(value, dict) else f" = {value!r}"
+    return f"{source}: {key}{shown}: {err['msg']}; fix it in {source}"
+
+
+def parse_settings(raw: dict, source: str = PARAMS) -> Settings:
+    """Validate a params mapping; raise UserError naming every bad key."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a mapping of sections (ingest, validate, ...), got {type(raw).__name__}")
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as e:
+        raise UserError("\n".join(_fmt_error(err, source) for err in e.errors())) from None
+
+
+def load_settings(path: str | Path = PARAMS) -> Settings:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found; run from the project root or pass the path of params.yaml") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from None
+    return parse_settings(raw, str(path))
+
+
+def dump_settings(s: Settings) -> dict:
+    """Settings as the plain mapping params.yaml holds."""
+    return s.model_dump(by_alias=True)
+
+
+def cli(stage) -> None:
+    """The `python -m tasks.<stage>` edge: run a stage on params.yaml; user errors exit 2 with one message."""
+    try:
+        stage(load_settings())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

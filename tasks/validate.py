@@ -1,0 +1,147 @@
+"""Check the raw data against its expectation suite with Great Expectations.  Run: python -m tasks.validate
+
+The suite is a small reviewed YAML file (data/suites/*.yaml) built into a GX suite here. The JSON report
+is always written; on failure the stage raises with each failed expectation, its column, how many rows
+broke it and a few sample values with their row numbers, so no later stage runs on bad data.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from tasks.files import sha256_file, write_json
+from tasks.settings import Settings, UserError, cli
+
+DTYPES = {
+    "float": ["float64", "float32", "Float64", "Float32"],
+    "int": ["int64", "int32", "Int64", "Int32"],
+    "str": ["object", "str", "string", "StringDtype", "str_"],
+}
+SAMPLES = 5
+
+
+def load_suite(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        suite = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"validate.suite: {path} does not exist; point validate.suite at an expectation suite YAML") from None
+    if not isinstance(suite, dict) or not isinstance(suite.get("columns"), dict) or not suite["columns"]:
+        raise UserError(f"validate.suite: {path} must map 'columns' to {{name: {{type: ..., min: ..., max: ...}}}}")
+    for name, spec in suite["columns"].items():
+        spec = spec or {}
+        unknown = set(spec) - {"type", "min", "max", "nulls"}
+        if unknown or spec.get("type") not in DTYPES:
+            raise UserError(
+                f"validate.suite: {path}: column {name}: type must be one of {sorted(DTYPES)} "
+                f"and keys among type, min, max, nulls (got {spec})"
+            )
+    return suite
+
+
+def build_expectations(suite: dict) -> list:
+    import great_expectations.expectations as gxe
+
+    cols = suite["columns"]
+    exps = [gxe.ExpectTableColumnsToMatchOrderedList(column_list=list(cols))]
+    if "row_count" in suite:
+        rc = suite["row_count"]
+        exps.append(gxe.ExpectTableRowCountToBeBetween(min_value=rc.get("min"), max_value=rc.get("max")))
+    for name, spec in cols.items():
+        exps.append(gxe.ExpectColumnValuesToBeInTypeList(column=name, type_list=DTYPES[spec["type"]]))
+        exps.append(gxe.ExpectColumnValuesToNotBeNull(column=name, mostly=1 - spec.get("nulls", 0)))
+        if "min" in spec or "max" in spec:
+            exps.append(gxe.ExpectColumnValuesToBeBetween(column=name, min_value=spec.get("min"), max_value=spec.get("max")))
+    return exps
+
+
+def run_suite(frame: pd.DataFrame, suite: dict) -> list[dict]:
+    """Run the suite on a frame with GX; one plain dict per expectation."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    ctx = gx.get_context(mode="ephemeral")
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+    batch_def = ctx.data_sources.add_pandas("raw").add_dataframe_asset("raw").add_batch_definition_whole_dataframe("all")
+    gx_suite = gx.ExpectationSuite(name="trainflow", expectations=build_expectations(suite))
+    batch = batch_def.get_batch(batch_parameters={"dataframe": frame})
+    result = batch.validate(gx_suite, result_format={"result_format": "COMPLETE", "partial_unexpected_count": SAMPLES})
+    return [_summarize(r) for r in result.results]
+
+
+def _exception_messages(info) -> list[str]:
+    if isinstance(info, dict):
+        if info.get("raised_exception"):
+            return [str(info.get("exception_message"))]
+        return [m for v in info.values() for m in _exception_messages(v)]
+    return []
+
+
+def _json_value(v):
+    v = v.item() if hasattr(v, "item") else v  # numpy scalars
+    return str(v) if isinstance(v, float) and not math.isfinite(v) else v  # nan, inf are not JSON
+
+
+def _summarize(r) -> dict:
+    cfg, res = r.expectation_config, r.result or {}
+    out = {"expectation": cfg.type, "column": cfg.kwargs.get("column"), "success": bool(r.success)}
+    if "unexpected_count" in res:
+        out["unexpected_count"] = int(res["unexpected_count"])
+        out["unexpected_percent"] = round(float(res.get("unexpected_percent") or 0.0), 4)
+        out["sample_values"] = [_json_value(v) for v in res.get("partial_unexpected_list", [])[:SAMPLES]]
+        out["sample_rows"] = [int(i) for i in res.get("partial_unexpected_index_list", [])[:SAMPLES]]
+    if "observed_value" in res:
+        out["observed"] = res["observed_value"]
+    errors = _exception_messages(r.exception_info)
+    if errors:
+        out["error"] = errors[0]
+    return out
+
+
+def describe_failure(f: dict) -> str:
+    where = f" column {f['column']}:" if f["column"] else ""
+    line = f"  - {f['expectation']}{where}"
+    if "unexpected_count" in f:
+        samples = ", ".join(f"row {i}: {v!r}" for i, v in zip(f["sample_rows"], f["sample_values"]))
+        line += f" {f['unexpected_count']} rows ({f['unexpected_percent']:.2f}%) unexpected, e.g. {samples}"
+    elif "observed" in f:
+        line += f" observed {f['observed']}"
+    if "error" in f:
+        line += f" could not be evaluated: {f['error']}"
+    return line
+
+
+def validate(s: Settings) -> dict:
+    cfg = s.validate_
+    suite = load_suite(cfg.suite)
+    raw = Path(s.ingest.out)
+    if not raw.exists():
+        raise UserError(f"validate: {raw} does not exist; run the ingest stage first (python -m tasks.ingest)")
+    frame = pd.read_parquet(raw)
+    results = run_suite(frame, suite)
+    failed = [r for r in results if not r["success"]]
+    report = {
+        "success": not failed,
+        "data": {"path": str(raw), "sha256": sha256_file(raw), "rows": len(frame)},
+        "suite": cfg.suite,
+        "evaluated": len(results),
+        "passed": len(results) - len(failed),
+        "pass_rate": round((len(results) - len(failed)) / len(results), 6),
+        "results": results,
+    }
+    write_json(cfg.report, report)
+    if failed:
+        lines = "\n".join(describe_failure(f) for f in failed)
+        raise UserError(
+            f"validate: {raw} failed {len(failed)} of {len(results)} expectations of {cfg.suite}:\n{lines}\n"
+            f"Full report: {cfg.report}. Fix the data (ingest.source) or, if the data is right, the suite."
+        )
+    return {k: report[k] for k in ("success", "evaluated", "passed", "pass_rate")} | {"rows": len(frame)}
+
+
+if __name__ == "__main__":
+    cli(validate)
