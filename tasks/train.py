@@ -84,7 +84,6 @@ def run_rank(s: Settings, rank: int, world: int, local_rank: int, init_method: s
         from dvclive import Live
 
         live = Live(dir=cfg.log_dir, dvcyaml=False, save_dvc_exp=False)
-        live.log_params({"world_size": world, "device": device.type})
     best_val, best_epoch, best_state, stale = float("inf"), -1, None, 0
     t0, steps = time.perf_counter(), 0
     for epoch in range(1, cfg.epochs + 1):

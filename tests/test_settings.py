@@ -1,0 +1,64 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tasks.settings import UserError, load_settings, parse_settings
+from tests.conftest import ROOT, project_params
+
+
+def test_project_params_load():
+    s = load_settings(ROOT / "params.yaml")
+    assert s.preprocess.target == "MedHouseVal"
+    assert (s.preprocess.split.train, s.preprocess.split.val, s.preprocess.split.test) == (0.64, 0.16, 0.20)
+
+
+@pytest.mark.parametrize("section,key,value,expected", [
+    ("train", "lr", -1, "train.lr = -1"),
+    ("train", "world_size", 0, "train.world_size = 0"),
+    ("train", "dropout", 1.5, "train.dropout = 1.5"),
+    ("preprocess", "scaler", "minmax", "preprocess.scaler = 'minmax'"),
+    ("dask", "n_workers", "two", "dask.n_workers = 'two'"),
+])
+def test_bad_value_names_the_key(section, key, value, expected):
+    raw = project_params()
+    raw[section][key] = value
+    with pytest.raises(UserError, match=None) as e:
+        parse_settings(raw)
+    assert expected in str(e.value)
+    assert "params.yaml" in str(e.value)
+
+
+def test_unknown_key_is_refused():
+    raw = project_params()
+    raw["train"]["learning_rate"] = 0.1
+    with pytest.raises(UserError) as e:
+        parse_settings(raw)
+    assert "unknown key 'train.learning_rate'" in str(e.value)
+
+
+def test_missing_key_is_named():
+    raw = project_params()
+    del raw["train"]["epochs"]
+    with pytest.raises(UserError, match="missing key 'train.epochs'"):
+        parse_settings(raw)
+
+
+def test_split_must_sum_to_one():
+    raw = project_params()
+    raw["preprocess"]["split"] = {"train": 0.7, "val": 0.2, "test": 0.2}
+    with pytest.raises(UserError, match=r"preprocess.split: .*must be 1"):
+        parse_settings(raw)
+
+
+def test_cli_reports_bad_params_without_traceback(tmp_path):
+    raw = project_params()
+    raw["train"]["lr"] = -1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "-m", "tasks.ingest"], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2
+    assert "train.lr = -1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "data").exists()  # nothing was produced

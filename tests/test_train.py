@@ -1,0 +1,69 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.ingest import ingest
+from tasks.model import load_model
+from tasks.preprocess import preprocess
+from tasks.settings import UserError, parse_settings
+from tasks.train import train
+from tasks.validate import validate
+from tests.conftest import workspace
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory):
+    s = workspace(tmp_path_factory.mktemp("features"))
+    for stage in (ingest, validate, preprocess):
+        stage(s)
+    return s
+
+
+def variant(s, root: Path, **train):
+    raw = s.model_dump(by_alias=True)
+    raw["train"].update(out_dir=str(root / "model"), log_dir=str(root / "live"), **train)
+    return parse_settings(raw)
+
+
+def test_two_rank_gloo_ddp_matches_one_process(features, tmp_path):
+    """k steps on 2 ranks (global batch B) give the parameters of k steps in one process with batch B."""
+    one = variant(features, tmp_path / "one", world_size=1, epochs=2, patience=5)
+    two = variant(features, tmp_path / "two", world_size=2, epochs=2, patience=5, keep_checkpoints=1)
+    s1, s2 = train(one), train(two)
+    assert s2["world_size"] == 2 and s1["world_size"] == 1
+    n_train = json.loads((Path(features.preprocess.out_dir) / "schema.json").read_text())["rows"]["train"]
+    assert s1["steps"] == s2["steps"] == 2 * -(-n_train // 128)  # the last, partial batch is trained too
+    m1, _ = load_model(tmp_path / "one/model/model.pt")
+    m2, _ = load_model(tmp_path / "two/model/model.pt")
+    for (name, p1), (_, p2) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        torch.testing.assert_close(p1, p2, atol=1e-5, rtol=0, msg=name)
+    # rank 0 alone wrote: one model, the last checkpoint kept, dvclive metrics for 2 epochs
+    assert sorted(p.name for p in (tmp_path / "two/model/checkpoints").iterdir()) == ["epoch-0002.pt"]
+    live = json.loads((tmp_path / "two/live/metrics.json").read_text())
+    assert live["step"] == 1 and live["val"]["rmse"] > 0
+
+
+def test_training_learns_and_stops_early(features, tmp_path):
+    s = variant(features, tmp_path, epochs=200, patience=3, lr=0.01)
+    summary = train(s)
+    assert summary["epochs_run"] < 200  # early stopping fired
+    assert summary["best_epoch"] == summary["epochs_run"] - 3
+    assert summary["best_val_rmse"] < 0.75  # target std is ~1.15; a trained model does far better
+    ckpt = torch.load(tmp_path / "model/checkpoints" / f"epoch-{summary['epochs_run']:04d}.pt", weights_only=True)
+    assert ckpt["epoch"] == summary["epochs_run"] and set(ckpt) >= {"model", "optimizer", "scheduler"}
+
+
+def test_batch_larger_than_train_split_is_refused_and_old_model_kept(features, tmp_path):
+    s = variant(features, tmp_path, epochs=1)
+    train(s)
+    before = (tmp_path / "model/model.pt").read_bytes()
+    with pytest.raises(UserError, match=r"train.batch_size=100000 exceeds the 1,3\d\d training rows"):
+        train(variant(features, tmp_path, batch_size=100_000))
+    assert (tmp_path / "model/model.pt").read_bytes() == before
+
+
+def test_diverging_loss_stops_with_the_key_to_change(features, tmp_path):
+    with pytest.raises(UserError, match=r"loss became (nan|inf) .* lower train.lr"):
+        train(variant(features, tmp_path, lr=10.0, weight_decay=1.0, epochs=3))  # AdamW scales weights by -9 a step

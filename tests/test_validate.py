@@ -1,0 +1,47 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks.ingest import ingest
+from tasks.settings import UserError
+from tasks.validate import validate
+from tests.conftest import real_slice, workspace
+
+
+def test_real_slice_passes(ws):
+    ingest(ws)
+    out = validate(ws)
+    assert out["success"] and out["rows"] == 2064
+    report = json.loads(Path(ws.validate_.report).read_text())
+    assert report["pass_rate"] == 1.0
+    assert report["evaluated"] == 2 + 3 * 9  # table-level + (type, nulls, range) per column
+
+
+def test_bad_values_are_listed_with_column_count_and_rows(tmp_path):
+    frame = real_slice()
+    frame.loc[[3, 7], "MedInc"] = -1.0
+    frame.loc[5, "HouseAge"] = np.nan
+    frame.loc[9, "Latitude"] = np.inf
+    s = workspace(tmp_path, frame)
+    ingest(s)
+    with pytest.raises(UserError) as e:
+        validate(s)
+    msg = str(e.value)
+    assert "failed 3 of 29 expectations" in msg
+    assert "expect_column_values_to_be_between column MedInc: 2 rows (0.10%) unexpected, e.g. row 3: -1.0, row 7: -1.0" in msg
+    assert "expect_column_values_to_not_be_null column HouseAge: 1 rows" in msg and "row 5" in msg
+    assert "column Latitude: 1 rows" in msg and "'inf'" in msg
+    assert s.validate_.report in msg
+    report = json.loads(Path(s.validate_.report).read_text())
+    assert report["success"] is False and report["passed"] == 26
+
+
+def test_missing_column_is_named(tmp_path):
+    s = workspace(tmp_path, real_slice().drop(columns=["AveOccup"]))
+    ingest(s)
+    with pytest.raises(UserError) as e:
+        validate(s)
+    assert "expect_table_columns_to_match_ordered_list" in str(e.value)
+    assert "column AveOccup" in str(e.value)
