@@ -37,7 +37,7 @@ def small_params(root: Path, source: Path, **overrides) -> dict:
     raw["ingest"].update(source=str(source), sha256=None)
     raw["validate"]["suite"] = str(ROOT / raw["validate"]["suite"])
     raw["dask"]["n_workers"] = 1
-    raw["train"].update(world_size=1, epochs=4, batch_size=128, hidden=[32, 32], patience=10, dropout=0.0)
+    raw["train"].update(world_size=1, epochs=4, batch_size=128, hidden=[32, 32], patience=10, dropout=0.0, lr=0.01)
     for dotted, value in overrides.items():
         *path, last = dotted.split("__")
         node = raw
