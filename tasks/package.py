@@ -16,8 +16,10 @@ evaluate stage's to 1e-5.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
+import warnings
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -49,11 +51,15 @@ class Denormalized(torch.nn.Module):
 def export_onnx(model: torch.nn.Module, meta: dict, path: Path) -> None:
     wrapped = Denormalized(model, meta["target_mean"], meta["target_std"]).eval()
     example = torch.zeros(2, meta["arch"]["n_features"])
-    torch.onnx.export(
-        wrapped, (example,), str(path), dynamo=True, external_data=False, verbose=False,
-        input_names=["features"], output_names=["prediction"],
-        dynamic_shapes=({0: torch.export.Dim("batch")},),
-    )
+    # the exporter warns about torchvision ops and torch-internal deprecations that do not concern us
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.onnx.export(
+            wrapped, (example,), str(path), dynamo=True, external_data=False, verbose=False,
+            input_names=["features"], output_names=["prediction"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+        )
 
 
 class ModelPackage:

@@ -41,7 +41,7 @@ def dask_client(cfg: DaskSettings):
     if cfg.address == "local":
         with LocalCluster(
             n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker, processes=True,
-            host="127.0.0.1", dashboard_address=":0",
+            host="127.0.0.1", dashboard_address=":0", silence_logs=logging.WARNING,
         ) as cluster, Client(cluster) as client:
             yield client
         return
