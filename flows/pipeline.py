@@ -9,7 +9,9 @@ import os
 import sys
 import time
 
-os.environ.setdefault("DO_NOT_TRACK", "1")  # Prefect client telemetry off (server side: pyproject.toml)
+# telemetry off wherever this runs from (pyproject.toml's [tool.prefect] only applies in the project root)
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
@@ -42,6 +44,7 @@ def training_pipeline(params_path: str = PARAMS) -> dict:
 def main() -> None:
     t0 = time.perf_counter()
     try:
+        load_settings()  # bad params stop here, before a Prefect server is started
         out = training_pipeline()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

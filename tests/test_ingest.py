@@ -21,10 +21,11 @@ def test_default_source_is_the_real_dataset(tmp_path):
     assert frame["MedHouseVal"].mean() == pytest.approx(2.068558, abs=1e-6)
 
 
-def test_csv_source_reads_like_parquet(tmp_path):
+@pytest.mark.parametrize("url", [False, True])
+def test_csv_source_reads_like_parquet(tmp_path, url):
     csv = tmp_path / "slice.csv"
     real_slice().to_csv(csv, index=False)
-    s = parse_settings(small_params(tmp_path, csv))
+    s = parse_settings(small_params(tmp_path, f"file://{csv}" if url else csv))
     assert ingest(s)["rows"] == 2064
     pd.testing.assert_frame_equal(pd.read_parquet(s.ingest.out), real_slice(), check_exact=False, rtol=1e-12)
 
