@@ -1,44 +1,145 @@
-"""The `training-pipeline` Prefect flow: the same stage functions as `dvc repro`, in order.
+"""The `training-pipeline` Prefect flow: the stage functions of `dvc repro`, in order, with DVC as the cache.
 
 Run: python -m flows.pipeline   (Prefect's temporary local server, or the server in PREFECT_API_URL)
+
+The flow's parameters are the sections of params.yaml as typed models (descriptions and bounds from
+tasks/settings.py; defaults from params.yaml), so the Prefect UI shows them as a form and refuses bad
+values before any stage runs. A run with parameters equal to params.yaml works in the project workspace;
+one whose parameters differ runs as a DVC experiment and leaves params.yaml and the workspace as they were.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 import sys
 import time
+from pathlib import Path
 
 # telemetry off wherever this runs from (pyproject.toml's [tool.prefect] only applies in the project root)
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect import flow, get_run_logger, runtime, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.states import Completed  # noqa: E402
 
-from tasks.evaluate import evaluate  # noqa: E402
-from tasks.ingest import ingest  # noqa: E402
-from tasks.package import package  # noqa: E402
-from tasks.preprocess import preprocess  # noqa: E402
-from tasks.settings import PARAMS, UserError, load_settings  # noqa: E402
-from tasks.train import train  # noqa: E402
-from tasks.validate import validate  # noqa: E402
+from flows.workspace import Workspace, changed_params  # noqa: E402
+from tasks.settings import (  # noqa: E402
+    PARAMS, DaskSettings, DvcSettings, EvaluateSettings, IngestSettings, PackageSettings, PreprocessSettings,
+    Settings, TrainSettings, UserError, ValidateSettings, load_settings,
+)
 
-STAGES = [ingest, validate, preprocess, train, evaluate, package]
+STAGES = ["ingest", "validate", "preprocess", "train", "evaluate", "package"]
+try:
+    DEFAULTS = load_settings(Path(__file__).resolve().parents[1] / PARAMS)  # the UI form's defaults
+except UserError as e:  # no flow can be defined without them
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run_stage(name: str, settings: Settings, ws: Workspace):
+    """Run one stage unless DVC finds it up to date; then record it in dvc.lock and the DVC cache."""
+    t0 = time.perf_counter()
+    changes = ws.changes(name)
+    if not changes:
+        return Completed(name="Cached", message="up to date in DVC",
+                         data={"status": "cached", "seconds": round(time.perf_counter() - t0, 3)})
+    get_run_logger().info("%s: %s", name, json.dumps(changes))
+    stage = getattr(importlib.import_module(f"tasks.{name}"), name)  # imported only when it runs
+    result = stage(settings)  # the cwd is the workspace root (or the experiment's worktree)
+    ws.commit(name)
+    return {"status": "ran", "seconds": round(time.perf_counter() - t0, 3), "result": result}
 
 
 @flow(name="training-pipeline", log_prints=True)
-def training_pipeline(params_path: str = PARAMS) -> dict:
-    """Validate, preprocess, train, evaluate and package a model from params.yaml; return the test metrics."""
-    log = get_run_logger()
-    s = load_settings(params_path)
-    results, timings = {}, {}
-    for stage in STAGES:
-        t0 = time.perf_counter()
-        results[stage.__name__] = task(stage, name=stage.__name__, cache_policy=NO_CACHE)(s)
-        timings[stage.__name__] = round(time.perf_counter() - t0, 2)
-        log.info("%s done in %.1f s", stage.__name__, timings[stage.__name__])
-    return {"metrics": results["evaluate"], "package": results["package"]["out_dir"], "seconds": timings}
+def training_pipeline(
+    ingest: IngestSettings = DEFAULTS.ingest,
+    validate: ValidateSettings = DEFAULTS.validate_,
+    preprocess: PreprocessSettings = DEFAULTS.preprocess,
+    dask: DaskSettings = DEFAULTS.dask,
+    train: TrainSettings = DEFAULTS.train,
+    evaluate: EvaluateSettings = DEFAULTS.evaluate,
+    package: PackageSettings = DEFAULTS.package,
+    dvc: DvcSettings = DEFAULTS.dvc,
+) -> dict:
+    """Validate, preprocess, train, evaluate and package a model; stages DVC finds up to date are skipped."""
+    t0 = time.perf_counter()
+    settings = Settings(ingest=ingest, validate=validate, preprocess=preprocess, dask=dask, train=train,
+                        evaluate=evaluate, package=package, dvc=dvc)
+    ws = Workspace(Path.cwd())
+    if ws.root != Path.cwd().resolve():
+        raise UserError(f"run the flow from the project root {ws.root}, not {Path.cwd()} (settings paths are relative to it)")
+    changed = changed_params(settings, load_settings(PARAMS))
+    previous = _read_json(settings.evaluate.out_dir, "metrics.json")
+    with ws.locked():
+        if changed:
+            name = f"prefect-{runtime.flow_run.name or 'run'}"
+            get_run_logger().info("parameters differ from params.yaml (%s): running as DVC experiment %s",
+                                  ", ".join(changed), name)
+            with ws.experiment(name, settings) as exp:
+                stages = _run_stages(settings, exp)
+                metrics = _read_json(settings.evaluate.out_dir, "metrics.json")
+                data_version = exp.lock_entry("ingest").get("outs", [{}])[0].get("md5")
+        else:
+            name = None
+            stages = _run_stages(settings, ws)
+            metrics = _read_json(settings.evaluate.out_dir, "metrics.json")
+            data_version = ws.lock_entry("ingest").get("outs", [{}])[0].get("md5")
+        if settings.dvc.push:
+            ws.push()
+    summary = {
+        "metrics": metrics, "previous_metrics": previous, "experiment": name, "changed_params": changed,
+        "data_version": data_version, "stages": stages, "seconds": round(time.perf_counter() - t0, 2),
+        "package": settings.package.out_dir,
+    }
+    _publish(summary)
+    return summary
+
+
+def _run_stages(settings: Settings, ws: Workspace) -> dict:
+    out = {}
+    for name in STAGES:
+        state = task(run_stage, name=name, cache_policy=NO_CACHE)(name, settings, ws, return_state=True)
+        out[name] = state.result()  # raises the stage's error: later stages do not run
+        out[name].pop("result", None)
+    return out
+
+
+def _read_json(directory: str, name: str) -> dict | None:
+    path = Path(directory) / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _publish(summary: dict) -> None:
+    """A markdown summary and a metrics table for the flow run page in the Prefect UI."""
+    m, prev = summary["metrics"] or {}, summary["previous_metrics"] or {}
+    rows = [{"metric": k, "value": round(v, 6), "previous": None if prev.get(k) is None else round(prev[k], 6),
+             "change": None if prev.get(k) is None else round(v - prev[k], 6)}
+            for k, v in m.items() if isinstance(v, float)]
+    create_table_artifact(key="metrics", table=rows, description="Test metrics of this run vs the workspace's previous ones")
+    stages = "\n".join(f"| {k} | {v['status']} | {v['seconds']:.2f} |" for k, v in summary["stages"].items())
+    changed = "\n".join(f"- `{k}`: {a!r} → {b!r}" for k, (a, b) in summary["changed_params"].items()) or "- none (params.yaml)"
+    where = (f"DVC experiment `{summary['experiment']}` (`dvc exp show`; `dvc exp apply {summary['experiment']}` to use it)"
+             if summary["experiment"] else "the workspace (dvc.lock updated)")
+    metrics = " · ".join(f"{r['metric'].upper()} {r['value']:.4f}" + (f" ({r['change']:+.4f})" if r["change"] is not None else "")
+                         for r in rows)
+    create_markdown_artifact(key="training-summary", description="Trainflow run summary", markdown=f"""# Trainflow run
+
+**Test metrics:** {metrics or 'n/a'}
+
+**Data version (DVC md5 of the raw data):** `{summary['data_version']}` · **Results in:** {where}
+
+## Parameters changed from params.yaml
+{changed}
+
+## Stages ({summary['seconds']:.1f} s in all)
+| stage | status | seconds |
+|---|---|---|
+{stages}
+""")
 
 
 def main() -> None:
@@ -50,7 +151,7 @@ def main() -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     m = out["metrics"]
-    print("\nstage seconds: " + ", ".join(f"{k} {v}" for k, v in out["seconds"].items()))
+    print("\nstages: " + ", ".join(f"{k} {v['status']} {v['seconds']:.1f}s" for k, v in out["stages"].items()))
     print(f"test metrics:  RMSE {m['rmse']:.4f}  MAE {m['mae']:.4f}  R² {m['r2']:.4f}  (n={m['n']:,})")
     print(f"package:       {out['package']}/")
     print(f"wall time:     {time.perf_counter() - t0:.1f} s")

@@ -92,6 +92,16 @@ class PackageSettings(Section):
     out_dir: str = Field(description="The self-contained model package.")
 
 
+class DvcSettings(Section):
+    push: bool = Field(description="After a run, push data and models to the default DVC remote (dvc remote add -d ...).")
+
+
+# the settings that name files (relative to the project root unless absolute or a URL)
+PATH_KEYS = [("ingest", "source"), ("ingest", "out"), ("validate", "suite"), ("validate", "report"),
+             ("preprocess", "out_dir"), ("train", "out_dir"), ("train", "log_dir"),
+             ("evaluate", "out_dir"), ("package", "out_dir")]
+
+
 class Settings(Section):
     ingest: IngestSettings
     validate_: ValidateSettings = Field(alias="validate")
@@ -100,6 +110,7 @@ class Settings(Section):
     train: TrainSettings
     evaluate: EvaluateSettings
     package: PackageSettings
+    dvc: DvcSettings
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

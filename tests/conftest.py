@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-from tasks.settings import Settings, parse_settings
+from tasks.settings import PATH_KEYS, Settings, parse_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "data/sources/california_housing.parquet"
-PATH_KEYS = [("ingest", "out"), ("validate", "report"), ("preprocess", "out_dir"), ("train", "out_dir"),
-             ("train", "log_dir"), ("evaluate", "out_dir"), ("package", "out_dir")]
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
@@ -35,7 +36,7 @@ def small_params(root: Path, source: Path, **overrides) -> dict:
     for section, key in PATH_KEYS:
         raw[section][key] = str(root / raw[section][key])
     raw["ingest"].update(source=str(source), sha256=None)
-    raw["validate"]["suite"] = str(ROOT / raw["validate"]["suite"])
+    raw["validate"]["suite"] = str(ROOT / project_params()["validate"]["suite"])
     raw["dask"]["n_workers"] = 1
     raw["train"].update(world_size=1, epochs=4, batch_size=128, hidden=[32, 32], patience=10, dropout=0.0, lr=0.01)
     for dotted, value in overrides.items():
@@ -74,3 +75,32 @@ def trained(tmp_path_factory) -> Settings:
     for stage in (ingest, validate, preprocess, train):
         stage(s)
     return s
+
+
+def sh(cwd: Path, *cmd: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a command with this environment's tools (dvc, python, prefect) first on PATH."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", DO_NOT_TRACK="1")
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def make_repo(repo: Path, **train) -> Path:
+    """A git + DVC copy of the project whose default source is the real slice, with a small fast training."""
+    for name in ("tasks", "flows", "data/suites"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore", "pyproject.toml", "prefect.yaml"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, repo / name)
+    (repo / "data/sources").mkdir(parents=True)
+    real_slice().to_parquet(repo / "data/sources/slice.parquet", index=False)
+    params = project_params()
+    params["ingest"].update(source="data/sources/slice.parquet", sha256=None)
+    params["dask"]["n_workers"] = 1
+    params["train"].update(dict(world_size=1, epochs=3, hidden=[32, 32], batch_size=128, lr=0.01), **train)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    return repo

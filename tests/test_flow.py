@@ -1,14 +1,17 @@
-"""The training-pipeline flow end to end, as real Prefect flow runs against a temporary Prefect server."""
+"""The training-pipeline flow as real Prefect flow runs (temporary Prefect server) in a git + DVC workspace."""
 
+import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from flows.pipeline import STAGES, training_pipeline
+from flows.workspace import Workspace
 from tasks.files import sha256_file
 from tasks.package import load_package
-from tasks.settings import UserError
-from tests.conftest import real_slice, workspace
+from tasks.settings import UserError, dump_settings, load_settings
+from tests.conftest import make_repo, real_slice, sh
 
 
 @pytest.fixture(scope="module")
@@ -20,46 +23,113 @@ def prefect_server():
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("flow")
+def repo(tmp_path_factory):
+    return make_repo(tmp_path_factory.mktemp("flowrepo"), world_size=2)
 
 
-def task_runs(flow_run_id):
+@pytest.fixture
+def in_repo(repo, monkeypatch, prefect_server):
+    monkeypatch.chdir(repo)
+    return repo
+
+
+def run(repo: Path, **override):
+    params = dump_settings(load_settings(repo / "params.yaml"))
+    for section, values in override.items():
+        params[section].update(values)
+    return training_pipeline(**params, return_state=True)
+
+
+def task_states(state) -> dict:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name.rsplit("-", 1)[0]: r.state.type.value for r in runs}
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
 
 
-def test_flow_runs_every_stage_with_two_ddp_ranks(prefect_server, root):
-    s = workspace(root, train__world_size=2)
-    state = training_pipeline(params_path=str(root / "params.yaml"), return_state=True)
+def artifacts(state) -> dict:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    return {a.key: a for a in found}
+
+
+def test_first_run_runs_every_stage_and_leaves_dvc_clean(in_repo):
+    state = run(in_repo)
     assert state.is_completed()
     out = state.result()
-    assert list(out["seconds"]) == [f.__name__ for f in STAGES]
-    assert 0 < out["metrics"]["rmse"] < 0.9 and out["metrics"]["n"] > 300
-    pkg = load_package(out["package"])
-    assert pkg.manifest["metrics"] == out["metrics"] and pkg.manifest["training"]["world_size"] == 2
-    # task runs in the UI carry the stage names
-    assert task_runs(state.state_details.flow_run_id) == {f.__name__: "COMPLETED" for f in STAGES}
-    assert Path(s.package.out_dir, "model.onnx").exists()
+    assert {k: v["status"] for k, v in out["stages"].items()} == {s: "ran" for s in STAGES}
+    assert task_states(state) == {s: "Completed" for s in STAGES}
+    assert 0 < out["metrics"]["rmse"] < 0.9 and out["experiment"] is None and out["changed_params"] == {}
+    assert load_package(in_repo / "models/package").manifest["training"]["world_size"] == 2  # 2 DDP ranks
+    # DVC recorded everything: dvc.lock has every stage, `dvc status` is clean, `dvc repro` has nothing to do
+    assert list(yaml.safe_load((in_repo / "dvc.lock").read_text())["stages"]) == STAGES
+    assert out["data_version"] == yaml.safe_load((in_repo / "dvc.lock").read_text())["stages"]["ingest"]["outs"][0]["md5"]
+    assert json.loads(sh(in_repo, "dvc", "status", "--json").stdout) == {}
+    assert "Data and pipelines are up to date." in sh(in_repo, "dvc", "repro").stdout
+    # artifacts for the UI
+    arts = artifacts(state)
+    assert set(arts) == {"training-summary", "metrics"}
+    assert "| train | ran |" in arts["training-summary"].data and out["data_version"] in arts["training-summary"].data
+    assert {row["metric"] for row in json.loads(arts["metrics"].data)} == {"rmse", "mae", "r2"}
 
 
-def test_bad_data_stops_the_flow_before_preprocess_and_keeps_the_last_model(prefect_server, root):
+def test_rerun_with_nothing_changed_skips_every_stage(in_repo):
+    before = sha256_file(in_repo / "models/train/model.pt")
+    state = run(in_repo)
+    out = state.result()
+    assert {k: v["status"] for k, v in out["stages"].items()} == {s: "cached" for s in STAGES}
+    assert task_states(state) == {s: "Cached" for s in STAGES}
+    assert sha256_file(in_repo / "models/train/model.pt") == before
+    assert out["metrics"] == out["previous_metrics"]
+
+
+def test_train_param_from_the_ui_runs_as_a_dvc_experiment(in_repo):
+    params_before = (in_repo / "params.yaml").read_bytes()
+    model_before = sha256_file(in_repo / "models/train/model.pt")
+    state = run(in_repo, train={"epochs": 2})
+    out = state.result()
+    assert {k: v["status"] for k, v in out["stages"].items()} == {
+        "ingest": "cached", "validate": "cached", "preprocess": "cached",
+        "train": "ran", "evaluate": "ran", "package": "ran"}
+    assert out["changed_params"] == {"train.epochs": [3, 2]} or out["changed_params"] == {"train.epochs": (3, 2)}
+    exp = out["experiment"]
+    assert exp and exp.startswith("prefect-")
+    # the workspace is as it was: params.yaml, model, and DVC's view of it
+    assert (in_repo / "params.yaml").read_bytes() == params_before
+    assert sha256_file(in_repo / "models/train/model.pt") == model_before
+    assert json.loads(sh(in_repo, "dvc", "status", "--json").stdout) == {}
+    # DVC lists the experiment with the parameter used and its metrics
+    shown = json.loads(sh(in_repo, "dvc", "exp", "show", "--json").stdout)
+    exps = {e["name"]: e for base in shown for e in (base.get("experiments") or [])}
+    data = exps[exp]["revs"][0]["data"]
+    assert data["params"]["params.yaml"]["data"]["train"]["epochs"] == 2
+    assert data["metrics"]["reports/evaluate/metrics.json"]["data"]["rmse"] == pytest.approx(out["metrics"]["rmse"])
+    assert "`train.epochs`: 3 → 2" in artifacts(state)["training-summary"].data
+
+
+def test_a_second_run_on_a_busy_workspace_fails_fast(in_repo):
+    with Workspace(in_repo).locked():
+        state = run(in_repo)
+        assert state.is_failed()
+        assert "is busy: another Trainflow run or DVC command holds its lock" in str(state.result(raise_on_failure=False))
+        assert sh(in_repo, "dvc", "repro", check=False).returncode != 0  # and DVC itself waits for us too
+
+
+def test_bad_data_stops_before_preprocess_and_keeps_the_last_model(in_repo):
     frame = real_slice()
     frame.loc[[1, 2, 3], "AveRooms"] = -1.0
-    frame.to_parquet(root / "source.parquet", index=False)  # the same workspace, now fed bad data
-    from tasks.settings import load_settings
-
-    s = load_settings(root / "params.yaml")
-    kept = {p: sha256_file(p) for p in (Path(s.train.out_dir, "model.pt"), Path(s.package.out_dir, "model.onnx"),
-                                        Path(s.preprocess.out_dir, "train/part-00000.parquet"))}
-    state = training_pipeline(params_path=str(root / "params.yaml"), return_state=True)
+    frame.to_parquet(in_repo / "data/sources/slice.parquet", index=False)
+    kept = {p: sha256_file(p) for p in (in_repo / "models/train/model.pt", in_repo / "models/package/model.onnx",
+                                        in_repo / "data/features/train/part-00000.parquet")}
+    state = run(in_repo)
     assert state.is_failed()
     error = state.result(raise_on_failure=False)
-    assert isinstance(error, UserError)
-    assert "column AveRooms: 3 rows" in str(error)
-    assert task_runs(state.state_details.flow_run_id) == {"ingest": "COMPLETED", "validate": "FAILED"}
+    assert isinstance(error, UserError) and "column AveRooms: 3 rows" in str(error)
+    assert task_states(state) == {"ingest": "Completed", "validate": "Failed"}
     assert {p: sha256_file(p) for p in kept} == kept

@@ -1,0 +1,130 @@
+"""The DVC workspace a flow runs in: DVC decides what is up to date and records what the flow ran.
+
+Prefect runs the stages; DVC stays the one cache. Before a stage the flow asks `dvc status` for it and
+skips it when it is up to date; after a stage ran, `dvc commit` records its deps, params and outs in
+dvc.lock and puts its outputs in the DVC cache. A Prefect run therefore leaves `dvc status` clean and
+`dvc repro` a no-op, and a Prefect run after `dvc repro` skips everything.
+
+Runs whose parameters differ from params.yaml execute in a temporary git worktree of HEAD that shares the
+DVC cache, and are saved as a DVC experiment (`dvc exp show`), so params.yaml and the outputs in the
+workspace are never rewritten by them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import yaml
+
+from tasks.settings import PARAMS, Settings, UserError, dump_settings
+
+
+class Workspace:
+    def __init__(self, root: str | Path):
+        from dvc.exceptions import NotDvcRepoError
+        from dvc.repo import Repo
+
+        try:
+            self.repo = Repo(str(Path(root).resolve()))
+        except NotDvcRepoError:
+            raise UserError(f"{Path(root).resolve()} is not a DVC repository; run from the Trainflow project root") from None
+        self.root = Path(self.repo.root_dir)
+
+    @contextmanager
+    def locked(self):
+        """Hold DVC's repo lock for the whole run: a second run (or `dvc repro`) fails fast instead of mixing outputs."""
+        from dvc.lock import LockError
+        from dvc.repo import lock_repo
+
+        stack = ExitStack()
+        try:
+            stack.enter_context(lock_repo(self.repo))
+        except LockError:
+            raise UserError(
+                f"{self.root} is busy: another Trainflow run or DVC command holds its lock (.dvc/tmp/lock). "
+                "Wait for it to finish and run again (if no process is running, delete .dvc/tmp/lock)"
+            ) from None
+        with stack:
+            yield self
+
+    def changes(self, stage: str) -> list:
+        """What DVC finds changed for one stage ([] when it is up to date)."""
+        return next(iter(self.repo.status(targets=[self._target(stage)]).values()), [])
+
+    def commit(self, stage: str) -> None:
+        self.repo.commit(self._target(stage), force=True)
+
+    def _target(self, stage: str) -> str:
+        return f"{self.root / 'dvc.yaml'}:{stage}"  # DVC resolves bare stage names against the cwd
+
+    def lock_entry(self, stage: str) -> dict:
+        lock = self.root / "dvc.lock"
+        stages = yaml.safe_load(lock.read_text()).get("stages", {}) if lock.exists() else {}
+        return stages.get(stage, {})
+
+    def push(self) -> None:
+        from dvc.exceptions import DvcException, NoRemoteError
+
+        try:
+            self.repo.push()
+        except NoRemoteError:
+            raise UserError("dvc.push is true but this repository has no default DVC remote; add one with "
+                            "`dvc remote add -d storage s3://bucket/path` (or a local directory), or set dvc.push: false") from None
+        except DvcException as e:
+            raise UserError(f"dvc push failed: {e}; check the remote's address and credentials (dvc remote list)") from None
+
+    @contextmanager
+    def experiment(self, name: str, settings: Settings):
+        """A temporary worktree of HEAD's code, with the workspace's dvc.lock and outputs and `settings` as
+        its params.yaml; saved as DVC experiment `name` (like `dvc exp run --temp`, stage by stage)."""
+        from dvc.exceptions import CheckoutError
+
+        path, cwd = self.root / ".dvc" / "tmp" / "trainflow-exps" / name, os.getcwd()
+        if subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=self.root, capture_output=True).returncode:
+            raise UserError(f"{self.root}: parameters that differ from params.yaml run as a DVC experiment, "
+                            "which needs a git commit to start from; commit the project first")
+        shutil.rmtree(path, ignore_errors=True)
+        subprocess.run(["git", "worktree", "prune"], cwd=self.root, check=True)
+        subprocess.run(["git", "worktree", "add", "-q", "--detach", str(path), "HEAD"], cwd=self.root, check=True)
+        try:
+            (path / ".dvc" / "config.local").write_text(f"[cache]\n    dir = {self.repo.cache.local_cache_dir}\n")
+            # start from the workspace's state: its dvc.lock and its uncached outputs (reports, metrics)
+            for rel in ["dvc.lock"] + self._uncached_outputs():
+                if (self.root / rel).is_dir():
+                    shutil.copytree(self.root / rel, path / rel, dirs_exist_ok=True)
+                elif (self.root / rel).exists():
+                    (path / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(self.root / rel, path / rel)
+            (path / PARAMS).write_text(yaml.safe_dump(dump_settings(settings), sort_keys=False))
+            exp = Workspace(path)
+            os.chdir(path)  # DVC's experiment code works on the cwd; we hold the workspace lock meanwhile
+            try:
+                exp.repo.checkout(force=True)  # outputs of HEAD from the shared cache; stages without them rerun
+            except CheckoutError:
+                pass
+            yield exp
+            exp.repo.experiments.save(name=name, force=True, include_untracked=["dvc.lock"] + self._uncached_outputs())
+        finally:
+            os.chdir(cwd)
+            subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=self.root, capture_output=True)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+    def _uncached_outputs(self) -> list[str]:
+        return [os.path.relpath(o.fs_path, self.root) for o in self.repo.index.outs if not o.use_cache]
+
+
+def changed_params(settings: Settings, base: Settings) -> dict[str, tuple]:
+    """Dotted keys whose value differs: {key: (params.yaml value, run value)}."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    new, old = flat(dump_settings(settings)), flat(dump_settings(base))
+    return {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
