@@ -6,9 +6,8 @@ The flow's parameters are the sections of params.yaml as typed models (descripti
 tasks/settings.py; defaults from params.yaml), so the Prefect UI shows them as a form and refuses bad
 values before any stage runs. A run with parameters equal to params.yaml works in the project workspace;
 one whose parameters differ runs as a DVC experiment and leaves params.yaml and the workspace as they were.
+(No `from __future__ import annotations` here: Prefect builds the parameter schema from real annotations.)
 """
-
-from __future__ import annotations
 
 import importlib
 import json

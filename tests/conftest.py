@@ -77,9 +77,9 @@ def trained(tmp_path_factory) -> Settings:
     return s
 
 
-def sh(cwd: Path, *cmd: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+def sh(cwd: Path, *cmd: str, check: bool = True, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a command with this environment's tools (dvc, python, prefect) first on PATH."""
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", DO_NOT_TRACK="1")
+    env = dict(env or os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", DO_NOT_TRACK="1")
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check:
         assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
