@@ -141,10 +141,27 @@ def _publish(summary: dict) -> None:
 """)
 
 
+def check_api() -> None:
+    """A configured Prefect API must answer; otherwise say how to fix it instead of a connection traceback."""
+    import urllib.request
+
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if not url:
+        return  # no server configured: Prefect starts a temporary local one
+    try:
+        urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=10).close()
+    except OSError as e:
+        raise UserError(f"PREFECT_API_URL={url} does not answer ({getattr(e, 'reason', e)}); start the server "
+                        "(prefect server start --host 127.0.0.1) or unset PREFECT_API_URL to use a temporary local one") from None
+
+
 def main() -> None:
     t0 = time.perf_counter()
     try:
         load_settings()  # bad params stop here, before a Prefect server is started
+        check_api()
         out = training_pipeline()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -67,7 +67,8 @@ class Workspace:
         return stages.get(stage, {})
 
     def push(self) -> None:
-        from dvc.exceptions import DvcException, NoRemoteError
+        from dvc.config import NoRemoteError
+        from dvc.exceptions import DvcException
 
         try:
             self.repo.push()
@@ -118,13 +119,19 @@ class Workspace:
         return [os.path.relpath(o.fs_path, self.root) for o in self.repo.index.outs if not o.use_cache]
 
 
+RUNTIME_SECTIONS = ("dask", "dvc")  # where and how a run executes; no stage output depends on them
+
+
 def changed_params(settings: Settings, base: Settings) -> dict[str, tuple]:
-    """Dotted keys whose value differs: {key: (params.yaml value, run value)}."""
+    """Dotted keys of stage params whose value differs: {key: (params.yaml value, run value)}."""
     def flat(d: dict, prefix: str = "") -> dict:
         out = {}
         for k, v in d.items():
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
         return out
 
-    new, old = flat(dump_settings(settings)), flat(dump_settings(base))
+    def stage_params(s: Settings) -> dict:
+        return flat({k: v for k, v in dump_settings(s).items() if k not in RUNTIME_SECTIONS})
+
+    new, old = stage_params(settings), stage_params(base)
     return {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}

@@ -25,17 +25,23 @@ class Section(BaseModel):
 
 
 class IngestSettings(Section):
+    """Where the training data comes from."""
+
     source: str = Field(description="CSV or Parquet file to train on: a local path or an fsspec URL (s3://, gs://, https://).")
     sha256: str | None = Field(description="Expected sha256 of the source file; null skips the check.", pattern=r"^[0-9a-f]{64}$")
     out: str = Field(description="Where ingest writes the raw data as Parquet (a DVC output).")
 
 
 class ValidateSettings(Section):
+    """The expectation suite the raw data must pass before anything else runs."""
+
     suite: str = Field(description="Expectation suite (YAML) the raw data must pass.")
     report: str = Field(description="JSON validation report (a DVC metric).")
 
 
 class SplitSettings(Section):
+    """Fractions of rows per split, assigned by a hash of each row (stable when rows are appended)."""
+
     train: float = Field(gt=0, lt=1, description="Fraction of rows for training.")
     val: float = Field(gt=0, lt=1, description="Fraction of rows for validation / early stopping.")
     test: float = Field(gt=0, lt=1, description="Fraction of rows held out for evaluation.")
@@ -49,6 +55,8 @@ class SplitSettings(Section):
 
 
 class PreprocessSettings(Section):
+    """Cleaning, splitting and feature scaling on Dask (fitted on the train split only)."""
+
     target: str = Field(description="Column to predict.")
     split: SplitSettings
     scaler: Literal["quantile", "standard"] = Field(description="Feature scaling fitted on train: quantile (to a normal) or standard (z-score).")
@@ -58,12 +66,16 @@ class PreprocessSettings(Section):
 
 
 class DaskSettings(Section):
+    """The Dask cluster preprocessing runs on."""
+
     address: str = Field(description="'local' starts a local cluster; or a scheduler address such as tcp://10.0.0.5:8786.")
     n_workers: int = Field(ge=1, le=1024, description="Worker processes of the local cluster.")
     threads_per_worker: int = Field(ge=1, le=256, description="Threads per local worker.")
 
 
 class TrainSettings(Section):
+    """The MLP and its DDP training loop."""
+
     world_size: int = Field(ge=1, le=1024, description="DDP ranks (local processes: gloo on CPU, NCCL on GPU).")
     epochs: int = Field(ge=1, le=100_000, description="Maximum epochs.")
     batch_size: int = Field(ge=1, description="Global batch size, split evenly across ranks.")
@@ -85,14 +97,20 @@ class TrainSettings(Section):
 
 
 class EvaluateSettings(Section):
+    """Scoring on the held-out test split."""
+
     out_dir: str = Field(description="Test metrics, predictions and plots.")
 
 
 class PackageSettings(Section):
+    """The exported, checksummed model package."""
+
     out_dir: str = Field(description="The self-contained model package.")
 
 
 class DvcSettings(Section):
+    """Artifact storage."""
+
     push: bool = Field(description="After a run, push data and models to the default DVC remote (dvc remote add -d ...).")
 
 

@@ -1,6 +1,7 @@
 """The training-pipeline flow as real Prefect flow runs (temporary Prefect server) in a git + DVC workspace."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from flows.workspace import Workspace
 from tasks.files import sha256_file
 from tasks.package import load_package
 from tasks.settings import UserError, dump_settings, load_settings
-from tests.conftest import make_repo, real_slice, sh
+from tests.conftest import ROOT, make_repo, real_slice, sh
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,12 @@ def run(repo: Path, **override):
     for section, values in override.items():
         params[section].update(values)
     return training_pipeline(**params, return_state=True)
+
+
+def load_settings_text(text: str):
+    from tasks.settings import parse_settings
+
+    return parse_settings(yaml.safe_load(text))
 
 
 def task_states(state) -> dict:
@@ -113,6 +120,35 @@ def test_train_param_from_the_ui_runs_as_a_dvc_experiment(in_repo):
     assert "`train.epochs`: 3 → 2" in artifacts(state)["training-summary"].data
 
 
+def test_push_without_a_remote_names_the_fix(in_repo):
+    state = run(in_repo, dvc={"push": True})
+    assert state.is_failed()
+    assert "no default DVC remote; add one with `dvc remote add -d" in str(state.result(raise_on_failure=False))
+    assert json.loads(sh(in_repo, "dvc", "status", "--json").stdout) == {}  # the run itself is recorded
+
+
+def test_push_sends_data_and_models_to_the_remote(in_repo, tmp_path):
+    sh(in_repo, "dvc", "remote", "add", "--local", "-d", "storage", str(tmp_path / "remote"))
+    try:
+        out = run(in_repo, dvc={"push": True}).result()
+        assert out["experiment"] is None  # dvc.* and dask.* choose how a run executes, not what it computes
+        assert json.loads(sh(in_repo, "dvc", "status", "--cloud", "--json").stdout) == {}
+        assert sum(1 for p in (tmp_path / "remote").rglob("*") if p.is_file()) > 10
+    finally:
+        sh(in_repo, "dvc", "remote", "remove", "--local", "storage")
+
+
+def test_params_yaml_made_invalid_between_runs_is_named(in_repo):
+    good = (in_repo / "params.yaml").read_text()
+    (in_repo / "params.yaml").write_text(good.replace("lr: 0.01", "lr: -0.01"))
+    try:
+        state = training_pipeline(**dump_settings(load_settings_text(good)), return_state=True)  # the UI sends valid values
+        assert state.is_failed()
+        assert "params.yaml: train.lr = -0.01: Input should be greater than 0" in str(state.result(raise_on_failure=False))
+    finally:
+        (in_repo / "params.yaml").write_text(good)
+
+
 def test_a_second_run_on_a_busy_workspace_fails_fast(in_repo):
     with Workspace(in_repo).locked():
         state = run(in_repo)
@@ -133,3 +169,17 @@ def test_bad_data_stops_before_preprocess_and_keeps_the_last_model(in_repo):
     assert isinstance(error, UserError) and "column AveRooms: 3 rows" in str(error)
     assert task_states(state) == {"ingest": "Completed", "validate": "Failed"}
     assert {p: sha256_file(p) for p in kept} == kept
+
+
+def test_unreachable_prefect_api_is_named_with_the_fix(tmp_path):
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    env = dict(os.environ, PREFECT_API_URL=f"http://127.0.0.1:{port}/api")
+    proc = sh(ROOT, sys.executable, "-m", "flows.pipeline", check=False, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert f"PREFECT_API_URL=http://127.0.0.1:{port}/api does not answer" in proc.stderr and "prefect server start" in proc.stderr
+    assert "Traceback" not in proc.stderr
