@@ -32,6 +32,7 @@ class Server:
 
     def __init__(self, home: Path):
         self.port, self.home, self.proc = free_port(), home, None
+        home.mkdir(parents=True, exist_ok=True)
         self.api = f"http://127.0.0.1:{self.port}/api"
         self.env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL=self.api, DO_NOT_TRACK="1",
                         PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="1",
