@@ -14,11 +14,14 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 # telemetry off wherever this runs from (pyproject.toml's [tool.prefect] only applies in the project root)
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# the parameter named like params.yaml's `validate` section shadows pydantic's deprecated BaseModel.validate
+warnings.filterwarnings("ignore", message='Field name "validate"', category=UserWarning)
 
 from prefect import flow, get_run_logger, runtime, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
