@@ -55,11 +55,18 @@ class Server:
         os.killpg(self.proc.pid, signal.SIGTERM)
         self.proc.wait(timeout=30)
 
-    def call(self, method: str, path: str, body=None):
+    def call(self, method: str, path: str, body=None, tries: int = 30):
         req = urllib.request.Request(self.api + path, method=method, headers={"content-type": "application/json"},
                                      data=None if body is None else json.dumps(body).encode())
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return json.load(resp)
+        for attempt in range(tries):
+            try:
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    return json.load(resp)
+            except urllib.error.HTTPError as e:
+                # SQLite busy while a run writes: Prefect answers 503, and the UI (like us) tries again
+                if e.code != 503 or attempt == tries - 1:
+                    raise
+                time.sleep(0.5)
 
     def spawn(self, *cmd: str, cwd: Path) -> subprocess.Popen:
         log = open(self.home / f"{cmd[-1].replace('.', '-')}.log", "ab")  # kept for debugging a failed run
