@@ -82,14 +82,10 @@ def training_pipeline(
             get_run_logger().info("parameters differ from params.yaml (%s): running as DVC experiment %s",
                                   ", ".join(changed), name)
             with ws.experiment(name, settings) as exp:
-                stages = _run_stages(settings, exp)
-                metrics = _read_json(settings.evaluate.out_dir, "metrics.json")
-                data_version = exp.lock_entry("ingest").get("outs", [{}])[0].get("md5")
+                stages, metrics, data_version = _run_stages(settings, exp)
         else:
             name = None
-            stages = _run_stages(settings, ws)
-            metrics = _read_json(settings.evaluate.out_dir, "metrics.json")
-            data_version = ws.lock_entry("ingest").get("outs", [{}])[0].get("md5")
+            stages, metrics, data_version = _run_stages(settings, ws)
         if settings.dvc.push:
             ws.push()
     summary = {
@@ -101,13 +97,15 @@ def training_pipeline(
     return summary
 
 
-def _run_stages(settings: Settings, ws: Workspace) -> dict:
-    out = {}
+def _run_stages(settings: Settings, ws: Workspace) -> tuple[dict, dict | None, str | None]:
+    """Each stage as a Prefect task named after it; returns their status, the test metrics, the data version."""
+    stages = {}
     for name in STAGES:
         state = task(run_stage, name=name, cache_policy=NO_CACHE)(name, settings, ws, return_state=True)
-        out[name] = state.result()  # raises the stage's error: later stages do not run
-        out[name].pop("result", None)
-    return out
+        stages[name] = state.result()  # raises the stage's error: later stages do not run
+        stages[name].pop("result", None)
+    data_version = ws.lock_entry("ingest").get("outs", [{}])[0].get("md5")
+    return stages, _read_json(settings.evaluate.out_dir, "metrics.json"), data_version
 
 
 def _read_json(directory: str, name: str) -> dict | None:

@@ -104,7 +104,7 @@ class Workspace:
             exp = Workspace(path)
             os.chdir(path)  # DVC's experiment code works on the cwd; we hold the workspace lock meanwhile
             try:
-                exp.repo.checkout(force=True)  # outputs of HEAD from the shared cache; stages without them rerun
+                exp.repo.checkout(force=True)  # the outputs dvc.lock names, from the shared cache; missing ones rerun
             except CheckoutError:
                 pass
             yield exp
@@ -113,7 +113,6 @@ class Workspace:
             os.chdir(cwd)
             subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=self.root, capture_output=True)
             shutil.rmtree(path, ignore_errors=True)
-
 
     def _uncached_outputs(self) -> list[str]:
         return [os.path.relpath(o.fs_path, self.root) for o in self.repo.index.outs if not o.use_cache]
