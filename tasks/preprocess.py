@@ -39,6 +39,7 @@ def dask_client(cfg: DaskSettings):
     from distributed import Client, LocalCluster
 
     if cfg.address == "local":
+        logging.getLogger("distributed").setLevel(logging.WARNING)  # its INFO lines drown the run's own log
         with LocalCluster(
             n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker, processes=True,
             host="127.0.0.1", dashboard_address=":0", silence_logs=logging.WARNING,
