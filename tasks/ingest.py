@@ -29,16 +29,42 @@ def read_table(source: str) -> tuple[pd.DataFrame, str]:
     except (OSError, ValueError, ImportError) as e:
         raise UserError(f"ingest.source: cannot read {source}: {e}") from None
     digest = hashlib.sha256(data).hexdigest()
-    if not data:
+    if not data.strip():
         raise UserError(f"ingest.source: {source} is empty; give a CSV with a header row or a Parquet file")
-    try:
-        if data[:4] == b"PAR1":
-            frame = pq.read_table(io.BytesIO(data)).to_pandas()
-        else:
-            frame = pd.read_csv(io.BytesIO(data), encoding="utf-8")
-    except (pa.ArrowException, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise UserError(f"ingest.source: {source} is not a readable CSV (UTF-8, comma-separated) or Parquet file: {e}") from None
+    frame = _parse_parquet(data, source) if data[:4] == b"PAR1" else _parse_csv(data, source)
+    if frame.empty:
+        raise UserError(f"ingest.source: {source} has a header but no data rows")
     return frame, digest
+
+
+def _parse_parquet(data: bytes, source: str) -> pd.DataFrame:
+    try:
+        return pq.read_table(io.BytesIO(data)).to_pandas()
+    except pa.ArrowException as e:
+        raise UserError(f"ingest.source: {source} is a corrupt or truncated Parquet file ({e}); re-export it") from None
+
+
+def _parse_csv(data: bytes, source: str) -> pd.DataFrame:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"ingest.source: {source} is not a UTF-8 CSV (byte {data[e.start]:#04x} at offset {e.start}) "
+                        "and not Parquet; save it as UTF-8 CSV or Parquet") from None
+    header = text.split("\n", 1)[0]
+    if "," not in header:
+        other = next((d for d in (";", "\t", "|") if d in header), None)
+        hint = f"it looks {'tab' if other == chr(9) else repr(other)}-separated; " if other else ""
+        raise UserError(f"ingest.source: {source} has no comma in its header line; {hint}"
+                        "give a comma-separated CSV (with a header row) or Parquet")
+    try:
+        frame = pd.read_csv(io.StringIO(text))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise UserError(f"ingest.source: {source} is not a readable CSV: {e}") from None
+    last = text.rstrip("\n").rsplit("\n", 1)[-1]
+    if not text.endswith("\n") and len(frame) and last.count(",") < header.count(","):
+        raise UserError(f"ingest.source: {source} looks truncated: its last line has {last.count(',') + 1} of "
+                        f"{header.count(',') + 1} fields and no line end; re-copy or re-export the file")
+    return frame
 
 
 def ingest(s: Settings) -> dict:

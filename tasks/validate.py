@@ -34,11 +34,11 @@ def load_suite(path: str | Path) -> dict:
         raise UserError(f"validate.suite: {path} must map 'columns' to {{name: {{type: ..., min: ..., max: ...}}}}")
     for name, spec in suite["columns"].items():
         spec = spec or {}
-        unknown = set(spec) - {"type", "min", "max", "nulls"}
+        unknown = set(spec) - {"type", "min", "max", "nulls", "values", "unique"}
         if unknown or spec.get("type") not in DTYPES:
             raise UserError(
                 f"validate.suite: {path}: column {name}: type must be one of {sorted(DTYPES)} "
-                f"and keys among type, min, max, nulls (got {spec})"
+                f"and keys among type, min, max, nulls, values, unique (got {spec})"
             )
     return suite
 
@@ -56,6 +56,10 @@ def build_expectations(suite: dict) -> list:
         exps.append(gxe.ExpectColumnValuesToNotBeNull(column=name, mostly=1 - spec.get("nulls", 0)))
         if "min" in spec or "max" in spec:
             exps.append(gxe.ExpectColumnValuesToBeBetween(column=name, min_value=spec.get("min"), max_value=spec.get("max")))
+        if "values" in spec:
+            exps.append(gxe.ExpectColumnValuesToBeInSet(column=name, value_set=list(spec["values"])))
+        if spec.get("unique"):
+            exps.append(gxe.ExpectColumnValuesToBeUnique(column=name))
     return exps
 
 
@@ -102,9 +106,17 @@ def _summarize(r) -> dict:
     return out
 
 
-def describe_failure(f: dict) -> str:
+def describe_failure(f: dict, expected_columns: list[str]) -> str:
     where = f" column {f['column']}:" if f["column"] else ""
     line = f"  - {f['expectation']}{where}"
+    if f["expectation"] == "expect_table_columns_to_match_ordered_list":
+        seen = list(f.get("observed") or [])
+        missing = [c for c in expected_columns if c not in seen]
+        extra = [c for c in seen if c not in expected_columns]
+        parts = ([f"missing {missing}"] if missing else []) + ([f"unexpected {extra}"] if extra else [])
+        if not parts:
+            parts = [f"in another order: expected {expected_columns}, got {seen}"]
+        return f"{line} columns differ from the suite: {'; '.join(parts)}"
     if "unexpected_count" in f:
         samples = ", ".join(f"row {i}: {v!r}" for i, v in zip(f["sample_rows"], f["sample_values"]))
         line += f" {f['unexpected_count']} rows ({f['unexpected_percent']:.2f}%) unexpected, e.g. {samples}"
@@ -115,6 +127,14 @@ def describe_failure(f: dict) -> str:
     return line
 
 
+def root_causes(failed: list[dict], missing: set[str]) -> list[dict]:
+    """Table-level failures first; for a missing or mistyped column, only that fact (not what it breaks)."""
+    mistyped = {f["column"] for f in failed if f["expectation"] == "expect_column_values_to_be_in_type_list"}
+    keep = [f for f in failed if f["column"] is None or (
+        f["column"] not in missing and (f["column"] not in mistyped or f["expectation"] == "expect_column_values_to_be_in_type_list"))]
+    return sorted(keep, key=lambda f: f["column"] is not None)
+
+
 def validate(s: Settings) -> dict:
     cfg = s.validate_
     suite = load_suite(cfg.suite)
@@ -122,6 +142,8 @@ def validate(s: Settings) -> dict:
     if not raw.exists():
         raise UserError(f"validate: {raw} does not exist; run the ingest stage first (python -m tasks.ingest)")
     frame = pd.read_parquet(raw)
+    # GX 1.24 does not recognise pandas 3's default "str" dtype as a string type; object is the same values
+    frame = frame.astype({c: object for c, t in frame.dtypes.items() if isinstance(t, pd.StringDtype)})
     results = run_suite(frame, suite)
     failed = [r for r in results if not r["success"]]
     report = {
@@ -135,9 +157,11 @@ def validate(s: Settings) -> dict:
     }
     write_json(cfg.report, report)
     if failed:
-        lines = "\n".join(describe_failure(f) for f in failed)
+        causes = root_causes(failed, missing=set(suite["columns"]) - set(frame.columns))
+        lines = "\n".join(describe_failure(f, list(suite["columns"])) for f in causes)
+        more = f"\n  ({len(failed) - len(causes)} more failed as a consequence; see the report)" if len(causes) < len(failed) else ""
         raise UserError(
-            f"validate: {raw} failed {len(failed)} of {len(results)} expectations of {cfg.suite}:\n{lines}\n"
+            f"validate: {raw} failed {len(failed)} of {len(results)} expectations of {cfg.suite}:\n{lines}{more}\n"
             f"Full report: {cfg.report}. Fix the data (ingest.source) or, if the data is right, the suite."
         )
     return {k: report[k] for k in ("success", "evaluated", "passed", "pass_rate")} | {"rows": len(frame)}

@@ -38,18 +38,3 @@ def test_sha256_mismatch_stops_and_keeps_previous_output(ws):
     with pytest.raises(UserError, match="ingest.sha256: .* has sha256 [0-9a-f]{64}, expected 0000"):
         ingest(parse_settings(raw))
     assert Path(ws.ingest.out).read_bytes() == before
-
-
-@pytest.mark.parametrize("content,expected", [
-    (None, "does not exist"),
-    (b"", "is empty"),
-    (b"\x89PNG\r\n\x1a\n\x00\x00garbage", "not a readable CSV"),
-])
-def test_unreadable_source_is_named(tmp_path, content, expected):
-    src = tmp_path / "input.csv"
-    if content is not None:
-        src.write_bytes(content)
-    s = parse_settings(small_params(tmp_path, src))
-    with pytest.raises(UserError, match=f"ingest.source: .*{expected}"):
-        ingest(s)
-    assert not Path(s.ingest.out).exists()

@@ -3,11 +3,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from tasks.ingest import ingest
 from tasks.settings import UserError
 from tasks.validate import validate
-from tests.conftest import real_slice, workspace
+from tests.conftest import ROOT, real_slice, workspace
 
 
 def test_real_slice_passes(ws):
@@ -43,5 +44,19 @@ def test_missing_column_is_named(tmp_path):
     ingest(s)
     with pytest.raises(UserError) as e:
         validate(s)
-    assert "expect_table_columns_to_match_ordered_list" in str(e.value)
-    assert "column AveOccup" in str(e.value)
+    assert "expect_table_columns_to_match_ordered_list columns differ from the suite: missing ['AveOccup']" in str(e.value)
+    assert "(3 more failed as a consequence; see the report)" in str(e.value)  # not one line per broken check
+
+
+def test_allowed_categories_are_enforced(tmp_path):
+    frame = real_slice()
+    frame.insert(0, "region", np.where(frame["Latitude"] > 36, "north", "south"))
+    frame.loc[[4, 8], "region"] = "atlantis"
+    suite = yaml.safe_load(Path(ROOT / "data/suites/california_housing.yaml").read_text())
+    suite["columns"] = {"region": {"type": "str", "values": ["north", "south"]}, **suite["columns"]}
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite, sort_keys=False))
+    s = workspace(tmp_path, frame, validate__suite=str(tmp_path / "suite.yaml"))
+    ingest(s)
+    with pytest.raises(UserError) as e:
+        validate(s)
+    assert "expect_column_values_to_be_in_set column region: 2 rows (0.10%) unexpected, e.g. row 4: 'atlantis', row 8: 'atlantis'" in str(e.value)
