@@ -127,6 +127,18 @@ def describe_failure(f: dict, expected_columns: list[str]) -> str:
     return line
 
 
+def text_in_numeric_columns(frame: pd.DataFrame, suite: dict) -> list[str]:
+    """For a numeric column that arrived as text: the values that are not numbers, with their rows."""
+    lines = []
+    for name, spec in suite["columns"].items():
+        if spec["type"] in ("float", "int") and name in frame and frame[name].dtype == object:
+            col = frame[name]
+            bad = col[pd.to_numeric(col, errors="coerce").isna() & col.notna()]
+            samples = ", ".join(f"row {i}: {v!r}" for i, v in bad.head(SAMPLES).items())
+            lines.append(f"  column {name} should be {spec['type']} but holds {len(bad)} values that are not numbers, e.g. {samples}")
+    return lines
+
+
 def root_causes(failed: list[dict], missing: set[str]) -> list[dict]:
     """Table-level failures first; for a missing or mistyped column, only that fact (not what it breaks)."""
     mistyped = {f["column"] for f in failed if f["expectation"] == "expect_column_values_to_be_in_type_list"}
@@ -158,7 +170,7 @@ def validate(s: Settings) -> dict:
     write_json(cfg.report, report)
     if failed:
         causes = root_causes(failed, missing=set(suite["columns"]) - set(frame.columns))
-        lines = "\n".join(describe_failure(f, list(suite["columns"])) for f in causes)
+        lines = "\n".join([describe_failure(f, list(suite["columns"])) for f in causes] + text_in_numeric_columns(frame, suite))
         more = f"\n  ({len(failed) - len(causes)} more failed as a consequence; see the report)" if len(causes) < len(failed) else ""
         raise UserError(
             f"validate: {raw} failed {len(failed)} of {len(results)} expectations of {cfg.suite}:\n{lines}{more}\n"
