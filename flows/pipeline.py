@@ -102,6 +102,9 @@ def _run_stages(settings: Settings, ws: Workspace) -> tuple[dict, dict | None, s
     stages = {}
     for name in STAGES:
         state = task(run_stage, name=name, cache_policy=NO_CACHE)(name, settings, ws, return_state=True)
+        if name == "validate" and Path(settings.validate_.report_md).exists():  # passed or not
+            create_markdown_artifact(key="validation-report", markdown=Path(settings.validate_.report_md).read_text(),
+                                     description="Every expectation of the suite on this run's data")
         stages[name] = state.result()  # raises the stage's error: later stages do not run
         stages[name].pop("result", None)
     data_version = ws.lock_entry("ingest").get("outs", [{}])[0].get("md5")

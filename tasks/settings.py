@@ -37,6 +37,7 @@ class ValidateSettings(Section):
 
     suite: str = Field(description="Expectation suite (YAML) the raw data must pass.")
     report: str = Field(description="JSON validation report (a DVC metric).")
+    report_md: str = Field(description="The same report as markdown: readable offline, in the Prefect UI and in reviews.")
 
 
 class SplitSettings(Section):
@@ -115,7 +116,7 @@ class DvcSettings(Section):
 
 
 # the settings that name files (relative to the project root unless absolute or a URL)
-PATH_KEYS = [("ingest", "source"), ("ingest", "out"), ("validate", "suite"), ("validate", "report"),
+PATH_KEYS = [("ingest", "source"), ("ingest", "out"), ("validate", "suite"), ("validate", "report"), ("validate", "report_md"),
              ("preprocess", "out_dir"), ("train", "out_dir"), ("train", "log_dir"),
              ("evaluate", "out_dir"), ("package", "out_dir")]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from tasks.files import sha256_file, write_json
+from tasks.files import atomic_path, sha256_file, write_json
 from tasks.settings import Settings, UserError, cli
 
 DTYPES = {
@@ -147,6 +147,27 @@ def root_causes(failed: list[dict], missing: set[str]) -> list[dict]:
     return sorted(keep, key=lambda f: f["column"] is not None)
 
 
+def markdown_report(report: dict) -> str:
+    """The report as plain markdown: renders offline (GX's Data Docs load their assets from CDNs)."""
+    d = report["data"]
+    verdict = "PASSED" if report["success"] else "FAILED"
+    rows = []
+    for r in report["results"]:
+        detail = ""
+        if r.get("unexpected_count"):
+            samples = ", ".join(f"row {i}: `{v!r}`" for i, v in zip(r["sample_rows"], r["sample_values"]))
+            detail = f"{r['unexpected_count']:,} rows ({r['unexpected_percent']:.2f}%); {samples}"
+        elif "error" in r:
+            detail = f"not evaluated: {r['error']}"
+        elif not r["success"] and "observed" in r:
+            detail = f"observed `{r['observed']}`"
+        rows.append(f"| {'✅' if r['success'] else '❌'} | {r['expectation']} | {r['column'] or '(table)'} | {detail} |")
+    return (f"# Validation {verdict}: {report['passed']} of {report['evaluated']} expectations "
+            f"({report['pass_rate']:.1%})\n\n"
+            f"- data: `{d['path']}`, {d['rows']:,} rows, sha256 `{d['sha256']}`\n- suite: `{report['suite']}`\n\n"
+            "| | expectation | column | unexpected |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
 def validate(s: Settings) -> dict:
     cfg = s.validate_
     suite = load_suite(cfg.suite)
@@ -168,6 +189,8 @@ def validate(s: Settings) -> dict:
         "results": results,
     }
     write_json(cfg.report, report)
+    with atomic_path(cfg.report_md) as tmp:
+        tmp.write_text(markdown_report(report))
     if failed:
         causes = root_causes(failed, missing=set(suite["columns"]) - set(frame.columns))
         lines = "\n".join([describe_failure(f, list(suite["columns"])) for f in causes] + text_in_numeric_columns(frame, suite))

@@ -81,7 +81,8 @@ def test_first_run_runs_every_stage_and_leaves_dvc_clean(in_repo):
     assert "Data and pipelines are up to date." in sh(in_repo, "dvc", "repro").stdout
     # artifacts for the UI
     arts = artifacts(state)
-    assert set(arts) == {"training-summary", "metrics"}
+    assert set(arts) == {"training-summary", "metrics", "validation-report"}
+    assert arts["validation-report"].data.startswith("# Validation PASSED: 29 of 29")
     assert "| train | ran |" in arts["training-summary"].data and out["data_version"] in arts["training-summary"].data
     assert {row["metric"] for row in json.loads(arts["metrics"].data)} == {"rmse", "mae", "r2"}
 
@@ -169,6 +170,8 @@ def test_bad_data_stops_before_preprocess_and_keeps_the_last_model(in_repo):
     assert isinstance(error, UserError) and "column AveRooms: 3 rows" in str(error)
     assert task_states(state) == {"ingest": "Completed", "validate": "Failed"}
     assert {p: sha256_file(p) for p in kept} == kept
+    report = artifacts(state)["validation-report"].data
+    assert report.startswith("# Validation FAILED: 28 of 29") and "| ❌ | expect_column_values_to_be_between | AveRooms | 3 rows" in report
 
 
 def test_unreachable_prefect_api_is_named_with_the_fix(tmp_path):

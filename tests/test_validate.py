@@ -18,6 +18,7 @@ def test_real_slice_passes(ws):
     report = json.loads(Path(ws.validate_.report).read_text())
     assert report["pass_rate"] == 1.0
     assert report["evaluated"] == 2 + 3 * 9  # table-level + (type, nulls, range) per column
+    assert Path(ws.validate_.report_md).read_text().startswith("# Validation PASSED: 29 of 29 expectations (100.0%)")
 
 
 def test_bad_values_are_listed_with_column_count_and_rows(tmp_path):
