@@ -38,6 +38,10 @@ class ValidateSettings(Section):
     suite: str = Field(description="Expectation suite (YAML) the raw data must pass.")
     report: str = Field(description="JSON validation report (a DVC metric).")
     report_md: str = Field(description="The same report as markdown: readable offline, in the Prefect UI and in reviews.")
+    reference: str = Field(description="Statistics of the last accepted data (a DVC output), which the next data is compared with.")
+    drift: Literal["fail", "warn", "off"] = Field(description="What drift beyond the bounds below does: stop the run, only report it, or nothing.")
+    drift_max_mean_shift: float = Field(gt=0, description="Largest accepted move of a numeric column's mean, in reference standard deviations.")
+    drift_max_psi: float = Field(gt=0, description="Largest accepted population stability index of a numeric column (0.1 small, 0.25 large).")
 
 
 class SplitSettings(Section):
@@ -116,7 +120,7 @@ class DvcSettings(Section):
 
 
 # the settings that name files (relative to the project root unless absolute or a URL)
-PATH_KEYS = [("ingest", "source"), ("ingest", "out"), ("validate", "suite"), ("validate", "report"), ("validate", "report_md"),
+PATH_KEYS = [("ingest", "source"), ("ingest", "out"), ("validate", "suite"), ("validate", "report"), ("validate", "report_md"), ("validate", "reference"),
              ("preprocess", "out_dir"), ("train", "out_dir"), ("train", "log_dir"),
              ("evaluate", "out_dir"), ("package", "out_dir")]
 

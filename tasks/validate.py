@@ -7,15 +7,19 @@ broke it and a few sample values with their row numbers, so no later stage runs 
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
+from tasks.drift import column_stats, compare, describe
 from tasks.files import atomic_path, sha256_file, write_json
 from tasks.settings import Settings, UserError, cli
 
+log = logging.getLogger(__name__)
 DTYPES = {
     "float": ["float64", "float32", "Float64", "Float32"],
     "int": ["int64", "int32", "Int64", "Int32"],
@@ -165,7 +169,18 @@ def markdown_report(report: dict) -> str:
     return (f"# Validation {verdict}: {report['passed']} of {report['evaluated']} expectations "
             f"({report['pass_rate']:.1%})\n\n"
             f"- data: `{d['path']}`, {d['rows']:,} rows, sha256 `{d['sha256']}`\n- suite: `{report['suite']}`\n\n"
-            "| | expectation | column | unexpected |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
+            "| | expectation | column | unexpected |\n|---|---|---|---|\n" + "\n".join(rows) + "\n" + _drift_md(report["drift"]))
+
+
+def _drift_md(drift: dict) -> str:
+    if not drift["checked"]:
+        return "\n## Drift\nNot checked (no reference yet, validation failed, or validate.drift: off).\n"
+    if not drift["columns"]:
+        return f"\n## Drift\nNone beyond the bounds, against `{drift['reference']}`.\n"
+    rows = "\n".join(f"| {c} | {d.get('mean_shift_std', '')} | {d.get('psi', '')} | {d.get('new_categories', '')} | "
+                     f"{d.get('vanished_categories', '')} |" for c, d in drift["columns"].items())
+    return (f"\n## Drift ({drift['policy']})\nAgainst `{drift['reference']}`:\n\n"
+            "| column | mean shift (std) | PSI | new categories | vanished |\n|---|---|---|---|---|\n" + rows + "\n")
 
 
 def validate(s: Settings) -> dict:
@@ -179,6 +194,10 @@ def validate(s: Settings) -> dict:
     frame = frame.astype({c: object for c, t in frame.dtypes.items() if isinstance(t, pd.StringDtype)})
     results = run_suite(frame, suite)
     failed = [r for r in results if not r["success"]]
+    reference = Path(cfg.reference)
+    check_drift = not failed and cfg.drift != "off" and reference.exists()
+    drifted = compare(json.loads(reference.read_text())["columns"], frame, cfg.drift_max_mean_shift,
+                      cfg.drift_max_psi) if check_drift else {}
     report = {
         "success": not failed,
         "data": {"path": str(raw), "sha256": sha256_file(raw), "rows": len(frame)},
@@ -187,6 +206,7 @@ def validate(s: Settings) -> dict:
         "passed": len(results) - len(failed),
         "pass_rate": round((len(results) - len(failed)) / len(results), 6),
         "results": results,
+        "drift": {"checked": check_drift, "policy": cfg.drift, "reference": str(reference), "columns": drifted},
     }
     write_json(cfg.report, report)
     with atomic_path(cfg.report_md) as tmp:
@@ -199,7 +219,15 @@ def validate(s: Settings) -> dict:
             f"validate: {raw} failed {len(failed)} of {len(results)} expectations of {cfg.suite}:\n{lines}{more}\n"
             f"Full report: {cfg.report}. Fix the data (ingest.source) or, if the data is right, the suite."
         )
-    return {k: report[k] for k in ("success", "evaluated", "passed", "pass_rate")} | {"rows": len(frame)}
+    if drifted:
+        lines = "\n".join(describe(c, d, cfg.drift_max_mean_shift, cfg.drift_max_psi) for c, d in drifted.items())
+        message = f"validate: {raw} drifted from the last accepted data ({reference}):\n{lines}\nFull report: {cfg.report_md}."
+        if cfg.drift == "fail":
+            raise UserError(f"{message} If the change is expected, accept it with one run at validate.drift: warn "
+                            "(e.g. dvc exp run -S validate.drift=warn), which makes this data the new reference")
+        log.warning(message)
+    write_json(reference, {"data_sha256": report["data"]["sha256"], "rows": len(frame), "columns": column_stats(frame)})
+    return {k: report[k] for k in ("success", "evaluated", "passed", "pass_rate")} | {"rows": len(frame), "drift": drifted}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,73 @@
+"""Reference statistics of accepted data, and drift of new data against them (used by the validate stage).
+
+Numeric columns: count, null rate, mean, std and deciles; drift is the mean shift in units of the
+reference std and the population stability index (PSI) over the reference deciles. Categorical columns:
+category frequencies; drift is a new or a vanished category.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+DECILES = np.linspace(0, 1, 11)
+EPS = 1e-4  # floor of a bin's share in the PSI, so an empty bin counts as a large (not infinite) shift
+TOP = 1000  # categories kept per column
+
+
+def column_stats(frame: pd.DataFrame) -> dict:
+    stats = {}
+    for name, col in frame.items():
+        s = {"count": int(col.notna().sum()), "null_rate": float(col.isna().mean()) if len(col) else 0.0}
+        if pd.api.types.is_numeric_dtype(col):
+            x = col.dropna().to_numpy(dtype=np.float64)
+            x = x[np.isfinite(x)]
+            if len(x):
+                s.update(mean=float(x.mean()), std=float(x.std()), quantiles=np.quantile(x, DECILES).tolist())
+        else:
+            freq = col.dropna().astype(str).value_counts(normalize=True).head(TOP)
+            s["categories"] = {k: round(float(v), 6) for k, v in freq.items()}
+        stats[name] = s
+    return stats
+
+
+def psi(reference_quantiles: list[float], x: np.ndarray) -> float:
+    """PSI of x over bins cut at the reference's deciles (tied deciles merge into one wider bin)."""
+    interior = np.asarray(reference_quantiles[1:-1])
+    edges = np.unique(interior)
+    below = np.searchsorted(interior, edges, side="right") / 10  # reference share at or below each edge
+    expected = np.diff(np.concatenate([[0.0], below, [1.0]]))
+    actual = np.bincount(np.searchsorted(edges, x, side="left"), minlength=len(edges) + 1) / max(len(x), 1)
+    e, a = np.maximum(expected, EPS), np.maximum(actual, EPS)
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def compare(reference: dict, frame: pd.DataFrame, max_mean_shift: float, max_psi: float) -> dict:
+    """{column: findings} for every column that drifted beyond the bounds."""
+    drifted = {}
+    for name, ref in reference.items():
+        if name not in frame:
+            continue
+        col = frame[name]
+        if "quantiles" in ref and pd.api.types.is_numeric_dtype(col):
+            x = col.dropna().to_numpy(dtype=np.float64)
+            x = x[np.isfinite(x)]
+            if not len(x):
+                continue
+            shift = abs(float(x.mean()) - ref["mean"]) / (ref["std"] or 1.0)
+            index = psi(ref["quantiles"], x)
+            if shift > max_mean_shift or index > max_psi:
+                drifted[name] = {"mean_shift_std": round(shift, 4), "psi": round(index, 4)}
+        elif "categories" in ref:
+            seen = set(col.dropna().astype(str).unique())
+            new, gone = sorted(seen - set(ref["categories"])), sorted(set(ref["categories"]) - seen)
+            if new or gone:
+                drifted[name] = {"new_categories": new[:20], "vanished_categories": gone[:20]}
+    return drifted
+
+
+def describe(name: str, d: dict, max_mean_shift: float, max_psi: float) -> str:
+    if "psi" in d:
+        return (f"  - column {name}: mean moved {d['mean_shift_std']:.2f} std (max {max_mean_shift}), "
+                f"PSI {d['psi']:.3f} (max {max_psi})")
+    return f"  - column {name}: new categories {d['new_categories']}, vanished {d['vanished_categories']}"
