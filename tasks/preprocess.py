@@ -123,14 +123,14 @@ def check_validated(s: Settings) -> None:
     r = json.loads(report.read_text())
     if not r.get("success"):
         raise UserError(f"preprocess: {s.ingest.out} failed validation (see {report}); fix the data and rerun validate")
-    if r.get("data", {}).get("sha256") != sha256_file(s.ingest.out):
-        raise UserError(f"preprocess: {s.ingest.out} changed after it was validated; rerun the validate stage")
+    if not Path(s.validate_.out).exists() or r.get("validated", {}).get("sha256") != sha256_file(s.validate_.out):
+        raise UserError(f"preprocess: {s.validate_.out} is missing or changed after validation; rerun the validate stage")
 
 
 def preprocess(s: Settings) -> dict:
     cfg = s.preprocess
     check_validated(s)
-    raw = Path(s.ingest.out)
+    raw = Path(s.validate_.out)
     n_rows = pq.ParquetFile(raw).metadata.num_rows
     columns = pq.read_schema(raw).names
     if cfg.target not in columns:

@@ -36,6 +36,10 @@ class ValidateSettings(Section):
     """The expectation suite the raw data must pass before anything else runs."""
 
     suite: str = Field(description="Expectation suite (YAML) the raw data must pass.")
+    out: str = Field(description="The validated rows, as Parquet: what preprocess reads (a DVC output).")
+    on_failure: Literal["fail", "quarantine"] = Field(description="Row-level failures stop the run (fail) or move the failing rows aside (quarantine). Table-level failures always stop.")
+    min_clean_fraction: float = Field(gt=0, le=1, description="With quarantine: the least fraction of rows that must pass for the run to go on.")
+    quarantine: str = Field(description="With quarantine: the failing rows, each with its reasons (Parquet).")
     report: str = Field(description="JSON validation report (a DVC metric).")
     report_md: str = Field(description="The same report as markdown: readable offline, in the Prefect UI and in reviews.")
     reference: str = Field(description="Statistics of the last accepted data (a DVC output), which the next data is compared with.")
@@ -120,7 +124,7 @@ class DvcSettings(Section):
 
 
 # the settings that name files (relative to the project root unless absolute or a URL)
-PATH_KEYS = [("ingest", "source"), ("ingest", "out"), ("validate", "suite"), ("validate", "report"), ("validate", "report_md"), ("validate", "reference"),
+PATH_KEYS = [("ingest", "source"), ("ingest", "out"), ("validate", "suite"), ("validate", "out"), ("validate", "quarantine"), ("validate", "report"), ("validate", "report_md"), ("validate", "reference"),
              ("preprocess", "out_dir"), ("train", "out_dir"), ("train", "log_dir"),
              ("evaluate", "out_dir"), ("package", "out_dir")]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -102,6 +103,7 @@ def _summarize(r) -> dict:
         out["unexpected_percent"] = round(float(res.get("unexpected_percent") or 0.0), 4)
         out["sample_values"] = [_json_value(v) for v in res.get("partial_unexpected_list", [])[:SAMPLES]]
         out["sample_rows"] = [int(i) for i in res.get("partial_unexpected_index_list", [])[:SAMPLES]]
+        out["_rows"] = [int(i) for i in res.get("unexpected_index_list") or []]  # for quarantine; not reported
     if "observed_value" in res:
         out["observed"] = res["observed_value"]
     errors = _exception_messages(r.exception_info)
@@ -168,7 +170,8 @@ def markdown_report(report: dict) -> str:
         rows.append(f"| {'✅' if r['success'] else '❌'} | {r['expectation']} | {r['column'] or '(table)'} | {detail} |")
     return (f"# Validation {verdict}: {report['passed']} of {report['evaluated']} expectations "
             f"({report['pass_rate']:.1%})\n\n"
-            f"- data: `{d['path']}`, {d['rows']:,} rows, sha256 `{d['sha256']}`\n- suite: `{report['suite']}`\n\n"
+            f"- data: `{d['path']}`, {d['rows']:,} rows, sha256 `{d['sha256']}`\n- suite: `{report['suite']}`\n"
+            f"- rows: {report['rows']['clean']:,} clean + {report['rows']['quarantined']:,} quarantined = {report['rows']['input']:,}\n\n"
             "| | expectation | column | unexpected |\n|---|---|---|---|\n" + "\n".join(rows) + "\n" + _drift_md(report["drift"]))
 
 
@@ -183,6 +186,19 @@ def _drift_md(drift: dict) -> str:
             "| column | mean shift (std) | PSI | new categories | vanished |\n|---|---|---|---|---|\n" + rows + "\n")
 
 
+ROW_LEVEL = {"expect_column_values_to_not_be_null", "expect_column_values_to_be_between",
+             "expect_column_values_to_be_in_set", "expect_column_values_to_be_unique"}
+
+
+def row_reasons(failed: list[dict]) -> pd.Series:
+    """Row index -> why it failed ('column: expectation; ...'), from the row-level failures."""
+    reasons: dict[int, list[str]] = {}
+    for f in failed:
+        for i in f["_rows"]:
+            reasons.setdefault(i, []).append(f"{f['column']}: {f['expectation']}")
+    return pd.Series({i: "; ".join(r) for i, r in sorted(reasons.items())}, dtype=object)
+
+
 def validate(s: Settings) -> dict:
     cfg = s.validate_
     suite = load_suite(cfg.suite)
@@ -194,40 +210,71 @@ def validate(s: Settings) -> dict:
     frame = frame.astype({c: object for c, t in frame.dtypes.items() if isinstance(t, pd.StringDtype)})
     results = run_suite(frame, suite)
     failed = [r for r in results if not r["success"]]
+
+    # quarantine: row-level failures move aside; table-level ones (columns, types, row count) always stop
+    table_level = [f for f in failed if f["expectation"] not in ROW_LEVEL or "error" in f]
+    quarantining = cfg.on_failure == "quarantine" and bool(failed) and not table_level
+    reasons = row_reasons(failed) if quarantining else pd.Series(dtype=object)
+    clean = frame.drop(index=reasons.index)
+    enough = len(clean) >= cfg.min_clean_fraction * len(frame)
+    success = not failed or (quarantining and enough)
+
     reference = Path(cfg.reference)
-    check_drift = not failed and cfg.drift != "off" and reference.exists()
-    drifted = compare(json.loads(reference.read_text())["columns"], frame, cfg.drift_max_mean_shift,
+    check_drift = success and cfg.drift != "off" and reference.exists()
+    drifted = compare(json.loads(reference.read_text())["columns"], clean, cfg.drift_max_mean_shift,
                       cfg.drift_max_psi) if check_drift else {}
     report = {
-        "success": not failed,
+        "success": success,
         "data": {"path": str(raw), "sha256": sha256_file(raw), "rows": len(frame)},
+        "rows": {"input": len(frame), "clean": len(clean), "quarantined": len(reasons)},
         "suite": cfg.suite,
         "evaluated": len(results),
         "passed": len(results) - len(failed),
         "pass_rate": round((len(results) - len(failed)) / len(results), 6),
-        "results": results,
+        "results": [{k: v for k, v in r.items() if k != "_rows"} for r in results],
         "drift": {"checked": check_drift, "policy": cfg.drift, "reference": str(reference), "columns": drifted},
     }
-    write_json(cfg.report, report)
-    with atomic_path(cfg.report_md) as tmp:
-        tmp.write_text(markdown_report(report))
-    if failed:
+    if failed and not success:
+        write_reports(cfg, report)
         causes = root_causes(failed, missing=set(suite["columns"]) - set(frame.columns))
         lines = "\n".join([describe_failure(f, list(suite["columns"])) for f in causes] + text_in_numeric_columns(frame, suite))
         more = f"\n  ({len(failed) - len(causes)} more failed as a consequence; see the report)" if len(causes) < len(failed) else ""
-        raise UserError(
-            f"validate: {raw} failed {len(failed)} of {len(results)} expectations of {cfg.suite}:\n{lines}{more}\n"
-            f"Full report: {cfg.report}. Fix the data (ingest.source) or, if the data is right, the suite."
-        )
+        head = f"validate: {raw} failed {len(failed)} of {len(results)} expectations of {cfg.suite}"
+        if quarantining:
+            head = (f"validate: only {len(clean):,} of {len(frame):,} rows of {raw} pass ({len(clean) / len(frame):.1%}), "
+                    f"fewer than validate.min_clean_fraction={cfg.min_clean_fraction}")
+        raise UserError(f"{head}:\n{lines}{more}\n"
+                        f"Full report: {cfg.report}. Fix the data (ingest.source) or, if the data is right, the suite.")
     if drifted:
         lines = "\n".join(describe(c, d, cfg.drift_max_mean_shift, cfg.drift_max_psi) for c, d in drifted.items())
         message = f"validate: {raw} drifted from the last accepted data ({reference}):\n{lines}\nFull report: {cfg.report_md}."
         if cfg.drift == "fail":
+            report["success"] = False
+            write_reports(cfg, report)
             raise UserError(f"{message} If the change is expected, accept it with one run at validate.drift: warn "
                             "(e.g. dvc exp run -S validate.drift=warn), which makes this data the new reference")
         log.warning(message)
-    write_json(reference, {"data_sha256": report["data"]["sha256"], "rows": len(frame), "columns": column_stats(frame)})
-    return {k: report[k] for k in ("success", "evaluated", "passed", "pass_rate")} | {"rows": len(frame), "drift": drifted}
+
+    # accepted: the clean rows (a byte copy when nothing was removed), the quarantined rows, the new reference
+    with atomic_path(cfg.out) as tmp:
+        if len(reasons):
+            clean.to_parquet(tmp, index=False)
+        else:
+            shutil.copyfile(raw, tmp)
+    with atomic_path(cfg.quarantine) as tmp:
+        frame.loc[reasons.index].assign(_row=reasons.index, _reason=reasons.to_numpy()).to_parquet(tmp, index=False)
+    report["validated"] = {"path": cfg.out, "sha256": sha256_file(cfg.out)}
+    write_reports(cfg, report)
+    write_json(reference, {"data_sha256": report["data"]["sha256"], "rows": len(clean), "columns": column_stats(clean)})
+    if len(reasons):
+        log.warning("validate: quarantined %d of %d rows (%s)", len(reasons), len(frame), cfg.quarantine)
+    return {k: report[k] for k in ("success", "evaluated", "passed", "pass_rate", "rows")} | {"drift": drifted}
+
+
+def write_reports(cfg, report: dict) -> None:
+    write_json(cfg.report, report)
+    with atomic_path(cfg.report_md) as tmp:
+        tmp.write_text(markdown_report(report))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -14,7 +15,7 @@ from tests.conftest import ROOT, real_slice, workspace
 def test_real_slice_passes(ws):
     ingest(ws)
     out = validate(ws)
-    assert out["success"] and out["rows"] == 2064
+    assert out["success"] and out["rows"] == {"input": 2064, "clean": 2064, "quarantined": 0}
     report = json.loads(Path(ws.validate_.report).read_text())
     assert report["pass_rate"] == 1.0
     assert report["evaluated"] == 2 + 3 * 9  # table-level + (type, nulls, range) per column
@@ -61,3 +62,45 @@ def test_allowed_categories_are_enforced(tmp_path):
     with pytest.raises(UserError) as e:
         validate(s)
     assert "expect_column_values_to_be_in_set column region: 2 rows (0.10%) unexpected, e.g. row 4: 'atlantis', row 8: 'atlantis'" in str(e.value)
+
+
+def test_quarantine_moves_failing_rows_aside_and_counts_add_up(tmp_path):
+    from tasks.preprocess import preprocess
+
+    frame = real_slice()
+    frame.loc[[1, 2, 3], "AveRooms"] = -1.0
+    frame.loc[[3, 5], "MedInc"] = np.nan
+    s = workspace(tmp_path, frame, validate__on_failure="quarantine", validate__min_clean_fraction=0.99)
+    ingest(s)
+    out = validate(s)
+    assert out["rows"] == {"input": 2064, "clean": 2060, "quarantined": 4}
+    clean, quarantined = pd.read_parquet(s.validate_.out), pd.read_parquet(s.validate_.quarantine)
+    assert len(clean) + len(quarantined) == len(frame)
+    assert sorted(quarantined["_row"]) == [1, 2, 3, 5]
+    reasons = dict(zip(quarantined["_row"], quarantined["_reason"]))
+    assert reasons[1] == "AveRooms: expect_column_values_to_be_between"
+    assert set(reasons[3].split("; ")) == {"AveRooms: expect_column_values_to_be_between", "MedInc: expect_column_values_to_not_be_null"}
+    assert (clean["AveRooms"] >= 0).all() and clean["MedInc"].notna().all()
+    assert sum(preprocess(s)["rows"].values()) == 2060  # the run goes on with the clean rows only
+
+
+def test_quarantine_below_the_clean_fraction_stops_and_keeps_the_last_output(tmp_path):
+    s = workspace(tmp_path, validate__on_failure="quarantine", validate__min_clean_fraction=0.99)
+    ingest(s)
+    validate(s)
+    before = Path(s.validate_.out).read_bytes()
+    frame = real_slice()
+    frame.loc[:99, "AveRooms"] = -1.0  # 100 of 2,064 rows: 95.2% clean
+    frame.to_parquet(s.ingest.source, index=False)
+    ingest(s)
+    with pytest.raises(UserError, match=r"only 1,964 of 2,064 rows .* pass \(95\.2%\), fewer than validate.min_clean_fraction=0.99"):
+        validate(s)
+    assert Path(s.validate_.out).read_bytes() == before
+
+
+def test_table_level_failures_stop_even_in_quarantine_mode(tmp_path):
+    s = workspace(tmp_path, real_slice().drop(columns="Population"), validate__on_failure="quarantine")
+    ingest(s)
+    with pytest.raises(UserError, match=r"missing \['Population'\]"):
+        validate(s)
+    assert not Path(s.validate_.out).exists()
