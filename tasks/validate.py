@@ -1,8 +1,11 @@
 """Check the raw data against its expectation suite with Great Expectations.  Run: python -m tasks.validate
 
-The suite is a small reviewed YAML file (data/suites/*.yaml) built into a GX suite here. The JSON report
-is always written; on failure the stage raises with each failed expectation, its column, how many rows
-broke it and a few sample values with their row numbers, so no later stage runs on bad data.
+The suite is a small reviewed YAML file (data/suites/*.yaml) built into a GX suite here. The reports
+(JSON, markdown) are always written; on failure the stage raises with each failed expectation, its column,
+how many rows broke it and a few sample values with their row numbers, so no later stage runs on bad data.
+With validate.on_failure=quarantine, rows that break row-level expectations go to validate.quarantine
+with their reasons instead. Accepted data is compared with the statistics of the last accepted data
+(drift, tasks/drift.py), then written to validate.out (what preprocess reads) and becomes the reference.
 """
 
 from __future__ import annotations
