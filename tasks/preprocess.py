@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from statistics import NormalDist
@@ -39,7 +40,9 @@ def dask_client(cfg: DaskSettings):
     from distributed import Client, LocalCluster
 
     if cfg.address == "local":
-        logging.getLogger("distributed").setLevel(logging.WARNING)  # its INFO lines drown the run's own log
+        # its INFO lines drown the run's own log; the worker processes read the variable when they start
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+        logging.getLogger("distributed").setLevel(logging.WARNING)
         with LocalCluster(
             n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker, processes=True,
             host="127.0.0.1", dashboard_address=":0", silence_logs=logging.WARNING,
