@@ -12,7 +12,6 @@ on 127.0.0.1, it measures:
     (a DVC experiment), executed by `python -m flows.serve`
 """
 
-import json
 import os
 import re
 import subprocess

@@ -91,10 +91,11 @@ class Workspace:
         shutil.rmtree(path, ignore_errors=True)
         subprocess.run(["git", "worktree", "prune"], cwd=self.root, check=True)
         subprocess.run(["git", "worktree", "add", "-q", "--detach", str(path), "HEAD"], cwd=self.root, check=True)
+        uncached = self._uncached_outputs()
         try:
             (path / ".dvc" / "config.local").write_text(f"[cache]\n    dir = {self.repo.cache.local_cache_dir}\n")
             # start from the workspace's state: its dvc.lock and its uncached outputs (reports, metrics)
-            for rel in ["dvc.lock"] + self._uncached_outputs():
+            for rel in ["dvc.lock"] + uncached:
                 if (self.root / rel).is_dir():
                     shutil.copytree(self.root / rel, path / rel, dirs_exist_ok=True)
                 elif (self.root / rel).exists():
@@ -108,7 +109,7 @@ class Workspace:
             except CheckoutError:
                 pass
             yield exp
-            exp.repo.experiments.save(name=name, force=True, include_untracked=["dvc.lock"] + self._uncached_outputs())
+            exp.repo.experiments.save(name=name, force=True, include_untracked=["dvc.lock"] + uncached)
         finally:
             os.chdir(cwd)
             subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=self.root, capture_output=True)

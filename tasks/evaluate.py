@@ -15,7 +15,7 @@ import torch
 from tasks.files import atomic_path, write_json
 from tasks.model import load_model
 from tasks.settings import Settings, UserError, cli
-from tasks.train import load_split
+from tasks.train import EVAL_CHUNK, load_split
 
 
 def regression_metrics(actual: np.ndarray, predicted: np.ndarray) -> dict:
@@ -31,7 +31,7 @@ def regression_metrics(actual: np.ndarray, predicted: np.ndarray) -> dict:
 def predict(model: torch.nn.Module, meta: dict, x: torch.Tensor) -> np.ndarray:
     """Model inputs -> predictions in target units."""
     with torch.no_grad():
-        scaled = torch.cat([model(c) for c in x.split(65536)]) if len(x) else torch.empty(0)
+        scaled = torch.cat([model(c) for c in x.split(EVAL_CHUNK)]) if len(x) else torch.empty(0)
     return (scaled.double() * meta["target_std"] + meta["target_mean"]).numpy()
 
 

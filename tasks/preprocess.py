@@ -133,16 +133,16 @@ def check_validated(s: Settings) -> None:
 def preprocess(s: Settings) -> dict:
     cfg = s.preprocess
     check_validated(s)
-    raw = Path(s.validate_.out)
-    n_rows = pq.ParquetFile(raw).metadata.num_rows
-    columns = pq.read_schema(raw).names
+    data = Path(s.validate_.out)
+    n_rows = pq.ParquetFile(data).metadata.num_rows
+    columns = pq.read_schema(data).names
     if cfg.target not in columns:
-        raise UserError(f"preprocess.target: column {cfg.target!r} is not in {raw} (columns: {columns}); set preprocess.target")
+        raise UserError(f"preprocess.target: column {cfg.target!r} is not in {data} (columns: {columns}); set preprocess.target")
     features = [c for c in columns if c != cfg.target]
 
     with dask_client(s.dask) as client:
         log.info("preprocess on Dask: %s (dashboard %s)", client.scheduler.address, client.dashboard_link)
-        ddf = dd.read_parquet(raw)
+        ddf = dd.read_parquet(data)
         non_numeric = [c for c, t in ddf.dtypes.items() if not pd.api.types.is_numeric_dtype(t)]
         if non_numeric:
             raise UserError(f"preprocess: columns {non_numeric} are not numeric; this release trains on numeric columns only")

@@ -44,6 +44,14 @@ def staging_dir(out_dir: str) -> Path:
     return out.with_name(f".{out.name}.partial")
 
 
+def fresh_staging_dir(out_dir: str) -> Path:
+    """An empty staging directory for a new training run (rank 0 / the launcher only)."""
+    out = staging_dir(out_dir)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    return out
+
+
 def run_rank(s: Settings, rank: int, world: int, local_rank: int, init_method: str) -> None:
     cfg, feat_dir = s.train, Path(s.preprocess.out_dir)
     ddp = world > 1
@@ -190,9 +198,7 @@ def check_inputs(s: Settings) -> dict:
 def train(s: Settings) -> dict:
     cfg = s.train
     check_inputs(s)
-    out = staging_dir(cfg.out_dir)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    out = fresh_staging_dir(cfg.out_dir)
     if cfg.world_size == 1:
         run_rank(s, 0, 1, 0, init_method="")
     else:
@@ -211,14 +217,12 @@ def train(s: Settings) -> dict:
 def torchrun_main(s: Settings) -> None:
     """Entry under torchrun: this process is one rank; rank 0 publishes the result."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    out = staging_dir(s.train.out_dir)
     check_inputs(s)
     if rank == 0:
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
+        fresh_staging_dir(s.train.out_dir)
     run_rank(s, rank, world, int(os.environ["LOCAL_RANK"]), init_method="env://")
     if rank == 0:
-        replace_dir(out, s.train.out_dir)
+        replace_dir(staging_dir(s.train.out_dir), s.train.out_dir)
 
 
 if __name__ == "__main__":
