@@ -15,20 +15,27 @@ EPS = 1e-4  # floor of a bin's share in the PSI, so an empty bin counts as a lar
 TOP = 1000  # categories kept per column
 
 
+def column_stat(col: pd.Series) -> dict:
+    s = {"count": int(col.notna().sum()), "null_rate": float(col.isna().mean()) if len(col) else 0.0}
+    if pd.api.types.is_numeric_dtype(col):
+        x = _finite(col)
+        if len(x):
+            s.update(mean=float(x.mean()), std=float(x.std()), quantiles=np.quantile(x, DECILES).tolist())
+    else:
+        freq = col.dropna().astype(str).value_counts(normalize=True).head(TOP)
+        s["categories"] = {k: round(float(v), 6) for k, v in freq.items()}
+    return s
+
+
 def column_stats(frame: pd.DataFrame) -> dict:
-    stats = {}
-    for name, col in frame.items():
-        s = {"count": int(col.notna().sum()), "null_rate": float(col.isna().mean()) if len(col) else 0.0}
-        if pd.api.types.is_numeric_dtype(col):
-            x = col.dropna().to_numpy(dtype=np.float64)
-            x = x[np.isfinite(x)]
-            if len(x):
-                s.update(mean=float(x.mean()), std=float(x.std()), quantiles=np.quantile(x, DECILES).tolist())
-        else:
-            freq = col.dropna().astype(str).value_counts(normalize=True).head(TOP)
-            s["categories"] = {k: round(float(v), 6) for k, v in freq.items()}
-        stats[name] = s
-    return stats
+    return {name: column_stat(col) for name, col in frame.items()}
+
+
+def _finite(col: pd.Series) -> np.ndarray:
+    """The finite values as float64, without a copy when they all are (columns of 10M rows and more)."""
+    x = col.to_numpy(dtype=np.float64, na_value=np.nan)
+    finite = np.isfinite(x)
+    return x if finite.all() else x[finite]
 
 
 def psi(reference_quantiles: list[float], x: np.ndarray) -> float:
@@ -42,28 +49,28 @@ def psi(reference_quantiles: list[float], x: np.ndarray) -> float:
     return float(np.sum((a - e) * np.log(a / e)))
 
 
+def column_drift(ref: dict, col: pd.Series, max_mean_shift: float, max_psi: float) -> dict | None:
+    """The findings for one column when it drifted beyond the bounds, else None."""
+    if "quantiles" in ref and pd.api.types.is_numeric_dtype(col):
+        x = _finite(col)
+        if not len(x):
+            return None
+        shift = abs(float(x.mean()) - ref["mean"]) / (ref["std"] or 1.0)
+        index = psi(ref["quantiles"], x)
+        if shift > max_mean_shift or index > max_psi:
+            return {"mean_shift_std": round(shift, 4), "psi": round(index, 4)}
+    elif "categories" in ref:
+        seen = set(col.dropna().astype(str).unique())
+        new, gone = sorted(seen - set(ref["categories"])), sorted(set(ref["categories"]) - seen)
+        if new or gone:
+            return {"new_categories": new[:20], "vanished_categories": gone[:20]}
+    return None
+
+
 def compare(reference: dict, frame: pd.DataFrame, max_mean_shift: float, max_psi: float) -> dict:
     """{column: findings} for every column that drifted beyond the bounds."""
-    drifted = {}
-    for name, ref in reference.items():
-        if name not in frame:
-            continue
-        col = frame[name]
-        if "quantiles" in ref and pd.api.types.is_numeric_dtype(col):
-            x = col.dropna().to_numpy(dtype=np.float64)
-            x = x[np.isfinite(x)]
-            if not len(x):
-                continue
-            shift = abs(float(x.mean()) - ref["mean"]) / (ref["std"] or 1.0)
-            index = psi(ref["quantiles"], x)
-            if shift > max_mean_shift or index > max_psi:
-                drifted[name] = {"mean_shift_std": round(shift, 4), "psi": round(index, 4)}
-        elif "categories" in ref:
-            seen = set(col.dropna().astype(str).unique())
-            new, gone = sorted(seen - set(ref["categories"])), sorted(set(ref["categories"]) - seen)
-            if new or gone:
-                drifted[name] = {"new_categories": new[:20], "vanished_categories": gone[:20]}
-    return drifted
+    found = {name: column_drift(ref, frame[name], max_mean_shift, max_psi) for name, ref in reference.items() if name in frame}
+    return {name: d for name, d in found.items() if d}
 
 
 def describe(name: str, d: dict, max_mean_shift: float, max_psi: float) -> str:

@@ -40,16 +40,72 @@ def write_json(path: str | Path, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def replace_dir(src: str | Path, dst: str | Path) -> None:
-    """Put finished directory `src` in place of `dst`; `dst` is never half-replaced."""
+def sha256_path(path: str | Path) -> str:
+    """sha256 of a file, or of a directory: over each file's relative name and sha256, in name order."""
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path).as_posix()}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def copy_and_hash(src: str | Path, dst: str | Path, chunk: int = 1 << 22) -> str:
+    """Copy a file or a directory to `dst` reading it once; return what sha256_path(src) returns."""
     src, dst = Path(src), Path(dst)
-    os.chmod(src, 0o755)  # mkdtemp makes 0700
+    if src.is_dir():
+        dst.mkdir()
+        h = hashlib.sha256()
+        for f in sorted(p for p in src.rglob("*") if p.is_file()):
+            rel = f.relative_to(src)
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            h.update(f"{rel.as_posix()}\0{copy_and_hash(f, dst / rel, chunk)}\n".encode())
+        return h.hexdigest()
+    h = hashlib.sha256()
+    with open(src, "rb") as r, open(dst, "wb") as w:
+        while block := r.read(chunk):
+            h.update(block)
+            w.write(block)
+    return h.hexdigest()
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def replace_path(src: str | Path, dst: str | Path) -> None:
+    """Put finished file or directory `src` in place of `dst` (a file or a directory); never half-replaced."""
+    src, dst = Path(src), Path(dst)
     old = dst.with_name(f".{dst.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
+    remove(old)
+    if dst.exists() or dst.is_symlink():
         os.replace(dst, old)
     os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
+    remove(old)
+
+
+def replace_dir(src: str | Path, dst: str | Path) -> None:
+    """Put finished directory `src` (made by mkdtemp) in place of `dst`."""
+    os.chmod(src, 0o755)  # mkdtemp makes 0700
+    replace_path(src, dst)
+
+
+@contextmanager
+def staged_path(path: str | Path):
+    """Yield a path that does not exist yet, beside `path`: write a file or a directory there. On success it
+    replaces `path` (whichever kind that was); on error it is deleted and `path` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    holder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield holder / path.name
+        replace_path(holder / path.name, path)
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
 
 
 @contextmanager

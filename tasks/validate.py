@@ -13,15 +13,21 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 import yaml
 
+from tasks.cluster import dask_client
 from tasks.drift import column_stats, compare, describe
-from tasks.files import atomic_path, sha256_file, write_json
+from tasks.files import atomic_path, copy_and_hash, remove, sha256_path, staged_path, write_json
 from tasks.settings import Settings, UserError, cli
+from tasks.tables import count_rows, parquet_files, read_all
 
 log = logging.getLogger(__name__)
 DTYPES = {
@@ -71,15 +77,32 @@ def build_expectations(suite: dict) -> list:
     return exps
 
 
-def run_suite(frame: pd.DataFrame, suite: dict) -> list[dict]:
-    """Run the suite on a frame with GX; one plain dict per expectation."""
+def import_gx() -> None:
+    """GX takes seconds to import: started early, beside reading the data, it is ready when needed."""
+    import great_expectations  # noqa: F401
+    import great_expectations.expectations  # noqa: F401
+
+
+_gx = threading.local()  # per thread: a GX context and the built suite, reused by every partition it checks
+
+
+def _gx_validator(suite: dict):
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    ctx = gx.get_context(mode="ephemeral")
-    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
-    batch_def = ctx.data_sources.add_pandas("raw").add_dataframe_asset("raw").add_batch_definition_whole_dataframe("all")
-    gx_suite = gx.ExpectationSuite(name="trainflow", expectations=build_expectations(suite))
+    key = json.dumps(suite, sort_keys=True, default=str)
+    if getattr(_gx, "key", None) != key:
+        ctx = gx.get_context(mode="ephemeral")
+        ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+        batch_def = ctx.data_sources.add_pandas("raw").add_dataframe_asset("raw").add_batch_definition_whole_dataframe("all")
+        _gx.key, _gx.batch_def = key, batch_def
+        _gx.suite = gx.ExpectationSuite(name="trainflow", expectations=build_expectations(suite))
+    return _gx.batch_def, _gx.suite
+
+
+def run_suite(frame: pd.DataFrame, suite: dict) -> list[dict]:
+    """Run the suite on a frame with GX; one plain dict per expectation."""
+    batch_def, gx_suite = _gx_validator(suite)
     batch = batch_def.get_batch(batch_parameters={"dataframe": frame})
     result = batch.validate(gx_suite, result_format={"result_format": "COMPLETE", "partial_unexpected_count": SAMPLES})
     return [_summarize(r) for r in result.results]
@@ -106,7 +129,12 @@ def _summarize(r) -> dict:
         out["unexpected_percent"] = round(float(res.get("unexpected_percent") or 0.0), 4)
         out["sample_values"] = [_json_value(v) for v in res.get("partial_unexpected_list", [])[:SAMPLES]]
         out["sample_rows"] = [int(i) for i in res.get("partial_unexpected_index_list", [])[:SAMPLES]]
-        out["_rows"] = [int(i) for i in res.get("unexpected_index_list") or []]  # for quarantine; not reported
+        # not reported ("_"): the failing rows (for quarantine) and the counts that partitions add up
+        out["_rows"] = [int(i) for i in res.get("unexpected_index_list") or []]
+        out["_n"], out["_missing"] = int(res.get("element_count") or 0), int(res.get("missing_count") or 0)
+        out["_mostly"] = cfg.kwargs.get("mostly")
+    if cfg.type == "expect_table_row_count_to_be_between":
+        out["_bounds"] = [cfg.kwargs.get("min_value"), cfg.kwargs.get("max_value")]
     if "observed_value" in res:
         out["observed"] = res["observed_value"]
     errors = _exception_messages(r.exception_info)
@@ -136,16 +164,21 @@ def describe_failure(f: dict, expected_columns: list[str]) -> str:
     return line
 
 
-def text_in_numeric_columns(frame: pd.DataFrame, suite: dict) -> list[str]:
-    """For a numeric column that arrived as text: the values that are not numbers, with their rows."""
-    lines = []
+def non_numbers(frame: pd.DataFrame, suite: dict, offset: int = 0) -> dict:
+    """For each numeric column that arrived as text: how many values are not numbers, and the first few."""
+    found = {}
     for name, spec in suite["columns"].items():
         if spec["type"] in ("float", "int") and name in frame and frame[name].dtype == object:
             col = frame[name]
             bad = col[pd.to_numeric(col, errors="coerce").isna() & col.notna()]
-            samples = ", ".join(f"row {i}: {v!r}" for i, v in bad.head(SAMPLES).items())
-            lines.append(f"  column {name} should be {spec['type']} but holds {len(bad)} values that are not numbers, e.g. {samples}")
-    return lines
+            found[name] = {"type": spec["type"], "count": len(bad),
+                           "samples": [[int(i) + offset, _json_value(v)] for i, v in bad.head(SAMPLES).items()]}
+    return found
+
+
+def describe_non_numbers(found: dict) -> list[str]:
+    return [f"  column {name} should be {d['type']} but holds {d['count']} values that are not numbers, e.g. "
+            + ", ".join(f"row {i}: {v!r}" for i, v in d["samples"]) for name, d in found.items()]
 
 
 def root_causes(failed: list[dict], missing: set[str]) -> list[dict]:
@@ -174,8 +207,13 @@ def markdown_report(report: dict) -> str:
     return (f"# Validation {verdict}: {report['passed']} of {report['evaluated']} expectations "
             f"({report['pass_rate']:.1%})\n\n"
             f"- data: `{d['path']}`, {d['rows']:,} rows, sha256 `{d['sha256']}`\n- suite: `{report['suite']}`\n"
+            f"- checked: {_checked(report['checked'])}\n"
             f"- rows: {report['rows']['clean']:,} clean + {report['rows']['quarantined']:,} quarantined = {report['rows']['input']:,}\n\n"
             "| | expectation | column | unexpected |\n|---|---|---|---|\n" + "\n".join(rows) + "\n" + _drift_md(report["drift"]))
+
+
+def _checked(c: dict) -> str:
+    return "in memory, one GX validation" if c["mode"] == "in-memory" else f"per Dask partition ({c['partitions']}), results merged"
 
 
 def _drift_md(drift: dict) -> str:
@@ -202,76 +240,134 @@ def row_reasons(failed: list[dict]) -> pd.Series:
     return pd.Series({i: "; ".join(r) for i, r in sorted(reasons.items())}, dtype=object)
 
 
+class InMemory:
+    """The whole input as one pandas frame, checked by one GX validation."""
+
+    mode = "in-memory"
+
+    def __init__(self, files: list[Path], suite: dict, drift: Drift):
+        self.files, self.suite, self.drift, self.frame = files, suite, drift, read_all(files)
+        self.partitions = 1
+
+    def check(self) -> tuple[list[dict], dict]:
+        return run_suite(self.frame, self.suite), non_numbers(self.frame, self.suite)
+
+    def write(self, out: Path, reasons: pd.Series) -> pd.DataFrame:
+        """With rows to remove, write the clean rows to `out` (else it holds the input's copy already);
+        return the quarantined rows."""
+        self.clean = self.frame.drop(index=reasons.index) if len(reasons) else self.frame
+        if len(reasons):
+            self.clean.to_parquet(out, index=False)
+        return quarantine_frame(self.frame.loc[reasons.index], reasons)
+
+    def summarize(self, out: Path) -> tuple[dict, dict]:
+        """Statistics of the clean rows (the next reference) and their drift from the last reference."""
+        d = self.drift
+        drifted = compare(d.reference, self.clean, d.max_mean_shift, d.max_psi) if d.reference is not None else {}
+        return column_stats(self.clean), drifted
+
+
+class Drift(NamedTuple):
+    reference: dict | None  # columns of the last accepted data's statistics; None: not checked
+    max_mean_shift: float
+    max_psi: float
+
+
+def quarantine_frame(rows: pd.DataFrame, reasons: pd.Series) -> pd.DataFrame:
+    return rows.assign(_row=np.asarray(reasons.index, dtype=np.int64), _reason=reasons.to_numpy(dtype=object))
+
+
 def validate(s: Settings) -> dict:
     cfg = s.validate_
     suite = load_suite(cfg.suite)
     raw = Path(s.ingest.out)
     if not raw.exists():
         raise UserError(f"validate: {raw} does not exist; run the ingest stage first (python -m tasks.ingest)")
-    frame = pd.read_parquet(raw)
-    # GX 1.24 does not recognise pandas 3's default "str" dtype as a string type; object is the same values
-    frame = frame.astype({c: object for c, t in frame.dtypes.items() if isinstance(t, pd.StringDtype)})
-    results = run_suite(frame, suite)
+    files = parquet_files(raw)
+    try:
+        n_rows = count_rows(files)
+    except pa.ArrowException as e:
+        raise UserError(f"validate: {raw} is not readable Parquet ({e}); rerun the ingest stage") from None
+    reference = Path(cfg.reference)
+    drift = Drift(json.loads(reference.read_text())["columns"] if cfg.drift != "off" and reference.exists() else None,
+                  cfg.drift_max_mean_shift, cfg.drift_max_psi)
+    partitioned = raw.is_dir() or n_rows > cfg.in_memory_max_rows
+    # beside the checks, one read of the input copies it to the staged output (what is accepted when no
+    # row is quarantined) and hashes it; GX is imported while the data is read if this process runs GX
+    with staged_path(cfg.out) as out, ThreadPoolExecutor(2) as pool:
+        digest = pool.submit(copy_and_hash, raw, out)
+        if not partitioned or (s.dask.address == "local" and not s.dask.processes):
+            pool.submit(import_gx)
+        if partitioned:
+            from tasks.validate_dask import Partitioned
+
+            with dask_client(s.dask, "validate") as client:
+                return check_and_write(cfg, suite, raw, n_rows, out, digest, Partitioned(client, files, suite, cfg.partition_rows, drift))
+        return check_and_write(cfg, suite, raw, n_rows, out, digest, InMemory(files, suite, drift))
+
+
+def check_and_write(cfg, suite: dict, raw: Path, n_rows: int, out: Path, digest: Future, engine) -> dict:
+    """Check with `engine` (in memory, or per Dask partition), decide, report, and write what was accepted."""
+    results, text = engine.check()
     failed = [r for r in results if not r["success"]]
 
     # quarantine: row-level failures move aside; table-level ones (columns, types, row count) always stop
     table_level = [f for f in failed if f["expectation"] not in ROW_LEVEL or "error" in f]
     quarantining = cfg.on_failure == "quarantine" and bool(failed) and not table_level
     reasons = row_reasons(failed) if quarantining else pd.Series(dtype=object)
-    clean = frame.drop(index=reasons.index)
-    enough = len(clean) >= cfg.min_clean_fraction * len(frame)
+    n_clean = n_rows - len(reasons)
+    enough = n_clean >= cfg.min_clean_fraction * n_rows
     success = not failed or (quarantining and enough)
 
     reference = Path(cfg.reference)
-    check_drift = success and cfg.drift != "off" and reference.exists()
-    drifted = compare(json.loads(reference.read_text())["columns"], clean, cfg.drift_max_mean_shift,
-                      cfg.drift_max_psi) if check_drift else {}
+    check_drift = success and engine.drift.reference is not None
     report = {
         "success": success,
-        "data": {"path": str(raw), "sha256": sha256_file(raw), "rows": len(frame)},
-        "rows": {"input": len(frame), "clean": len(clean), "quarantined": len(reasons)},
+        "data": {"path": str(raw), "sha256": digest.result(), "rows": n_rows},
+        "rows": {"input": n_rows, "clean": n_clean, "quarantined": len(reasons)},
         "suite": cfg.suite,
+        "checked": {"mode": engine.mode, "partitions": engine.partitions},
         "evaluated": len(results),
         "passed": len(results) - len(failed),
         "pass_rate": round((len(results) - len(failed)) / len(results), 6),
-        "results": [{k: v for k, v in r.items() if k != "_rows"} for r in results],
-        "drift": {"checked": check_drift, "policy": cfg.drift, "reference": str(reference), "columns": drifted},
+        "results": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
+        "drift": {"checked": check_drift, "policy": cfg.drift, "reference": str(reference), "columns": {}},
     }
     if failed and not success:
         write_reports(cfg, report)
-        causes = root_causes(failed, missing=set(suite["columns"]) - set(frame.columns))
-        lines = "\n".join([describe_failure(f, list(suite["columns"])) for f in causes] + text_in_numeric_columns(frame, suite))
+        columns = next((r.get("observed") for r in results if r["expectation"] == "expect_table_columns_to_match_ordered_list"), None)
+        causes = root_causes(failed, missing=set(suite["columns"]) - set(columns or suite["columns"]))
+        lines = "\n".join([describe_failure(f, list(suite["columns"])) for f in causes] + describe_non_numbers(text))
         more = f"\n  ({len(failed) - len(causes)} more failed as a consequence; see the report)" if len(causes) < len(failed) else ""
         head = f"validate: {raw} failed {len(failed)} of {len(results)} expectations of {cfg.suite}"
         if quarantining:
-            head = (f"validate: only {len(clean):,} of {len(frame):,} rows of {raw} pass ({len(clean) / len(frame):.1%}), "
+            head = (f"validate: only {n_clean:,} of {n_rows:,} rows of {raw} pass ({n_clean / n_rows:.1%}), "
                     f"fewer than validate.min_clean_fraction={cfg.min_clean_fraction}")
         raise UserError(f"{head}:\n{lines}{more}\n"
                         f"Full report: {cfg.report}. Fix the data (ingest.source) or, if the data is right, the suite.")
-    if drifted:
-        lines = "\n".join(describe(c, d, cfg.drift_max_mean_shift, cfg.drift_max_psi) for c, d in drifted.items())
-        message = f"validate: {raw} drifted from the last accepted data ({reference}):\n{lines}\nFull report: {cfg.report_md}."
-        if cfg.drift == "fail":
-            report["success"] = False
-            write_reports(cfg, report)
-            raise UserError(f"{message} If the change is expected, accept it with one run at validate.drift: warn "
-                            "(e.g. dvc exp run -S validate.drift=warn), which makes this data the new reference")
-        log.warning(message)
 
-    # accepted: the clean rows (a byte copy when nothing was removed), the quarantined rows, the new reference
-    with atomic_path(cfg.out) as tmp:
+    # accepted: the clean rows, the quarantined rows and the new reference are staged, then checked for drift
+    with staged_path(cfg.quarantine) as quarantine:
         if len(reasons):
-            clean.to_parquet(tmp, index=False)
-        else:
-            shutil.copyfile(raw, tmp)
-    with atomic_path(cfg.quarantine) as tmp:
-        frame.loc[reasons.index].assign(_row=reasons.index, _reason=reasons.to_numpy()).to_parquet(tmp, index=False)
-    report["validated"] = {"path": cfg.out, "sha256": sha256_file(cfg.out)}
+            remove(out)  # the copy of the input
+        engine.write(out, reasons).to_parquet(quarantine, index=False)
+        stats, drifted = engine.summarize(out)
+        report["drift"]["columns"] = drifted
+        if drifted:
+            lines = "\n".join(describe(c, d, cfg.drift_max_mean_shift, cfg.drift_max_psi) for c, d in drifted.items())
+            message = f"validate: {raw} drifted from the last accepted data ({reference}):\n{lines}\nFull report: {cfg.report_md}."
+            if cfg.drift == "fail":
+                report["success"] = False
+                write_reports(cfg, report)
+                raise UserError(f"{message} If the change is expected, accept it with one run at validate.drift: warn "
+                                "(e.g. dvc exp run -S validate.drift=warn), which makes this data the new reference")
+            log.warning(message)
+        report["validated"] = {"path": cfg.out, "sha256": sha256_path(out) if len(reasons) else report["data"]["sha256"]}
     write_reports(cfg, report)
-    write_json(reference, {"data_sha256": report["data"]["sha256"], "rows": len(clean), "columns": column_stats(clean)})
+    write_json(reference, {"data_sha256": report["data"]["sha256"], "rows": n_clean, "columns": stats})
     if len(reasons):
-        log.warning("validate: quarantined %d of %d rows (%s)", len(reasons), len(frame), cfg.quarantine)
-    return {k: report[k] for k in ("success", "evaluated", "passed", "pass_rate", "rows")} | {"drift": drifted}
+        log.warning("validate: quarantined %d of %d rows (%s)", len(reasons), n_rows, cfg.quarantine)
+    return {k: report[k] for k in ("success", "evaluated", "passed", "pass_rate", "rows", "checked")} | {"drift": drifted}
 
 
 def write_reports(cfg, report: dict) -> None:
