@@ -13,21 +13,18 @@ sampled every 50 ms.
 """
 
 import argparse
-import json
-import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import psutil
 import pyarrow.parquet as pq
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from measure import measured  # noqa: E402
 from scale_up import scale_up  # noqa: E402
 
 
@@ -48,7 +45,7 @@ def params_for(work: Path, data: Path, partitioned: bool) -> Path:
     run.mkdir(exist_ok=True)
     for key in ("out", "quarantine", "report", "report_md", "reference"):
         raw["validate"][key] = str(run / Path(raw["validate"][key]).name)
-    raw["validate"]["suite"] = str(ROOT / raw["validate"]["suite"])
+    raw["dataset"]["suite"] = str(ROOT / raw["dataset"]["suite"])
     raw["validate"]["in_memory_max_rows"] = 0 if partitioned else 10**12
     raw["validate"]["drift"] = "off"
     raw["ingest"]["out"] = str(data)
@@ -62,21 +59,7 @@ def measure(params: Path) -> dict:
     code = ("import json, sys, time; from tasks.settings import load_settings; from tasks.validate import validate; "
             "s = load_settings(sys.argv[1]); t = time.perf_counter(); out = validate(s); "
             "print(json.dumps({'seconds': time.perf_counter() - t, 'rows': out['rows'], 'checked': out['checked']}))")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DO_NOT_TRACK": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", code, str(params)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    root, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        try:
-            tree = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
-    out, err = proc.communicate()
-    if proc.returncode:
-        raise SystemExit(err[-3000:])
-    return json.loads(out.strip().splitlines()[-1]) | {"peak_rss_gib": peak / 2**30}
+    return measured(code, str(params))
 
 
 def main() -> None:

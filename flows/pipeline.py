@@ -30,7 +30,7 @@ from prefect.states import Completed  # noqa: E402
 
 from flows.workspace import Workspace, changed_params  # noqa: E402
 from tasks.settings import (  # noqa: E402
-    PARAMS, DaskSettings, DvcSettings, EvaluateSettings, IngestSettings, PackageSettings, PreprocessSettings,
+    PARAMS, DaskSettings, DatasetSettings, DvcSettings, EvaluateSettings, IngestSettings, PackageSettings, PreprocessSettings,
     Settings, TrainSettings, UserError, ValidateSettings, load_settings,
 )
 
@@ -58,6 +58,7 @@ def run_stage(name: str, settings: Settings, ws: Workspace):
 
 @flow(name="training-pipeline", log_prints=True)
 def training_pipeline(
+    dataset: DatasetSettings = DEFAULTS.dataset,
     ingest: IngestSettings = DEFAULTS.ingest,
     validate: ValidateSettings = DEFAULTS.validate_,
     preprocess: PreprocessSettings = DEFAULTS.preprocess,
@@ -69,7 +70,7 @@ def training_pipeline(
 ) -> dict:
     """Validate, preprocess, train, evaluate and package a model; stages DVC finds up to date are skipped."""
     t0 = time.perf_counter()
-    settings = Settings(ingest=ingest, validate=validate, preprocess=preprocess, dask=dask, train=train,
+    settings = Settings(dataset=dataset, ingest=ingest, validate=validate, preprocess=preprocess, dask=dask, train=train,
                         evaluate=evaluate, package=package, dvc=dvc)
     ws = Workspace(Path.cwd())
     if ws.root != Path.cwd().resolve():

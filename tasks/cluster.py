@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from contextlib import contextmanager
+
+import dask
 
 from tasks.settings import DaskSettings, UserError
 
@@ -13,29 +16,59 @@ log = logging.getLogger(__name__)
 
 @contextmanager
 def dask_client(cfg: DaskSettings, stage: str):
-    """A client of a local cluster (`dask.address: local`, bound to 127.0.0.1) or of an existing scheduler."""
+    """A client of a local cluster (`dask.address: local`, bound to 127.0.0.1, sized to the machine unless
+    dask.n_workers / threads_per_worker say otherwise) or of an existing scheduler: dask.address, or the
+    standard DASK_SCHEDULER_ADDRESS when dask.address is local."""
     from distributed import Client, LocalCluster
 
-    if cfg.address == "local":
+    address = cfg.address if cfg.address != "local" else dask.config.get("scheduler-address", None)
+    if not address:
         # its INFO lines drown the run's own log; the worker processes read the variable when they start
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
         logging.getLogger("distributed").setLevel(logging.WARNING)
-        # processes talk TCP on 127.0.0.1; threads of this process talk in-process (inproc://, no socket)
         with LocalCluster(
             n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker, processes=cfg.processes,
             **({"host": "127.0.0.1"} if cfg.processes else {}), dashboard_address="127.0.0.1:0",
             silence_logs=logging.WARNING,
         ) as cluster, Client(cluster) as client:
-            log.info("%s on Dask: %s (dashboard %s)", stage, client.scheduler.address, client.dashboard_link)
+            _log_cluster(client, stage)
             yield client
         return
     try:
-        client = Client(cfg.address, timeout=10)
+        client = Client(address, timeout=10)
     except (OSError, TimeoutError) as e:
+        where = "dask.address" if cfg.address != "local" else "DASK_SCHEDULER_ADDRESS"
         raise UserError(
-            f"dask.address: no Dask scheduler answers at {cfg.address} ({e}); start one with "
-            "`dask scheduler` or set dask.address: local"
+            f"{where}: no Dask scheduler answers at {address} ({e}); start one with `dask scheduler` "
+            f"(and workers with `dask worker {address}`), or use a local cluster (dask.address: local"
+            f"{', DASK_SCHEDULER_ADDRESS unset' if where != 'dask.address' else ''})"
         ) from None
     with client:
-        log.info("%s on Dask: %s (dashboard %s)", stage, client.scheduler.address, client.dashboard_link)
+        _log_cluster(client, stage)
         yield client
+
+
+def _log_cluster(client, stage: str) -> None:
+    info = client.scheduler_info()
+    threads = sum(w.get("nthreads", 0) for w in info.get("workers", {}).values())
+    dashboard = f", dashboard {client.dashboard_link}" if "dashboard" in info.get("services", {}) else ""
+    log.info("%s on Dask: %s, %d workers, %d threads%s", stage, client.scheduler.address,
+             len(info.get("workers", {})), threads, dashboard)
+
+
+def show_progress(client, collections: list) -> list:
+    """Compute the collections on the cluster (with a progress bar on a terminal); return their results."""
+    from distributed import progress, wait
+
+    futures = client.compute(collections)
+    if sys.stdout.isatty():
+        progress(futures)
+    waited = 0
+    while True:  # a line now and then in logs (Prefect, CI), where a progress bar cannot redraw
+        try:
+            wait(futures, timeout=30)
+            break
+        except TimeoutError:
+            waited += 30
+            log.info("still computing after %d s: %d of %d outputs done", waited, sum(f.done() for f in futures), len(futures))
+    return [f.result() for f in futures]  # raises the first task error here

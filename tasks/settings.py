@@ -24,18 +24,41 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class IngestSettings(Section):
-    """Where the training data comes from."""
+ColumnKind = Literal["numeric", "categorical", "datetime", "ignore"]
 
-    source: str = Field(description="CSV or Parquet file to train on: a local path or an fsspec URL (s3://, gs://, https://).")
-    sha256: str | None = Field(description="Expected sha256 of the source file; null skips the check.", pattern=r"^[0-9a-f]{64}$")
+
+class DatasetSettings(Section):
+    """What to train on: the data, its expectation suite, the target and how each column is used. Adding a
+    dataset is a new section like this (data/datasets/ holds the shipped ones) and a suite; no code."""
+
+    name: str = Field(description="A short name for the dataset (shown in reports and the package manifest).")
+    source: str = Field(description="CSV or Parquet file, or a directory of Parquet files: a local path or an fsspec URL (s3://, gs://, https://).")
+    sha256: str | None = Field(description="Expected sha256 of the source (of a directory: see tasks/files.sha256_path); null skips the check.", pattern=r"^[0-9a-f]{64}$")
+    suite: str = Field(description="Expectation suite (YAML) the raw data must pass.")
+    task: Literal["regression"] = Field(description="What is predicted: regression (classification is planned).")
+    target: str = Field(description="Column to predict; rows where it is missing are left out of training and counted.")
+    key: list[str] = Field(description="Columns whose values identify a row: a hash of them assigns its split, so appended rows never move old ones. Empty: the whole row.")
+    columns: dict[str, ColumnKind] = Field(description="Every other column of the data: numeric, categorical (a vocabulary with an out-of-vocabulary bucket), datetime (expanded to year, month, day, weekday, hour) or ignore.")
+
+    @model_validator(mode="after")
+    def _target_and_key(self) -> DatasetSettings:
+        if self.target in self.columns:
+            raise ValueError(f"the target {self.target!r} is also listed in columns; remove it from columns")
+        unknown = [k for k in self.key if k not in self.columns and k != self.target]
+        if unknown:
+            raise ValueError(f"key columns {unknown} are not in columns; list them there (as ignore if they are not features)")
+        return self
+
+
+class IngestSettings(Section):
+    """Where ingest puts the raw data."""
+
     out: str = Field(description="Where ingest writes the raw data as Parquet (a DVC output).")
 
 
 class ValidateSettings(Section):
     """The expectation suite the raw data must pass before anything else runs."""
 
-    suite: str = Field(description="Expectation suite (YAML) the raw data must pass.")
     out: str = Field(description="The validated rows, as Parquet: what preprocess reads (a DVC output).")
     on_failure: Literal["fail", "quarantine"] = Field(description="Row-level failures stop the run (fail) or move the failing rows aside (quarantine). Table-level failures always stop.")
     min_clean_fraction: float = Field(gt=0, le=1, description="With quarantine: the least fraction of rows that must pass for the run to go on.")
@@ -68,10 +91,11 @@ class SplitSettings(Section):
 class PreprocessSettings(Section):
     """Cleaning, splitting and feature scaling on Dask (fitted on the train split only)."""
 
-    target: str = Field(description="Column to predict.")
     split: SplitSettings
     scaler: Literal["quantile", "standard"] = Field(description="Feature scaling fitted on train: quantile (to a normal) or standard (z-score).")
     n_quantiles: int = Field(ge=10, le=100_000, description="Quantiles kept by the quantile scaler.")
+    min_frequency: int = Field(ge=1, description="A category seen fewer times than this in the train split goes to the out-of-vocabulary bucket (with unseen and missing values).")
+    max_categories: int = Field(ge=2, description="A categorical column with more distinct values than this in the train split is refused (declare it ignore, or raise this).")
     partition_rows: int = Field(ge=1000, description="Target rows per Dask partition and per output Parquet file.")
     out_dir: str = Field(description="Feature splits, fitted transform and schema (a DVC output).")
 
@@ -79,9 +103,9 @@ class PreprocessSettings(Section):
 class DaskSettings(Section):
     """The Dask cluster validation (of big inputs) and preprocessing run on."""
 
-    address: str = Field(description="'local' starts a local cluster; or a scheduler address such as tcp://10.0.0.5:8786.")
-    n_workers: int = Field(ge=1, le=1024, description="Workers of the local cluster.")
-    threads_per_worker: int = Field(ge=1, le=256, description="Threads per local worker.")
+    address: str = Field(description="'local' starts a local cluster (or uses the scheduler in DASK_SCHEDULER_ADDRESS when that is set); or a scheduler address such as tcp://10.0.0.5:8786.")
+    n_workers: int | None = Field(ge=1, le=1024, description="Workers of the local cluster; null: Dask sizes it to the machine.")
+    threads_per_worker: int | None = Field(ge=1, le=256, description="Threads per local worker; null: Dask sizes it to the machine.")
     processes: bool = Field(description="Local workers as separate processes (true) or as threads of the stage's own process (false: starts in a fraction of the time and moves no data between processes; best on a few cores).")
 
 
@@ -127,12 +151,13 @@ class DvcSettings(Section):
 
 
 # the settings that name files (relative to the project root unless absolute or a URL)
-PATH_KEYS = [("ingest", "source"), ("ingest", "out"), ("validate", "suite"), ("validate", "out"), ("validate", "quarantine"), ("validate", "report"), ("validate", "report_md"), ("validate", "reference"),
+PATH_KEYS = [("dataset", "source"), ("dataset", "suite"), ("ingest", "out"), ("validate", "out"), ("validate", "quarantine"), ("validate", "report"), ("validate", "report_md"), ("validate", "reference"),
              ("preprocess", "out_dir"), ("train", "out_dir"), ("train", "log_dir"),
              ("evaluate", "out_dir"), ("package", "out_dir")]
 
 
 class Settings(Section):
+    dataset: DatasetSettings
     ingest: IngestSettings
     validate_: ValidateSettings = Field(alias="validate")
     preprocess: PreprocessSettings
@@ -190,3 +215,41 @@ def cli(stage) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+DATASETS = Path(__file__).resolve().parents[1] / "data" / "datasets"  # the shipped dataset sections
+END_OF_DATASET = "# end of dataset"
+
+
+def use_dataset(name_or_path: str, params: str | Path = PARAMS) -> DatasetSettings:
+    """Make a shipped dataset (data/datasets/NAME.yaml) or a dataset file the one params.yaml trains on:
+    its `dataset:` section replaces params.yaml's, the rest of the file (and its comments) stays."""
+    path = Path(name_or_path) if Path(name_or_path).suffix in (".yaml", ".yml") else DATASETS / f"{name_or_path}.yaml"
+    if not path.exists():
+        shipped = sorted(p.stem for p in DATASETS.glob("*.yaml"))
+        raise UserError(f"dataset {name_or_path!r}: {path} does not exist; shipped datasets: {shipped}")
+    block = path.read_text()
+    block = block[block.index("dataset:"):] if "\ndataset:" in f"\n{block}" else ""
+    section = (yaml.safe_load(block) or {}).get("dataset") if block else None
+    if not isinstance(section, dict):
+        raise UserError(f"{path}: expected a `dataset:` section (name, source, sha256, suite, task, target, key, columns)")
+    text = Path(params).read_text()
+    start, end = text.find("\ndataset:\n"), text.find(END_OF_DATASET)
+    if start < 0 or end < 0:
+        raise UserError(f"{params}: cannot find its `dataset:` section (ending with the line '{END_OF_DATASET}'); "
+                        f"paste the section of {path} there instead")
+    new = text[:start + 1] + block.rstrip("\n").split(END_OF_DATASET)[0].rstrip("\n") + "\n" + text[end:]
+    settings = parse_settings(yaml.safe_load(new), f"{path} in {params}")
+    Path(params).write_text(new)
+    return settings.dataset
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "use":
+        sys.exit("usage: python -m tasks.settings use <dataset name in data/datasets/ | dataset file>")
+    try:
+        d = use_dataset(sys.argv[2])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"params.yaml now trains on {d.name} ({d.source}, target {d.target}); run `dvc repro` or the flow")

@@ -43,15 +43,15 @@ def load_suite(path: str | Path) -> dict:
     try:
         suite = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"validate.suite: {path} does not exist; point validate.suite at an expectation suite YAML") from None
+        raise UserError(f"dataset.suite: {path} does not exist; point dataset.suite at an expectation suite YAML") from None
     if not isinstance(suite, dict) or not isinstance(suite.get("columns"), dict) or not suite["columns"]:
-        raise UserError(f"validate.suite: {path} must map 'columns' to {{name: {{type: ..., min: ..., max: ...}}}}")
+        raise UserError(f"dataset.suite: {path} must map 'columns' to {{name: {{type: ..., min: ..., max: ...}}}}")
     for name, spec in suite["columns"].items():
         spec = spec or {}
         unknown = set(spec) - {"type", "min", "max", "nulls", "values", "unique"}
         if unknown or spec.get("type") not in DTYPES:
             raise UserError(
-                f"validate.suite: {path}: column {name}: type must be one of {sorted(DTYPES)} "
+                f"dataset.suite: {path}: column {name}: type must be one of {sorted(DTYPES)} "
                 f"and keys among type, min, max, nulls, values, unique (got {spec})"
             )
     return suite
@@ -279,7 +279,7 @@ def quarantine_frame(rows: pd.DataFrame, reasons: pd.Series) -> pd.DataFrame:
 
 def validate(s: Settings) -> dict:
     cfg = s.validate_
-    suite = load_suite(cfg.suite)
+    suite = load_suite(s.dataset.suite)
     raw = Path(s.ingest.out)
     if not raw.exists():
         raise UserError(f"validate: {raw} does not exist; run the ingest stage first (python -m tasks.ingest)")
@@ -302,11 +302,11 @@ def validate(s: Settings) -> dict:
             from tasks.validate_dask import Partitioned
 
             with dask_client(s.dask, "validate") as client:
-                return check_and_write(cfg, suite, raw, n_rows, out, digest, Partitioned(client, files, suite, cfg.partition_rows, drift))
-        return check_and_write(cfg, suite, raw, n_rows, out, digest, InMemory(files, suite, drift))
+                return check_and_write(cfg, s.dataset.suite, suite, raw, n_rows, out, digest, Partitioned(client, files, suite, cfg.partition_rows, drift))
+        return check_and_write(cfg, s.dataset.suite, suite, raw, n_rows, out, digest, InMemory(files, suite, drift))
 
 
-def check_and_write(cfg, suite: dict, raw: Path, n_rows: int, out: Path, digest: Future, engine) -> dict:
+def check_and_write(cfg, suite_path: str, suite: dict, raw: Path, n_rows: int, out: Path, digest: Future, engine) -> dict:
     """Check with `engine` (in memory, or per Dask partition), decide, report, and write what was accepted."""
     results, text = engine.check()
     failed = [r for r in results if not r["success"]]
@@ -325,7 +325,7 @@ def check_and_write(cfg, suite: dict, raw: Path, n_rows: int, out: Path, digest:
         "success": success,
         "data": {"path": str(raw), "sha256": digest.result(), "rows": n_rows},
         "rows": {"input": n_rows, "clean": n_clean, "quarantined": len(reasons)},
-        "suite": cfg.suite,
+        "suite": suite_path,
         "checked": {"mode": engine.mode, "partitions": engine.partitions},
         "evaluated": len(results),
         "passed": len(results) - len(failed),
@@ -339,12 +339,12 @@ def check_and_write(cfg, suite: dict, raw: Path, n_rows: int, out: Path, digest:
         causes = root_causes(failed, missing=set(suite["columns"]) - set(columns or suite["columns"]))
         lines = "\n".join([describe_failure(f, list(suite["columns"])) for f in causes] + describe_non_numbers(text))
         more = f"\n  ({len(failed) - len(causes)} more failed as a consequence; see the report)" if len(causes) < len(failed) else ""
-        head = f"validate: {raw} failed {len(failed)} of {len(results)} expectations of {cfg.suite}"
+        head = f"validate: {raw} failed {len(failed)} of {len(results)} expectations of {suite_path}"
         if quarantining:
             head = (f"validate: only {n_clean:,} of {n_rows:,} rows of {raw} pass ({n_clean / n_rows:.1%}), "
                     f"fewer than validate.min_clean_fraction={cfg.min_clean_fraction}")
         raise UserError(f"{head}:\n{lines}{more}\n"
-                        f"Full report: {cfg.report}. Fix the data (ingest.source) or, if the data is right, the suite.")
+                        f"Full report: {cfg.report}. Fix the data (dataset.source) or, if the data is right, the suite.")
 
     # accepted: the clean rows, the quarantined rows and the new reference are staged, then checked for drift
     with staged_path(cfg.quarantine) as quarantine:

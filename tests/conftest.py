@@ -35,8 +35,8 @@ def small_params(root: Path, source: Path, **overrides) -> dict:
     raw = copy.deepcopy(project_params())
     for section, key in PATH_KEYS:
         raw[section][key] = str(root / raw[section][key])
-    raw["ingest"].update(source=str(source), sha256=None)
-    raw["validate"]["suite"] = str(ROOT / project_params()["validate"]["suite"])
+    raw["dataset"].update(source=str(source), sha256=None)
+    raw["dataset"]["suite"] = str(ROOT / project_params()["dataset"]["suite"])
     raw["dask"]["n_workers"] = 1
     raw["train"].update(world_size=1, epochs=4, batch_size=128, hidden=[32, 32], patience=10, dropout=0.0, lr=0.01)
     for dotted, value in overrides.items():
@@ -96,7 +96,7 @@ def make_repo(repo: Path, **train) -> Path:
     (repo / "data/sources").mkdir(parents=True)
     real_slice().to_parquet(repo / "data/sources/slice.parquet", index=False)
     params = project_params()
-    params["ingest"].update(source="data/sources/slice.parquet", sha256=None)
+    params["dataset"].update(source="data/sources/slice.parquet", sha256=None)
     params["dask"]["n_workers"] = 1
     params["train"].update(dict(world_size=1, epochs=3, hidden=[32, 32], batch_size=128, lr=0.01), **train)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -57,7 +57,7 @@ CASES = [
     ("non-UTF-8 CSV", real_slice().to_csv(index=False).encode("utf-16"), "ingest", "is not a UTF-8 CSV (byte 0xff at offset 0)"),
     ("wrong delimiter", csv(real_slice(), sep=";"), "ingest", "no comma in its header line; it looks ';'-separated"),
     ("not tabular", b"This is a README and not a table.\nIt has prose only.\n", "ingest", "no comma in its header line"),
-    ("path does not exist", None, "ingest", "does not exist; set ingest.source"),
+    ("path does not exist", None, "ingest", "does not exist; set dataset.source"),
 ]
 
 
@@ -76,7 +76,7 @@ def settings_for(root: Path, content: bytes | None, keyed_suite_file: bool = Fal
         source.write_bytes(content)
     raw = small_params(root, source)
     if keyed_suite_file:
-        raw["validate"]["suite"] = str(keyed_suite(root))
+        raw["dataset"]["suite"] = str(keyed_suite(root))
     if raw_out:
         raw["ingest"]["out"] = raw_out
     return parse_settings(raw)

@@ -20,7 +20,7 @@ def with_policy(s, policy):
 
 
 def feed(s, frame):
-    frame.to_parquet(Path(s.ingest.source), index=False)
+    frame.to_parquet(Path(s.dataset.source), index=False)
     ingest(s)
 
 
@@ -69,7 +69,7 @@ def test_new_and_vanished_categories_are_drift(tmp_path):
     suite = yaml.safe_load((ROOT / "data/suites/california_housing.yaml").read_text())
     suite["columns"] = {"region": {"type": "str"}, **suite["columns"]}
     (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite, sort_keys=False))
-    s = workspace(tmp_path, frame, validate__suite=str(tmp_path / "suite.yaml"))
+    s = workspace(tmp_path, frame, dataset__suite=str(tmp_path / "suite.yaml"))
     ingest(s)
     validate(s)
     frame["region"] = frame["region"].replace({"south": "central"})

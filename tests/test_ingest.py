@@ -11,11 +11,11 @@ from tests.conftest import ROOT, project_params, real_slice, small_params
 
 def test_default_source_is_the_real_dataset(tmp_path):
     raw = project_params()
-    raw["ingest"]["source"] = str(ROOT / raw["ingest"]["source"])
+    raw["dataset"]["source"] = str(ROOT / raw["dataset"]["source"])
     raw["ingest"]["out"] = str(tmp_path / "raw.parquet")
     out = ingest(parse_settings(raw))
     assert out["rows"] == 20_640
-    assert out["sha256"] == raw["ingest"]["sha256"]
+    assert out["sha256"] == raw["dataset"]["sha256"]
     frame = pd.read_parquet(tmp_path / "raw.parquet")
     assert frame.shape == (20_640, 9)
     assert frame["MedHouseVal"].mean() == pytest.approx(2.068558, abs=1e-6)
@@ -34,7 +34,7 @@ def test_sha256_mismatch_stops_and_keeps_previous_output(ws):
     ingest(ws)
     before = Path(ws.ingest.out).read_bytes()
     raw = ws.model_dump(by_alias=True)
-    raw["ingest"]["sha256"] = "0" * 64
-    with pytest.raises(UserError, match="ingest.sha256: .* has sha256 [0-9a-f]{64}, expected 0000"):
+    raw["dataset"]["sha256"] = "0" * 64
+    with pytest.raises(UserError, match="dataset.sha256: .* has sha256 [0-9a-f]{64}, expected 0000"):
         ingest(parse_settings(raw))
     assert Path(ws.ingest.out).read_bytes() == before

@@ -68,10 +68,10 @@ def test_split_of_a_row_does_not_depend_on_other_rows():
 
 
 def test_unknown_target_is_named_and_nothing_is_written(tmp_path):
-    s = workspace(tmp_path, preprocess__target="median_value")
+    s = workspace(tmp_path, dataset__target="median_value")
     ingest(s)
     validate(s)
-    with pytest.raises(UserError, match="preprocess.target: column 'median_value' is not in"):
+    with pytest.raises(UserError, match="dataset.target: column 'median_value' is not in"):
         preprocess(s)
     assert not Path(s.preprocess.out_dir).exists()
 

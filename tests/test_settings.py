@@ -10,7 +10,7 @@ from tests.conftest import ROOT, project_params
 
 def test_project_params_load():
     s = load_settings(ROOT / "params.yaml")
-    assert s.preprocess.target == "MedHouseVal"
+    assert s.dataset.target == "MedHouseVal"
     assert (s.preprocess.split.train, s.preprocess.split.val, s.preprocess.split.test) == (0.64, 0.16, 0.20)
 
 
@@ -62,3 +62,43 @@ def test_cli_reports_bad_params_without_traceback(tmp_path):
     assert "train.lr = -1" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "data").exists()  # nothing was produced
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"columns": {"MedInc": "text"}}, "dataset.columns.MedInc = 'text': Input should be 'numeric', 'categorical', 'datetime' or 'ignore'"),
+    ({"key": ["block"]}, "key columns ['block'] are not in columns"),
+    ({"target": "MedInc"}, "the target 'MedInc' is also listed in columns"),
+    ({"task": "ranking"}, "dataset.task = 'ranking'"),
+])
+def test_bad_dataset_sections_name_the_key(change, expected):
+    raw = project_params()
+    raw["dataset"].update(change)
+    with pytest.raises(UserError) as e:
+        parse_settings(raw)
+    assert expected in str(e.value)
+
+
+def test_use_switches_the_dataset_section_and_keeps_the_rest(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    before = params.read_text()
+    proc = subprocess.run([sys.executable, "-m", "tasks.settings", "use", str(ROOT / "data/datasets/flights.yaml")],
+                          cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    s = load_settings(params)
+    assert (s.dataset.name, s.dataset.target, s.dataset.columns["carrier"]) == ("flights", "arr_delay", "categorical")
+    assert before.split("# end of dataset")[1] == params.read_text().split("# end of dataset")[1]  # comments kept
+    from tasks.settings import use_dataset
+    use_dataset(str(ROOT / "data/datasets/california_housing.yaml"), params)
+    assert params.read_text() == before
+    proc = subprocess.run([sys.executable, "-m", "tasks.settings", "use", "nope"], cwd=tmp_path, capture_output=True,
+                          text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2 and "shipped datasets: ['california_housing', 'flights']" in proc.stderr
+
+
+def test_the_shipped_datasets_are_valid():
+    for path in sorted((ROOT / "data/datasets").glob("*.yaml")):
+        raw = project_params()
+        raw["dataset"] = yaml.safe_load(path.read_text())["dataset"]
+        s = parse_settings(raw)
+        assert (ROOT / s.dataset.source).exists() and (ROOT / s.dataset.suite).exists()

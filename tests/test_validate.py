@@ -57,7 +57,7 @@ def test_allowed_categories_are_enforced(tmp_path):
     suite = yaml.safe_load(Path(ROOT / "data/suites/california_housing.yaml").read_text())
     suite["columns"] = {"region": {"type": "str", "values": ["north", "south"]}, **suite["columns"]}
     (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite, sort_keys=False))
-    s = workspace(tmp_path, frame, validate__suite=str(tmp_path / "suite.yaml"))
+    s = workspace(tmp_path, frame, dataset__suite=str(tmp_path / "suite.yaml"))
     ingest(s)
     with pytest.raises(UserError) as e:
         validate(s)
@@ -91,7 +91,7 @@ def test_quarantine_below_the_clean_fraction_stops_and_keeps_the_last_output(tmp
     before = Path(s.validate_.out).read_bytes()
     frame = real_slice()
     frame.loc[:99, "AveRooms"] = -1.0  # 100 of 2,064 rows: 95.2% clean
-    frame.to_parquet(s.ingest.source, index=False)
+    frame.to_parquet(s.dataset.source, index=False)
     ingest(s)
     with pytest.raises(UserError, match=r"only 1,964 of 2,064 rows .* pass \(95\.2%\), fewer than validate.min_clean_fraction=0.99"):
         validate(s)

@@ -58,7 +58,7 @@ def reference_of(frame: pd.DataFrame) -> dict:
 
 def run(tmp_path: Path, name: str, source: Path, scheduler: str, **overrides):
     root = tmp_path / name
-    s = workspace(root, None, ingest__source=str(source), validate__suite=suite_file(tmp_path),
+    s = workspace(root, None, dataset__source=str(source), dataset__suite=suite_file(tmp_path),
                   dask__address=scheduler, validate__drift="warn", **overrides)
     ingest(s)
     Path(s.validate_.reference).parent.mkdir(parents=True, exist_ok=True)
@@ -133,7 +133,7 @@ def test_a_clean_partitioned_input_is_copied_as_it_is(tmp_path):
     frame = real_slice()
     for i in range(2):
         frame.iloc[i::2].to_parquet(src / f"part-{i}.parquet", index=False)
-    s = workspace(tmp_path / "ws", ingest__source=str(src))  # the default local cluster: threads
+    s = workspace(tmp_path / "ws", dataset__source=str(src))  # the default local cluster: threads
     assert ingest(s)["rows"] == len(frame)
     out = validate(s)
     assert out["success"] and out["checked"] == {"mode": "partitioned", "partitions": 2}
@@ -157,7 +157,7 @@ def test_a_bad_file_in_a_partitioned_dataset_is_named_and_nothing_is_overwritten
         real_slice().drop(columns="AveOccup").to_parquet(src / "part-1.parquet", index=False)
     else:
         (src / "part-1.parquet").write_bytes((src / "part-0.parquet").read_bytes()[:-100])
-    s = workspace(tmp_path / "ws", ingest__source=str(src))
+    s = workspace(tmp_path / "ws", dataset__source=str(src))
     with pytest.raises(UserError) as e:
         ingest(s)
     assert expected in str(e.value)

@@ -1,0 +1,93 @@
+"""Preprocessing on an existing cluster started with the `dask scheduler` / `dask worker` CLIs gives the
+same output as on the local cluster: by dask.address, and by the standard DASK_SCHEDULER_ADDRESS."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from distributed import Client
+
+from tasks.preprocess import preprocess
+from tasks.settings import parse_settings
+from tests.conftest import ROOT
+from tests.test_flights import flights_workspace, run
+
+DASK = str(Path(sys.executable).parent / "dask")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cli_cluster(tmp_path_factory):
+    """A scheduler and one `dask worker` CLI with two worker processes, as on a real cluster."""
+    log = tmp_path_factory.mktemp("cluster") / "scheduler.log"
+    address = f"tcp://127.0.0.1:{free_port()}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DO_NOT_TRACK": "1"}
+    procs = [subprocess.Popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
+                               "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env)]
+    procs.append(subprocess.Popen([DASK, "worker", address, "--nworkers", "2", "--nthreads", "1", "--host", "127.0.0.1",
+                                   "--no-dashboard"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with Client(address, timeout=5) as c:
+                    c.wait_for_workers(2, timeout=max(1, deadline - time.time()))
+                break
+            except (OSError, TimeoutError):
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.5)
+        yield address, log
+    finally:
+        for p in procs[::-1]:
+            p.terminate()
+            p.wait(timeout=30)
+
+
+def snapshot(directory: Path) -> dict:
+    out = {name: json.loads((directory / name).read_text()) for name in ("transform.json", "schema.json")}
+    for split in ("train", "val", "test", "test_raw"):
+        out[split] = pd.read_parquet(directory / split)
+    return out
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a["transform.json"] == b["transform.json"] and a["schema.json"] == b["schema.json"]
+    for split in ("train", "val", "test", "test_raw"):
+        pd.testing.assert_frame_equal(a[split], b[split], check_exact=True)
+
+
+def test_an_existing_cluster_gives_the_local_output(tmp_path, cli_cluster, monkeypatch):
+    address, log = cli_cluster
+    s = flights_workspace(tmp_path, preprocess__partition_rows=1000)  # several partitions over the two workers
+    run(s)  # on the local cluster
+    local = snapshot(Path(s.preprocess.out_dir))
+    assert local["schema.json"]["rows"]["train"] > 3000
+
+    raw = s.model_dump(by_alias=True)
+    raw["dask"]["address"] = address
+    preprocess(parse_settings(raw))
+    assert_same(snapshot(Path(s.preprocess.out_dir)), local)
+
+    connections = log.read_text().count("Receive client connection")
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", address)  # dask.address stays local
+    import dask
+    dask.config.refresh()
+    try:
+        preprocess(s)
+    finally:
+        monkeypatch.delenv("DASK_SCHEDULER_ADDRESS")
+        dask.config.refresh()
+    assert log.read_text().count("Receive client connection") > connections
+    assert_same(snapshot(Path(s.preprocess.out_dir)), local)
