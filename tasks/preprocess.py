@@ -145,12 +145,8 @@ def preprocess(s: Settings) -> dict:
         raise UserError(f"dataset.target: column {d.target!r} is missing in all {n_rows:,} rows of "
                         f"{s.validate_.out}; there is nothing to train on. Check dataset.target and the data")
     kinds = {c: k for c, k in d.columns.items() if k != "ignore"}
-    names = pq.read_schema(files[0]).names
-    key = list(d.key) or [c for c in names if c != d.target] + [d.target]
-    fractions = (cfg.split.train, cfg.split.val, cfg.split.test)
-
     with dask_client(s.dask, "preprocess") as client, atomic_dir(cfg.out_dir) as stage:
-        schema = build_features(client, files, n_rows, key, kinds, d, cfg, stage)
+        schema = build_features(client, files, n_rows, list(d.key), kinds, d, cfg, stage)
     if schema["dropped_missing_target"]:
         log.warning("preprocess: %d of %d rows have no %s and were left out", schema["dropped_missing_target"], n_rows, d.target)
     return schema
@@ -164,6 +160,9 @@ def build_features(client, files: list[Path], n_rows: int, key: list[str], kinds
         return f"part-{i:05d}.parquet"
 
     fractions = (cfg.split.train, cfg.split.val, cfg.split.test)
+    if not key:  # the whole row (target last)
+        names = pq.read_schema(files[0]).names
+        key = [c for c in names if c != d.target] + [d.target]
     ddf = dd.read_parquet([str(f) for f in files])
     ddf = ddf.repartition(npartitions=max(1, math.ceil(n_rows / cfg.partition_rows)))
     ddf = ddf.dropna(subset=[d.target])
