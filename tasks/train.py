@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import time
+from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
@@ -84,6 +85,8 @@ def run_rank(s: Settings, rank: int, world: int, local_rank: int, init_method: s
             "categorical": schema.get("categorical", [])}
     raw_model = build_model(arch).to(device)
     model = DDP(raw_model, device_ids=[local_rank] if cuda else None) if ddp else raw_model
+    averager = grad_sync(model, cfg) if ddp else None
+    local_sgd = ddp and cfg.grad_sync == "local_sgd"
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     order = torch.Generator().manual_seed(cfg.seed)  # same data order on every rank
@@ -104,12 +107,19 @@ def run_rank(s: Settings, rank: int, world: int, local_rank: int, init_method: s
             idx = perm[start:start + B]
             m = len(idx)
             mine = idx[rank * m // world:(rank + 1) * m // world]
-            err = model(x_train[mine]) - y_train[mine]
-            loss = err.pow(2).sum() * (world / m)  # DDP averages over ranks -> mean over the global batch
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            micro = mine.tensor_split(cfg.grad_accum_steps)
+            for k, part in enumerate(micro):
+                # gradients sync once, with the last micro-batch (never, with local SGD)
+                quiet = ddp and (local_sgd or k < len(micro) - 1)
+                with model.no_sync() if quiet else nullcontext():
+                    err = model(x_train[part]) - y_train[part]
+                    loss = err.pow(2).sum() * (world / m)  # DDP averages over ranks -> mean over the global batch
+                    loss.backward()
+                sse += err.detach().pow(2).sum()
             opt.step()
-            sse += err.detach().pow(2).sum()
+            if averager is not None:
+                averager.average_parameters(model.parameters())
             steps += 1
         sched.step()
 
@@ -163,6 +173,39 @@ def run_rank(s: Settings, rank: int, world: int, local_rank: int, init_method: s
         dist.destroy_process_group()
 
 
+def _bf16_compress_hook(_state, bucket):
+    """All-reduce a gradient bucket as bfloat16 (half the bytes), averaged over ranks, like fp16_compress_hook."""
+    compressed = bucket.buffer().to(torch.bfloat16).div_(dist.get_world_size())
+    future = dist.all_reduce(compressed, async_op=True).get_future()
+
+    def decompress(fut):
+        out = bucket.buffer()
+        out.copy_(fut.value()[0])
+        return out
+
+    return future.then(decompress)
+
+
+def grad_sync(model: DDP, cfg):
+    """Install train.grad_sync on a DDP model; returns the parameter averager of local SGD (else None)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+    if cfg.grad_sync == "fp16":
+        model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    elif cfg.grad_sync == "bf16":  # torch's bf16 hook insists on NCCL; gloo all-reduces bfloat16 as well
+        model.register_comm_hook(None, _bf16_compress_hook)
+    elif cfg.grad_sync == "powersgd":
+        # rank-1 compression with error feedback, after 10 exact warm-up steps
+        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=1, start_powerSGD_iter=10,
+                                            min_compression_rate=2)
+        model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    elif cfg.grad_sync == "local_sgd":
+        from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+
+        return PeriodicModelAverager(period=cfg.local_sgd_period, warmup_steps=0)
+    return None
+
+
 def save_checkpoint(path: Path, model, opt, sched, epoch: int, best_val: float, arch: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -188,6 +231,10 @@ def check_inputs(s: Settings) -> dict:
     n_train = schema["rows"]["train"]
     if cfg.batch_size > n_train:
         raise UserError(f"train.batch_size={cfg.batch_size} exceeds the {n_train:,} training rows; lower train.batch_size")
+    if cfg.batch_size < cfg.world_size * cfg.grad_accum_steps:
+        raise UserError(f"train.batch_size={cfg.batch_size} gives each of the {cfg.world_size} ranks fewer rows per step than "
+                        f"train.grad_accum_steps={cfg.grad_accum_steps} micro-batches; raise train.batch_size or lower "
+                        "train.grad_accum_steps")
     if cfg.batch_size < cfg.world_size:
         raise UserError(f"train.batch_size={cfg.batch_size} is smaller than train.world_size={cfg.world_size}: "
                         "every rank needs at least one row per batch; raise train.batch_size")
