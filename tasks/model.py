@@ -14,13 +14,11 @@ def embedding_dim(cardinality: int) -> int:
     return max(2, min(16, round(1.6 * cardinality ** 0.56)))  # fast.ai's rule of thumb, capped
 
 
-class MLP(nn.Module):
-    """Feed-forward regressor: [Linear -> SiLU -> Dropout] per hidden layer, then a linear head.
+class Embedder(nn.Module):
+    """The model input: one float matrix (the transform's features) in which categorical columns hold codes
+    (0 = out of vocabulary). Numeric columns pass as they are; each code column becomes its embedding."""
 
-    Inputs are one float matrix (the transform's features). Categorical columns hold codes (0 = out of
-    vocabulary); each goes through its own embedding, concatenated with the other columns."""
-
-    def __init__(self, n_features: int, hidden: list[int], dropout: float = 0.0, categorical: list[dict] | None = None):
+    def __init__(self, n_features: int, categorical: list[dict] | None = None):
         super().__init__()
         categorical = categorical or []
         cat_index = [c["index"] for c in categorical]
@@ -28,7 +26,22 @@ class MLP(nn.Module):
         self.register_buffer("num_index", torch.tensor([i for i in range(n_features) if i not in cat_index], dtype=torch.long),
                              persistent=False)
         self.embeddings = nn.ModuleList(nn.Embedding(c["cardinality"], embedding_dim(c["cardinality"])) for c in categorical)
-        layers, width = [], n_features - len(categorical) + sum(e.embedding_dim for e in self.embeddings)
+        self.out_features = n_features - len(categorical) + sum(e.embedding_dim for e in self.embeddings)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not len(self.embeddings):
+            return x
+        codes = x.index_select(1, self.cat_index).long()
+        return torch.cat([x.index_select(1, self.num_index)] + [e(codes[:, i]) for i, e in enumerate(self.embeddings)], dim=1)
+
+
+class MLP(nn.Module):
+    """Feed-forward regressor: [Linear -> SiLU -> Dropout] per hidden layer, then a linear head."""
+
+    def __init__(self, n_features: int, hidden: list[int], dropout: float = 0.0, categorical: list[dict] | None = None):
+        super().__init__()
+        self.inputs = Embedder(n_features, categorical)
+        layers, width = [], self.inputs.out_features
         for h in hidden:
             layers += [nn.Linear(width, h), nn.SiLU()] + ([nn.Dropout(dropout)] if dropout else [])
             width = h
@@ -36,17 +49,39 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if len(self.embeddings):
-            codes = x.index_select(1, self.cat_index).long()
-            x = torch.cat([x.index_select(1, self.num_index)] + [e(codes[:, i]) for i, e in enumerate(self.embeddings)], dim=1)
-        return self.net(x).squeeze(-1)
+        return self.net(self.inputs(x)).squeeze(-1)
 
 
-def build_model(arch: dict) -> MLP:
-    return MLP(arch["n_features"], list(arch["hidden"]), arch["dropout"], arch.get("categorical"))
+class ResMLP(nn.Module):
+    """Residual MLP (Gorishniy et al. 2021, "ResNet" for tabular data): the inputs projected to width
+    hidden[0], then one block per entry of hidden, x + Dropout(Linear(Dropout(SiLU(Linear(LayerNorm(x)))))) with
+    inner width h, then LayerNorm, SiLU and a linear head."""
+
+    def __init__(self, n_features: int, hidden: list[int], dropout: float = 0.0, categorical: list[dict] | None = None):
+        super().__init__()
+        self.inputs = Embedder(n_features, categorical)
+        width = hidden[0]
+        self.project = nn.Linear(self.inputs.out_features, width)
+        self.blocks = nn.ModuleList(nn.Sequential(
+            nn.LayerNorm(width), nn.Linear(width, h), nn.SiLU(), nn.Dropout(dropout), nn.Linear(h, width), nn.Dropout(dropout),
+        ) for h in hidden)
+        self.head = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.project(self.inputs(x))
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x).squeeze(-1)
 
 
-def load_model(path: str | Path) -> tuple[MLP, dict]:
+MODELS = {"mlp": MLP, "resmlp": ResMLP}
+
+
+def build_model(arch: dict) -> nn.Module:
+    return MODELS[arch.get("model", "mlp")](arch["n_features"], list(arch["hidden"]), arch["dropout"], arch.get("categorical"))
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict]:
     """Load a model file written by the train stage; never unpickles arbitrary objects."""
     path = Path(path)
     if not path.exists():

@@ -81,7 +81,7 @@ def run_rank(s: Settings, rank: int, world: int, local_rank: int, init_method: s
     n_train, B = len(x_train), cfg.batch_size
 
     # model, optimizer, schedule
-    arch = {"n_features": len(features), "hidden": list(cfg.hidden), "dropout": cfg.dropout,
+    arch = {"model": cfg.model, "n_features": len(features), "hidden": list(cfg.hidden), "dropout": cfg.dropout,
             "categorical": schema.get("categorical", [])}
     raw_model = build_model(arch).to(device)
     model = DDP(raw_model, device_ids=[local_rank] if cuda else None) if ddp else raw_model

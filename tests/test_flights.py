@@ -199,3 +199,26 @@ def test_the_cli_exits_2_naming_the_key(validated, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tasks.preprocess"], cwd=tmp_path, capture_output=True, text=True,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "DO_NOT_TRACK": "1"})
     assert proc.returncode == 2 and "preprocess.split" in proc.stderr and "must be 1" in proc.stderr
+
+
+def test_a_residual_mlp_with_embeddings_trains_on_two_ranks_and_packages(validated, tmp_path):
+    from tasks.evaluate import evaluate
+    from tasks.package import load_package, package
+    from tasks.settings import parse_settings
+    from tasks.train import train
+
+    raw = validated.model_dump(by_alias=True)
+    raw["preprocess"]["out_dir"] = validated.preprocess.out_dir
+    for section, key in (("train", "out_dir"), ("train", "log_dir"), ("evaluate", "out_dir"), ("package", "out_dir")):
+        raw[section][key] = str(tmp_path / section / key)
+    raw["train"].update(model="resmlp", hidden=[64, 64], world_size=2, epochs=6, lr=0.003, batch_size=256)
+    s = parse_settings(raw)
+    train(s)
+    metrics = evaluate(s)
+    test = out(s, "test")
+    baseline = float(np.sqrt(((test["arr_delay"] - test["arr_delay"].mean()) ** 2).mean()))
+    assert metrics["rmse"] < 0.6 * baseline  # far better than predicting the mean (R² > 0.64)
+    result = package(s)
+    assert result["parity_max_abs_diff"] < 1e-5 * transform_of(s)["target_std"]
+    pkg = load_package(s.package.out_dir)
+    assert pkg.manifest["params"]["train"]["model"] == "resmlp"
