@@ -103,6 +103,7 @@ def run_rank(s: Settings, rank: int, world: int, local_rank: int, init_method: s
         model.train()
         perm = torch.randperm(n_train, generator=order).to(device)
         sse = torch.zeros((), device=device)
+        first_bad = torch.full((), -1, dtype=torch.long, device=device)  # the first step with a non-finite loss
         for start in range(0, n_train, B):
             idx = perm[start:start + B]
             m = len(idx)
@@ -117,6 +118,7 @@ def run_rank(s: Settings, rank: int, world: int, local_rank: int, init_method: s
                     loss = err.pow(2).sum() * (world / m)  # DDP averages over ranks -> mean over the global batch
                     loss.backward()
                 sse += err.detach().pow(2).sum()
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), steps + 1, first_bad)  # no host sync
             opt.step()
             if averager is not None:
                 averager.average_parameters(model.parameters())
@@ -134,7 +136,13 @@ def run_rank(s: Settings, rank: int, world: int, local_rank: int, init_method: s
             dist.all_reduce(totals)
         train_mse, val_mse = totals[0].item() / n_train, totals[1].item() / len(x_val)
         if not np.isfinite(train_mse):
-            raise UserError(f"train: loss became {train_mse} at epoch {epoch}; lower train.lr (now {cfg.lr})")
+            bad = [torch.zeros_like(first_bad) for _ in range(world)] if ddp else [first_bad]
+            if ddp:
+                dist.all_gather(bad, first_bad)
+            step, where = min((int(b), r) for r, b in enumerate(bad) if int(b) >= 0) if any(int(b) >= 0 for b in bad) else (steps, rank)
+            kept = f"; the checkpoints of epochs 1-{epoch - 1} are in {out / 'checkpoints'}" if epoch > 1 else ""
+            raise UserError(f"train: loss became {train_mse} at step {step} (epoch {epoch}) on rank {where}{kept}; "
+                            f"{cfg.out_dir} keeps the last good model. Lower train.lr (now {cfg.lr})")
 
         # early stopping and checkpoints (rank 0 writes; every rank takes the same decision)
         improved = val_mse < best_val

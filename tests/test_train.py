@@ -64,6 +64,9 @@ def test_batch_larger_than_train_split_is_refused_and_old_model_kept(features, t
     assert (tmp_path / "model/model.pt").read_bytes() == before
 
 
-def test_diverging_loss_stops_with_the_key_to_change(features, tmp_path):
-    with pytest.raises(UserError, match=r"loss became (nan|inf) .* lower train.lr"):
-        train(variant(features, tmp_path, lr=10.0, weight_decay=1.0, epochs=3))  # AdamW scales weights by -9 a step
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_diverging_loss_stops_naming_the_step_the_rank_and_the_key(features, tmp_path, world_size):
+    with pytest.raises(UserError, match=r"loss became (nan|inf) at step \d+ \(epoch 1\) on rank [01]; .* keeps the last good "
+                                        r"model\. Lower train.lr \(now 10.0\)"):
+        # AdamW scales weights by -9 a step
+        train(variant(features, tmp_path, lr=10.0, weight_decay=1.0, epochs=3, world_size=world_size))
