@@ -40,34 +40,45 @@ def write_json(path: str | Path, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def tree_digest(entries) -> str:
+    """sha256 of a directory from (relative name, file sha256) pairs, in the order given."""
+    h = hashlib.sha256()
+    for rel, digest in entries:
+        h.update(f"{rel}\0{digest}\n".encode())
+    return h.hexdigest()
+
+
 def sha256_path(path: str | Path) -> str:
     """sha256 of a file, or of a directory: over each file's relative name and sha256, in name order."""
     path = Path(path)
     if not path.is_dir():
         return sha256_file(path)
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(f"{f.relative_to(path).as_posix()}\0{sha256_file(f)}\n".encode())
-    return h.hexdigest()
+    return tree_digest((f.relative_to(path).as_posix(), sha256_file(f)) for f in sorted(p for p in path.rglob("*") if p.is_file()))
 
 
-def copy_and_hash(src: str | Path, dst: str | Path, chunk: int = 1 << 22) -> str:
-    """Copy a file or a directory to `dst` reading it once; return what sha256_path(src) returns."""
-    src, dst = Path(src), Path(dst)
-    if src.is_dir():
-        dst.mkdir()
-        h = hashlib.sha256()
-        for f in sorted(p for p in src.rglob("*") if p.is_file()):
-            rel = f.relative_to(src)
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            h.update(f"{rel.as_posix()}\0{copy_and_hash(f, dst / rel, chunk)}\n".encode())
-        return h.hexdigest()
+def copy_stream(src, dst: str | Path, chunk: int = 1 << 22) -> str:
+    """Copy an open binary file to `dst`, hashing it on the way; return its sha256."""
     h = hashlib.sha256()
-    with open(src, "rb") as r, open(dst, "wb") as w:
-        while block := r.read(chunk):
+    with open(dst, "wb") as w:
+        while block := src.read(chunk):
             h.update(block)
             w.write(block)
     return h.hexdigest()
+
+
+def copy_and_hash(src: str | Path, dst: str | Path) -> str:
+    """Copy a file or a directory to `dst` reading it once; return what sha256_path(src) returns."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        with open(src, "rb") as r:
+            return copy_stream(r, dst)
+    dst.mkdir()
+    entries = []
+    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+        rel = f.relative_to(src)
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        entries.append((rel.as_posix(), copy_and_hash(f, dst / rel)))
+    return tree_digest(entries)
 
 
 def remove(path: Path) -> None:

@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.files import sha256_path, staged_path
+from tasks.files import copy_stream, staged_path, tree_digest
 from tasks.settings import Settings, UserError, cli
 
 
@@ -70,19 +70,21 @@ def _parse_csv(data: bytes, source: str) -> pd.DataFrame:
     return frame
 
 
-def copy_parquet_dir(fs, root: str, source: str, out: Path) -> tuple[int, list[str]]:
-    """Copy the .parquet files of a directory (a dataset too big for one frame) as they are, after checking
-    that each one is readable Parquet and that all share one schema. Returns the rows and the columns."""
+def copy_parquet_dir(fs, root: str, source: str, out: Path) -> tuple[int, list[str], str]:
+    """Copy the .parquet files of a directory (a dataset too big for one frame) as they are, hashing them on
+    the way, and check that each one is readable Parquet and that all share one schema. Returns the rows,
+    the columns and the directory's sha256 (tasks/files.sha256_path)."""
     names = sorted(p for p in fs.ls(root, detail=False)
                    if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith((".", "_")))
     if not names:
         raise UserError(f"dataset.source: {source} is a directory without .parquet files; give a CSV or Parquet "
                         "file, or a directory of Parquet files")
     out.mkdir()
-    rows, first = 0, None
+    rows, first, digests = 0, None, []
     for name in names:
         dest = out / name.rsplit("/", 1)[-1]
-        fs.get_file(name, str(dest))
+        with fs.open(name, "rb") as src:
+            digests.append((dest.name, copy_stream(src, dest)))
         try:
             meta, schema = pq.read_metadata(dest), pq.read_schema(dest)
         except pa.ArrowException as e:
@@ -95,7 +97,7 @@ def copy_parquet_dir(fs, root: str, source: str, out: Path) -> tuple[int, list[s
         rows += meta.num_rows
     if rows == 0:
         raise UserError(f"dataset.source: {source} has no data rows")
-    return rows, first[1].names
+    return rows, first[1].names, tree_digest(digests)
 
 
 def _schema_diff(a: pa.Schema, b: pa.Schema) -> str:
@@ -109,11 +111,8 @@ def _schema_diff(a: pa.Schema, b: pa.Schema) -> str:
 def copy_parquet_file(fs, root: str, source: str, out: Path) -> tuple[int, list[str], str]:
     """Copy a Parquet file as it is (row groups kept, never all in memory), hashing it on the way, then read
     it back one row group at a time so a corrupt page is found here. Returns rows, columns and sha256."""
-    h = hashlib.sha256()
-    with fs.open(root, "rb") as src, open(out, "wb") as dst:
-        while block := src.read(1 << 22):
-            h.update(block)
-            dst.write(block)
+    with fs.open(root, "rb") as src:
+        digest = copy_stream(src, out)
     try:
         f = pq.ParquetFile(out)
         for i in range(f.num_row_groups):
@@ -122,7 +121,7 @@ def copy_parquet_file(fs, root: str, source: str, out: Path) -> tuple[int, list[
         raise UserError(f"dataset.source: {source} is a corrupt or truncated Parquet file ({e}); re-export it") from None
     if f.metadata.num_rows == 0:
         raise UserError(f"dataset.source: {source} has columns but no data rows")
-    return f.metadata.num_rows, f.schema_arrow.names, h.hexdigest()
+    return f.metadata.num_rows, f.schema_arrow.names, digest
 
 
 def _is_parquet(fs, root: str) -> bool:
@@ -138,8 +137,7 @@ def ingest(s: Settings) -> dict:
     fs, root = fsspec.core.url_to_fs(data.source)
     with staged_path(cfg.out) as out:
         if fs.isdir(root):  # a partitioned dataset: its files are copied, not re-encoded
-            rows, columns = copy_parquet_dir(fs, root, data.source, out)
-            digest = sha256_path(out)
+            rows, columns, digest = copy_parquet_dir(fs, root, data.source, out)
         elif _is_parquet(fs, root):
             rows, columns, digest = copy_parquet_file(fs, root, data.source, out)
         else:

@@ -131,10 +131,6 @@ def _null_count(files: list[Path], column: str) -> int | None:
     return total
 
 
-def _parquet_rows(directory: Path) -> int:
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in directory.glob("*.parquet"))
-
-
 def preprocess(s: Settings) -> dict:
     cfg, d = s.preprocess, s.dataset
     check_validated(s)
@@ -191,7 +187,7 @@ def build_features(client, files: list[Path], n_rows: int, key: list[str], kinds
         for name in SPLITS
     ])
     shutil.rmtree(stage / "_expanded")
-    rows = {name: _parquet_rows(stage / name) for name in SPLITS}
+    rows = {name: count_rows(list((stage / name).glob("*.parquet"))) for name in SPLITS}
     kept = sum(rows.values())
     if kept == 0:
         raise UserError(f"dataset.target: column {d.target!r} is missing in all {n_rows:,} rows; there is nothing "
