@@ -77,6 +77,32 @@ def trained(tmp_path_factory) -> Settings:
     return s
 
 
+def run_until_preprocess(s: Settings) -> dict:
+    from tasks.ingest import ingest
+    from tasks.preprocess import preprocess
+    from tasks.validate import validate
+
+    ingest(s)
+    validate(s)
+    return preprocess(s)
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory) -> Settings:
+    """The real slice through ingest, validate and preprocess: the input of the train tests."""
+    s = workspace(tmp_path_factory.mktemp("features"))
+    run_until_preprocess(s)
+    return s
+
+
+def variant(s: Settings, root: Path, **train) -> Settings:
+    """`s` training into (and evaluating to) `root`, with train.* overrides."""
+    raw = s.model_dump(by_alias=True)
+    raw["train"].update(out_dir=str(root / "model"), log_dir=str(root / "live"), **train)
+    raw["evaluate"]["out_dir"] = str(root / "eval")
+    return parse_settings(raw)
+
+
 def sh(cwd: Path, *cmd: str, check: bool = True, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a command with this environment's tools (dvc, python, prefect) first on PATH."""
     env = dict(env or os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", DO_NOT_TRACK="1")

@@ -11,11 +11,9 @@ import pytest
 import yaml
 
 from tasks.features import MISSING, assign_split, expand
-from tasks.ingest import ingest
 from tasks.preprocess import apply_transform, preprocess
 from tasks.settings import UserError
-from tasks.validate import validate
-from tests.conftest import ROOT, workspace
+from tests.conftest import ROOT, run_until_preprocess as run, workspace
 
 FLIGHTS = ROOT / "data/sources/flights.parquet"
 
@@ -31,12 +29,6 @@ def flights_workspace(root: Path, frame: pd.DataFrame | None = None, **overrides
     frame = flights_slice() if frame is None else frame
     return workspace(root, frame, dataset=dict(dataset, source=str(root / "source.parquet")),
                      preprocess__scaler="standard", **overrides)
-
-
-def run(s):
-    ingest(s)
-    validate(s)
-    return preprocess(s)
 
 
 def out(s, name):

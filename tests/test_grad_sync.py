@@ -1,33 +1,14 @@
 """Gradient sync modes and gradient accumulation on real 2-rank gloo process groups."""
 
-from pathlib import Path
 
 import pytest
 import torch
 
 from tasks.evaluate import evaluate
-from tasks.ingest import ingest
 from tasks.model import load_model
-from tasks.preprocess import preprocess
-from tasks.settings import UserError, parse_settings
+from tasks.settings import UserError
 from tasks.train import train
-from tasks.validate import validate
-from tests.conftest import workspace
-
-
-@pytest.fixture(scope="module")
-def features(tmp_path_factory):
-    s = workspace(tmp_path_factory.mktemp("features"))
-    for stage in (ingest, validate, preprocess):
-        stage(s)
-    return s
-
-
-def variant(s, root: Path, **train):
-    raw = s.model_dump(by_alias=True)
-    raw["train"].update(out_dir=str(root / "model"), log_dir=str(root / "live"), **train)
-    raw["evaluate"]["out_dir"] = str(root / "eval")
-    return parse_settings(raw)
+from tests.conftest import variant
 
 
 def test_accumulated_micro_batches_give_the_same_step(features, tmp_path):

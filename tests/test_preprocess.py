@@ -9,13 +9,7 @@ from tasks.ingest import ingest
 from tasks.preprocess import apply_transform, assign_split, preprocess
 from tasks.settings import UserError
 from tasks.validate import validate
-from tests.conftest import real_slice, workspace
-
-
-def run_until_preprocess(s):
-    ingest(s)
-    validate(s)
-    return preprocess(s)
+from tests.conftest import real_slice, run_until_preprocess, workspace
 
 
 def read(s, split):
