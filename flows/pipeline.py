@@ -83,23 +83,25 @@ def training_pipeline(
             get_run_logger().info("parameters differ from params.yaml (%s): running as DVC experiment %s",
                                   ", ".join(changed), name)
             with ws.experiment(name, settings) as exp:
-                stages, metrics, data_version = _run_stages(settings, exp)
+                stages, metrics, data_version, training = _run_stages(settings, exp)
         else:
             name = None
-            stages, metrics, data_version = _run_stages(settings, ws)
+            stages, metrics, data_version, training = _run_stages(settings, ws)
         if settings.dvc.push:
             ws.push()
     summary = {
         "metrics": metrics, "previous_metrics": previous, "experiment": name, "changed_params": changed,
         "data_version": data_version, "stages": stages, "seconds": round(time.perf_counter() - t0, 2),
-        "package": settings.package.out_dir,
+        "package": settings.package.out_dir, "training": _training_summary(training),
     }
+    _publish_training(training)
     _publish(summary)
     return summary
 
 
-def _run_stages(settings: Settings, ws: Workspace) -> tuple[dict, dict | None, str | None]:
-    """Each stage as a Prefect task named after it; returns their status, the test metrics, the data version."""
+def _run_stages(settings: Settings, ws: Workspace) -> tuple[dict, dict | None, str | None, dict | None]:
+    """Each stage as a Prefect task named after it; returns their status, the test metrics, the data version
+    and the train stage's summary."""
     stages = {}
     for name in STAGES:
         state = task(run_stage, name=name, cache_policy=NO_CACHE)(name, settings, ws, return_state=True)
@@ -109,7 +111,30 @@ def _run_stages(settings: Settings, ws: Workspace) -> tuple[dict, dict | None, s
         stages[name] = state.result()  # raises the stage's error: later stages do not run
         stages[name].pop("result", None)
     data_version = ws.lock_entry("ingest").get("outs", [{}])[0].get("md5")
-    return stages, _read_json(settings.evaluate.out_dir, "metrics.json"), data_version
+    return (stages, _read_json(settings.evaluate.out_dir, "metrics.json"), data_version,
+            _read_json(settings.train.out_dir, "summary.json"))
+
+
+def _training_summary(training: dict | None) -> dict | None:
+    """The train stage's figures for the flow's result (its per-epoch history goes to an artifact)."""
+    if training is None:
+        return None
+    keep = ("best_epoch", "epochs_run", "best_val_rmse", "world_size", "launcher", "strategy", "precision", "device",
+            "seconds", "samples_per_s", "time_split_s", "gpu_peak_memory_gib")
+    return {k: training[k] for k in keep if k in training}
+
+
+def _publish_training(training: dict | None) -> None:
+    """Per epoch, over all ranks: losses, samples/s and where the step time went (a table in the Prefect UI)."""
+    if not training or not training.get("epochs"):
+        return
+    rows = [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in e.items()} for e in training["epochs"]]
+    split = training.get("time_split_s", {})
+    create_table_artifact(
+        key="training-epochs", table=rows,
+        description=(f"{training.get('world_size')} rank(s), {training.get('launcher')}, {training.get('strategy')}, "
+                     f"{training.get('precision')}: step time {split.get('data', 0):.2f} s data, "
+                     f"{split.get('compute', 0):.2f} s compute, {split.get('sync', 0):.2f} s gradient sync"))
 
 
 def _read_json(directory: str, name: str) -> dict | None:
@@ -136,6 +161,8 @@ def _publish(summary: dict) -> None:
 
 **Data version (DVC md5 of the raw data):** `{summary['data_version']}` · **Results in:** {where}
 
+**Training:** {_training_line(summary['training'])}
+
 ## Parameters changed from params.yaml
 {changed}
 
@@ -144,6 +171,17 @@ def _publish(summary: dict) -> None:
 |---|---|---|
 {stages}
 """)
+
+
+def _training_line(training: dict | None) -> str:
+    if not training:
+        return "n/a"
+    split = training.get("time_split_s", {})
+    return (f"{training['world_size']} rank(s) ({training.get('launcher')}, {training.get('strategy')}, {training.get('precision')} "
+            f"on {training.get('device')}), {training['epochs_run']} epochs (best {training['best_epoch']}), "
+            f"{training['samples_per_s']:,.0f} samples/s; step time {split.get('data', 0):.2f} s data · "
+            f"{split.get('compute', 0):.2f} s compute · {split.get('sync', 0):.2f} s gradient sync (per epoch: "
+            "the `training-epochs` artifact)")
 
 
 def check_api() -> None:

@@ -52,6 +52,10 @@ class MLP(nn.Module):
         return self.net(self.inputs(x)).squeeze(-1)
 
 
+def _dropout(p: float) -> nn.Module:
+    return nn.Dropout(p) if p else nn.Identity()  # same layer positions (state_dict keys) either way, no kernel at 0
+
+
 class ResMLP(nn.Module):
     """Residual MLP (Gorishniy et al. 2021, "ResNet" for tabular data): the inputs projected to width
     hidden[0], then one block per entry of hidden, x + Dropout(Linear(Dropout(SiLU(Linear(LayerNorm(x)))))) with
@@ -63,7 +67,7 @@ class ResMLP(nn.Module):
         width = hidden[0]
         self.project = nn.Linear(self.inputs.out_features, width)
         self.blocks = nn.ModuleList(nn.Sequential(
-            nn.LayerNorm(width), nn.Linear(width, h), nn.SiLU(), nn.Dropout(dropout), nn.Linear(h, width), nn.Dropout(dropout),
+            nn.LayerNorm(width), nn.Linear(width, h), nn.SiLU(), _dropout(dropout), nn.Linear(h, width), _dropout(dropout),
         ) for h in hidden)
         self.head = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, 1))
 
@@ -95,3 +99,13 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict]:
     model = build_model(ckpt["arch"])
     model.load_state_dict(ckpt["model"])
     return model.eval(), ckpt
+
+
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The submodules FSDP shards on their own (each gathered just before it runs, freed after): the
+    categorical embeddings, each layer or residual block, the head. The root holds whatever is left."""
+    if isinstance(model, ResMLP):
+        units = [model.inputs, model.project, *model.blocks, model.head]
+    else:
+        units = [model.inputs] + [m for m in model.net if isinstance(m, nn.Linear)]
+    return [u for u in units if any(True for _ in u.parameters())]

@@ -6,6 +6,7 @@ names the key and says how to fix it. Stages receive the whole `Settings` and re
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Literal
@@ -112,7 +113,11 @@ class DaskSettings(Section):
 class TrainSettings(Section):
     """The MLP and its DDP training loop."""
 
-    world_size: int = Field(ge=1, le=1024, description="DDP ranks (local processes: gloo on CPU, NCCL on GPU).")
+    world_size: int = Field(ge=1, le=1024, description="Ranks (gloo on CPU, NCCL on GPU): local processes, Dask workers or torchrun processes, as train.launcher says.")
+    launcher: Literal["local", "dask", "torchrun"] = Field(description="Where ranks run: local (processes on this host), dask (one rank per worker of the dask.address cluster that declares a GPU resource: dask worker ADDRESS --resources GPU=1), torchrun (the stage under torchrun: started by the stage on this host, or by you on every node for multi-node).")
+    strategy: Literal["ddp", "fsdp"] = Field(description="ddp: every rank holds the whole model (data parallel); fsdp: parameters, gradients and optimizer state sharded across ranks (FSDP2 fully_shard), for models too large for one device.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(description="auto: bf16 autocast on CUDA, fp32 on CPU; fp32; bf16: autocast to bfloat16 (weights and loss stay fp32).")
+    compile: bool = Field(description="Compile the model with torch.compile (pays off on GPU for long runs; adds compile time to every run).")
     epochs: int = Field(ge=1, le=100_000, description="Maximum epochs.")
     batch_size: int = Field(ge=1, description="Global batch size, split evenly across ranks.")
     lr: float = Field(gt=0, le=10, description="Peak learning rate of AdamW (cosine decay).")
@@ -130,9 +135,13 @@ class TrainSettings(Section):
     log_dir: str = Field(description="dvclive metrics and plots of training.")
 
     @model_validator(mode="after")
-    def _layers_positive(self) -> TrainSettings:
+    def _consistent(self) -> TrainSettings:
         if any(h < 1 for h in self.hidden):
             raise ValueError(f"hidden={self.hidden}: every layer width must be >= 1")
+        if self.strategy == "fsdp" and self.grad_sync != "allreduce":
+            raise ValueError(f"grad_sync={self.grad_sync} works with strategy ddp only (a DDP communication hook or "
+                             "parameter averaging); FSDP reduce-scatters its sharded gradients: set grad_sync: allreduce "
+                             "or strategy: ddp")
         return self
 
 
@@ -173,6 +182,13 @@ class Settings(Section):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
+    @model_validator(mode="after")
+    def _cluster_for_dask_launcher(self) -> Settings:
+        if self.train.launcher == "dask" and self.dask.address == "local" and not os.environ.get("DASK_SCHEDULER_ADDRESS"):
+            raise ValueError("train.launcher=dask places ranks on the GPU workers of an existing cluster: set dask.address "
+                             "(or DASK_SCHEDULER_ADDRESS) to its scheduler; for ranks on this machine use train.launcher: local")
+        return self
+
 
 def _fmt_error(err: dict, source: str) -> str:
     key = ".".join(str(p) for p in err["loc"] if p != "__root__") or "(top level)"
@@ -181,9 +197,11 @@ def _fmt_error(err: dict, source: str) -> str:
         return f"{source}: unknown key '{key}'; remove it or fix its spelling"
     if err["type"] == "missing":
         return f"{source}: missing key '{key}'; add it (see the README's params table)"
-    value = err.get("input")
+    value, msg = err.get("input"), err["msg"].removeprefix("Value error, ")
+    if key == "(top level)":  # a rule across sections names its keys itself
+        return f"{source}: {msg}"
     shown = "" if isinstance(value, dict) else f" = {value!r}"
-    return f"{source}: {key}{shown}: {err['msg']}; fix it in {source}"
+    return f"{source}: {key}{shown}: {msg}; fix it in {source}"
 
 
 def parse_settings(raw: dict, source: str = PARAMS) -> Settings:
@@ -257,3 +275,14 @@ if __name__ == "__main__":
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"params.yaml now trains on {d.name} ({d.source}, target {d.target}); run `dvc repro` or the flow")
+
+
+def absolute_paths(s: Settings, root: str | Path | None = None) -> Settings:
+    """`s` with every relative path made absolute against `root` (default: the working directory), for
+    processes that run elsewhere (a Dask worker's working directory is its own)."""
+    raw, root = dump_settings(s), Path(root or Path.cwd()).resolve()
+    for section, key in PATH_KEYS:
+        value = raw[section].get(key)
+        if value and "://" not in value and not Path(value).is_absolute():
+            raw[section][key] = str(root / value)
+    return parse_settings(raw)

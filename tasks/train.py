@@ -1,20 +1,27 @@
-"""Train the MLP regressor with PyTorch DDP.  Run: python -m tasks.train  (or under torchrun)
+"""Train the model with PyTorch DDP or FSDP.  Run: python -m tasks.train  (or under torchrun)
 
-`train.world_size` ranks run as local processes (gloo on CPU, NCCL on GPU); under `torchrun` the ranks
-come from its environment. Every rank draws the same per-epoch permutation and takes its own slice of
-each global batch, and its loss is scaled so that DDP's gradient average equals the mean over the whole
-global batch: k steps on N ranks give the parameters of k steps in one process. Rank 0 alone logs
-(dvclive) and writes files, into a staging directory that replaces `train.out_dir` only when training
-finishes, so a failed run never touches the previous model.
+Every rank draws the same per-epoch permutation and takes its own slice of each global batch, and its loss
+is scaled so that the gradient average over ranks equals the mean over the whole global batch: k steps on
+N ranks give the parameters of k steps in one process. Where the ranks run is train.launcher's business
+(tasks/launch.py); this module is the same training loop under all of them. Rank 0 alone logs (dvclive) and
+writes files, into a staging directory that replaces `train.out_dir` only when training finishes, so a
+failed run never touches the previous model.
+
+Per epoch, the step time of every rank is split into data (taking the batch), compute (forward, backward,
+optimizer) and sync (gradient communication not hidden behind the backward pass), measured with CUDA
+events on GPU and the host clock on CPU (no host sync per step), and averaged over ranks.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import shutil
-import socket
 import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
@@ -23,17 +30,22 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tasks.files import atomic_path, replace_dir, write_json
-from tasks.model import build_model
+from tasks.files import atomic_path, write_json
+from tasks.model import build_model, shard_units
 from tasks.settings import Settings, UserError, cli
 
 EVAL_CHUNK = 65536
 
 
 def load_split(directory: Path, features: list[str], target: str) -> tuple[torch.Tensor, torch.Tensor]:
+    names = set(pq.read_schema(next(iter(sorted(Path(directory).glob("*.parquet"))), directory)
+                               if Path(directory).is_dir() else directory).names)
+    missing = [c for c in features + [target] if c not in names]
+    if missing:
+        raise UserError(f"{directory} lacks the columns {missing} that the model expects: the features and the model "
+                        "come from different runs; rerun the preprocess and train stages (dvc repro)")
     table = pq.read_table(directory, columns=features + [target])
     x = np.stack([table.column(c).to_numpy() for c in features], axis=1).astype(np.float32)
     y = table.column(target).to_numpy().astype(np.float32)
@@ -53,117 +65,232 @@ def fresh_staging_dir(out_dir: str) -> Path:
     return out
 
 
-def run_rank(s: Settings, rank: int, world: int, local_rank: int, init_method: str) -> None:
-    cfg, feat_dir = s.train, Path(s.preprocess.out_dir)
-    ddp = world > 1
+class Clock:
+    """Timestamps that cost no host sync: CUDA events on GPU (read once per epoch), the host clock on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start, end) -> float:
+        return start.elapsed_time(end) / 1000 if self.cuda else end - start
+
+
+class SyncTimer:
+    """The exposed gradient sync of a step: from the moment the last gradient bucket is ready (the backward
+    pass is done) until its reduction completes. Wraps a DDP communication hook; local SGD marks its
+    parameter averaging the same way."""
+
+    def __init__(self, clock: Clock):
+        self.clock, self.ready, self.done = clock, None, None
+
+    def wrap(self, hook):
+        def timed(state, bucket):
+            self.ready = self.clock.now()
+            future = hook(state, bucket)
+
+            def mark(fut):
+                self.done = self.clock.now()  # on GPU: recorded on a stream synchronized with the reduction
+                return fut.value()
+
+            return future.then(mark)
+
+        return timed
+
+    def take(self) -> tuple:
+        marks, self.ready, self.done = (self.ready, self.done), None, None
+        return marks
+
+
+def check_features(schema: dict, x: torch.Tensor) -> None:
+    """The model built from the feature metadata must fit the features: every categorical column's codes must
+    index its embedding table (an out-of-range code is a cryptic device-side assert on GPU)."""
+    for c in schema.get("categorical", []):
+        if not 0 <= c["index"] < x.shape[1]:
+            raise UserError(f"schema.json gives categorical column {c.get('name')!r} index {c['index']}, but the features "
+                            f"have {x.shape[1]} columns; rerun the preprocess stage")
+        codes = x[:, c["index"]]
+        top = float(codes.max()) if len(codes) else 0.0
+        if top >= c["cardinality"] or float(codes.min()) < 0 or not torch.equal(codes, codes.round()):
+            raise UserError(f"feature {c.get('name')!r} holds code {top:g}, but schema.json gives it {c['cardinality']} "
+                            "categories (codes 0..cardinality-1): the features and their metadata disagree; rerun the "
+                            "preprocess stage")
+
+
+def run_rank(s: Settings, rank: int, world: int, local_rank: int, init_method: str, local_world: int | None = None,
+             log: bool = True) -> None:
+    """One rank of a training run. init_method "" means one process and no process group."""
+    cfg = s.train
     cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    device = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if ddp:
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=rank,
-                                world_size=world, timeout=timedelta(minutes=10))
+    if init_method:
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=rank, world_size=world,
+                                timeout=timedelta(minutes=10), **({"device_id": device} if cuda else {}))
+    try:
+        _train(s, rank, world, device, grouped=bool(init_method), local_world=local_world or world, log=log)
+    finally:
+        if init_method and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(s: Settings, rank: int, world: int, device: torch.device, grouped: bool, local_world: int, log: bool) -> None:
+    cfg, feat_dir = s.train, Path(s.preprocess.out_dir)
+    fsdp = cfg.strategy == "fsdp"
+    ddp = grouped and not fsdp
+    cuda = device.type == "cuda"
     master = rank == 0
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     torch.manual_seed(cfg.seed)
     out = staging_dir(cfg.out_dir)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
-    # data: whole splits in memory as tensors; batches are index slices (no per-sample Python)
+    # data: whole splits on the device as tensors (pinned, copied once); batches are index slices
     schema = json.loads((feat_dir / "schema.json").read_text())
     transform = json.loads((feat_dir / "transform.json").read_text())
     features, target = schema["features"], schema["target"]
     x_train, y_train = load_split(feat_dir / "train", features, target)
     x_val, y_val = load_split(feat_dir / "val", features, target)
+    check_features(schema, x_train)
     t_mean, t_std = transform["target_mean"], transform["target_std"]
     y_train, y_val = (y_train - t_mean) / t_std, (y_val - t_mean) / t_std
-    x_train, y_train, x_val, y_val = (t.to(device) for t in (x_train, y_train, x_val, y_val))
+    if cuda:
+        x_train, y_train, x_val, y_val = (t.pin_memory().to(device, non_blocking=True) for t in (x_train, y_train, x_val, y_val))
     n_train, B = len(x_train), cfg.batch_size
 
     # model, optimizer, schedule
     arch = {"model": cfg.model, "n_features": len(features), "hidden": list(cfg.hidden), "dropout": cfg.dropout,
             "categorical": schema.get("categorical", [])}
     raw_model = build_model(arch).to(device)
-    model = DDP(raw_model, device_ids=[local_rank] if cuda else None) if ddp else raw_model
-    averager = grad_sync(model, cfg) if ddp else None
+    clock = Clock(device)
+    sync = SyncTimer(clock)
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        # the model's output is a view (squeeze); nothing here modifies it in place, which is what FSDP warns of
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        for unit in shard_units(raw_model):
+            fully_shard(unit)
+        model = fully_shard(raw_model)
+    elif ddp:
+        model = DDP(raw_model, device_ids=[device.index] if cuda else None)
+    else:
+        model = raw_model
+    averager = grad_sync(model, cfg, sync) if ddp else None
     local_sgd = ddp and cfg.grad_sync == "local_sgd"
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # one process on a GPU: CUDA graphs too (a small model's step is otherwise bound by kernel launches)
+    forward = torch.compile(model, mode="reduce-overhead" if cuda and not grouped else None) if cfg.compile else model
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # one kernel per step
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     order = torch.Generator().manual_seed(cfg.seed)  # same data order on every rank
 
+    def accumulating(quiet: bool):
+        """Gradients of this micro-batch stay local (synced with the last one; never, with local SGD)."""
+        if fsdp:
+            model.set_requires_gradient_sync(not quiet)
+        return model.no_sync() if ddp and quiet else nullcontext()
+
     live = None
-    if master:
+    if master and log:
         from dvclive import Live
 
         live = Live(dir=cfg.log_dir, dvcyaml=False, save_dvc_exp=False)
-    best_val, best_epoch, best_state, stale = float("inf"), -1, None, 0
+    best_val, best_epoch, best_state, stale, history = float("inf"), -1, None, 0, []
     t0, steps = time.perf_counter(), 0
-    for epoch in range(1, cfg.epochs + 1):
-        # one pass over the train set: rank r takes the r-th slice of every global batch
-        model.train()
-        perm = torch.randperm(n_train, generator=order).to(device)
-        sse = torch.zeros((), device=device)
-        first_bad = torch.full((), -1, dtype=torch.long, device=device)  # the first step with a non-finite loss
-        for start in range(0, n_train, B):
-            idx = perm[start:start + B]
-            m = len(idx)
-            mine = idx[rank * m // world:(rank + 1) * m // world]
-            opt.zero_grad(set_to_none=True)
-            micro = mine.tensor_split(cfg.grad_accum_steps)
-            for k, part in enumerate(micro):
-                # gradients sync once, with the last micro-batch (never, with local SGD)
-                quiet = ddp and (local_sgd or k < len(micro) - 1)
-                with model.no_sync() if quiet else nullcontext():
-                    err = model(x_train[part]) - y_train[part]
-                    loss = err.pow(2).sum() * (world / m)  # DDP averages over ranks -> mean over the global batch
-                    loss.backward()
-                sse += err.detach().pow(2).sum()
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), steps + 1, first_bad)  # no host sync
-            opt.step()
-            if averager is not None:
-                averager.average_parameters(model.parameters())
-            steps += 1
-        sched.step()
+    # rank 0's per-epoch writes (metrics, checkpoint) run in one background thread, in order
+    writer, writes = ThreadPoolExecutor(1, thread_name_prefix="trainflow-writer"), []
+    try:
+        steps_per_epoch = math.ceil(n_train / B)
+        for epoch in range(1, cfg.epochs + 1):
+            # one pass over the train set: rank r takes the r-th slice of every global batch
+            model.train()
+            perm = torch.randperm(n_train, generator=order).to(device)
+            step_sse = torch.zeros(steps_per_epoch, device=device)  # this rank's squared error per step: no host sync
+            marks, previous = [], clock.now()
+            for i, start in enumerate(range(0, n_train, B)):
+                idx = perm[start:start + B]
+                m = len(idx)
+                mine = rank_slice(idx, rank, world)
+                parts = mine.tensor_split(cfg.grad_accum_steps) if cfg.grad_accum_steps > 1 else (mine,)
+                micro = [(x_train[part], y_train[part]) for part in parts]
+                taken = clock.now()
+                opt.zero_grad(set_to_none=True)
+                for k, (xb, yb) in enumerate(micro):
+                    with accumulating(local_sgd or k < len(micro) - 1):
+                        with autocast:
+                            predicted = forward(xb)
+                        sq = (predicted.float() - yb).pow(2).sum()
+                        (sq * (world / m)).backward()  # ranks average gradients -> the mean over the global batch
+                    step_sse[i] += sq.detach()
+                opt.step()
+                if averager is not None:
+                    sync.ready = clock.now()
+                    averager.average_parameters(model.parameters())
+                    sync.done = clock.now()
+                end = clock.now()
+                marks.append((previous, taken, *sync.take(), end))
+                previous = end
+            steps += len(marks)
+            sched.step()
 
-        # validation: each rank scores its shard; sums are all-reduced (a host sync, once per epoch)
-        model.eval()
-        with torch.no_grad():
-            shard = torch.arange(rank, len(x_val), world, device=device)
-            val_sse = sum(((raw_model(x_val[c]) - y_val[c]).pow(2).sum() for c in shard.split(EVAL_CHUNK)),
-                          torch.zeros((), device=device))
-        totals = torch.stack([sse, val_sse]).double()
-        if ddp:
-            dist.all_reduce(totals)
-        train_mse, val_mse = totals[0].item() / n_train, totals[1].item() / len(x_val)
-        if not np.isfinite(train_mse):
-            bad = [torch.zeros_like(first_bad) for _ in range(world)] if ddp else [first_bad]
-            if ddp:
-                dist.all_gather(bad, first_bad)
-            step, where = min((int(b), r) for r, b in enumerate(bad) if int(b) >= 0) if any(int(b) >= 0 for b in bad) else (steps, rank)
-            kept = f"; the checkpoints of epochs 1-{epoch - 1} are in {out / 'checkpoints'}" if epoch > 1 else ""
-            raise UserError(f"train: loss became {train_mse} at step {step} (epoch {epoch}) on rank {where}{kept}; "
-                            f"{cfg.out_dir} keeps the last good model. Lower train.lr (now {cfg.lr})")
+            # validation: each rank scores its shard in the same number of chunks (FSDP needs every rank in
+            # every forward); sums and step times are all-reduced: one collective, one host sync per epoch
+            model.eval()
+            with torch.no_grad(), autocast:
+                shard = torch.arange(rank, len(x_val), world, device=device)
+                chunks = max(1, math.ceil(math.ceil(len(x_val) / world) / EVAL_CHUNK))
+                val_sse = sum(((model(x_val[c]).float() - y_val[c]).pow(2).sum() for c in shard.tensor_split(chunks)),
+                              torch.zeros((), device=device))
+            if cuda:
+                torch.cuda.synchronize(device)
+            timing = step_times(clock, marks)
+            totals = torch.tensor([float(step_sse.sum()), float(val_sse), timing["data"], timing["compute"], timing["sync"],
+                                   timing["train"]], dtype=torch.float64, device=device)
+            if grouped:
+                dist.all_reduce(totals)
+            totals[2:] /= world  # step times: the mean over ranks
+            train_mse, val_mse = totals[0].item() / n_train, totals[1].item() / len(x_val)
+            if not np.isfinite(train_mse):
+                bad = ~torch.isfinite(step_sse)
+                mine_first = torch.tensor(int(bad.nonzero()[0]) + steps - len(marks) + 1 if bad.any() else -1, device=device)
+                firsts = [torch.zeros_like(mine_first) for _ in range(world)] if grouped else [mine_first]
+                if grouped:
+                    dist.all_gather(firsts, mine_first)
+                step, where = min((int(b), r) for r, b in enumerate(firsts) if int(b) >= 0)
+                kept = f"; the checkpoints of epochs 1-{epoch - 1} are in {out / 'checkpoints'}" if epoch > 1 else ""
+                raise UserError(f"train: loss became {train_mse} at step {step} (epoch {epoch}) on rank {where}{kept}; "
+                                f"{cfg.out_dir} keeps the last good model. Lower train.lr (now {cfg.lr})")
 
-        # early stopping and checkpoints (rank 0 writes; every rank takes the same decision)
-        improved = val_mse < best_val
-        if improved:
-            best_val, best_epoch, stale = val_mse, epoch, 0
-            best_state = {k: v.detach().cpu().clone() for k, v in raw_model.state_dict().items()}
-        else:
-            stale += 1
-        if master:
-            val_rmse = float(np.sqrt(val_mse)) * t_std
-            live.log_metric("train/loss", train_mse)
-            live.log_metric("val/loss", val_mse)
-            live.log_metric("val/rmse", val_rmse)
-            live.log_metric("lr", sched.get_last_lr()[0])
-            live.next_step()
-            save_checkpoint(out / "checkpoints" / f"epoch-{epoch:04d}.pt", raw_model, opt, sched, epoch, best_val, arch)
-            for old in sorted((out / "checkpoints").glob("epoch-*.pt"))[:-cfg.keep_checkpoints]:
-                old.unlink()
-        if stale >= cfg.patience:
-            break
-
+            # early stopping and checkpoints (every rank takes the same decision; rank 0 writes)
+            improved = val_mse < best_val
+            if improved:
+                best_val, best_epoch, stale = val_mse, epoch, 0
+                best_state = full_model_state(model, fsdp)
+            else:
+                stale += 1
+            record = {"epoch": epoch, "train_loss": train_mse, "val_loss": val_mse, "val_rmse": float(np.sqrt(val_mse)) * t_std,
+                      "lr": sched.get_last_lr()[0], "samples_per_s": n_train / totals[5].item(),
+                      "data_s": totals[2].item(), "compute_s": totals[3].item(), "sync_s": totals[4].item() if grouped and not fsdp else None}
+            history.append(record)
+            if master or fsdp:  # (gathering FSDP's shards takes every rank)
+                checkpoint = full_checkpoint(model, opt, fsdp)  # a copy: training goes on while it is written
+            if master:
+                writes.append(writer.submit(write_epoch, live, record, out / "checkpoints", checkpoint, sched.state_dict(),
+                                            epoch, best_val, arch, cfg.keep_checkpoints))
+            if stale >= cfg.patience:
+                break
+    finally:
+        writer.shutdown(wait=True)  # every checkpoint a message may mention is on disk
+    for write in writes:
+        write.result()  # a failed write fails the run
     seconds = time.perf_counter() - t0
     if master:
         with atomic_path(out / "model.pt") as tmp:
@@ -171,14 +298,56 @@ def run_rank(s: Settings, rank: int, world: int, local_rank: int, init_method: s
                         "target_mean": t_mean, "target_std": t_std}, tmp)
         summary = {
             "best_epoch": best_epoch, "epochs_run": epoch, "best_val_rmse": float(np.sqrt(best_val)) * t_std,
-            "world_size": world, "device": device.type, "steps": steps, "seconds": round(seconds, 3),
-            "samples_per_s": round(epoch * n_train / seconds, 1),
+            "world_size": world, "device": device.type, "strategy": cfg.strategy, "precision": "bf16" if bf16 else "fp32",
+            "steps": steps, "seconds": round(seconds, 3), "samples_per_s": round(epoch * n_train / seconds, 1),
+            "time_split_s": {k: round(sum(h[f"{k}_s"] or 0.0 for h in history), 4) for k in ("data", "compute", "sync")},
+            "epochs": history,
         }
+        if cuda:
+            summary["gpu_peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
         write_json(out / "summary.json", summary)
-        live.end()
-    if ddp:
+        if live is not None:
+            live.end()
+    if grouped:
         dist.barrier()
-        dist.destroy_process_group()
+
+
+def rank_slice(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Rank r's part of a global batch: contiguous, sizes differing by at most one, together the whole batch."""
+    m = len(batch)
+    return batch[rank * m // world:(rank + 1) * m // world]
+
+
+def step_times(clock: Clock, marks: list[tuple]) -> dict:
+    """Seconds of the epoch's steps spent taking batches, computing and waiting for gradient sync."""
+    data = compute = synced = 0.0
+    for start, taken, ready, done, end in marks:
+        step = clock.seconds(start, end)
+        d = clock.seconds(start, taken)
+        s = max(0.0, clock.seconds(ready, done)) if ready is not None and done is not None else 0.0
+        data, synced, compute = data + d, synced + s, compute + max(0.0, step - d - s)
+    train = clock.seconds(marks[0][0], marks[-1][-1]) if marks else 0.0
+    return {"data": data, "compute": compute, "sync": synced, "train": train}
+
+
+def full_model_state(model, fsdp: bool) -> dict:
+    """The whole model's weights on the CPU (gathered from the shards with FSDP: a collective on every rank)."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    raw = model.module if isinstance(model, DDP) else model
+    return {k: v.detach().cpu().clone() for k, v in raw.state_dict().items()}
+
+
+def full_checkpoint(model, opt, fsdp: bool) -> tuple[dict, dict]:
+    """Model and optimizer state as whole tensors (gathered on every rank under FSDP; rank 0 writes them)."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    raw = model.module if isinstance(model, DDP) else model
+    return ({k: v.detach().clone() for k, v in raw.state_dict().items()}, copy.deepcopy(opt.state_dict()))
 
 
 def _bf16_compress_hook(_state, bucket):
@@ -194,41 +363,51 @@ def _bf16_compress_hook(_state, bucket):
     return future.then(decompress)
 
 
-def grad_sync(model: DDP, cfg):
-    """Install train.grad_sync on a DDP model; returns the parameter averager of local SGD (else None)."""
+def grad_sync(model: DDP, cfg, timer: SyncTimer):
+    """Install train.grad_sync on a DDP model (timed); returns the parameter averager of local SGD (else None)."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
+    if cfg.grad_sync == "local_sgd":
+        from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+
+        return PeriodicModelAverager(period=cfg.local_sgd_period, warmup_steps=0)
+    state, hook = None, default_hooks.allreduce_hook
     if cfg.grad_sync == "fp16":
-        model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+        hook = default_hooks.fp16_compress_hook
     elif cfg.grad_sync == "bf16":  # torch's bf16 hook insists on NCCL; gloo all-reduces bfloat16 as well
-        model.register_comm_hook(None, _bf16_compress_hook)
+        hook = _bf16_compress_hook
     elif cfg.grad_sync == "powersgd":
         # rank-1 compression with error feedback, after 10 exact warm-up steps
         state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=1, start_powerSGD_iter=10,
                                             min_compression_rate=2)
-        model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
-    elif cfg.grad_sync == "local_sgd":
-        from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
-
-        return PeriodicModelAverager(period=cfg.local_sgd_period, warmup_steps=0)
+        hook = powerSGD_hook.powerSGD_hook
+    model.register_comm_hook(state, timer.wrap(hook))
     return None
 
 
-def save_checkpoint(path: Path, model, opt, sched, epoch: int, best_val: float, arch: dict) -> None:
+LIVE_KEYS = (("train/loss", "train_loss"), ("val/loss", "val_loss"), ("val/rmse", "val_rmse"), ("lr", "lr"),
+             ("perf/samples_per_s", "samples_per_s"), ("time/data_s", "data_s"), ("time/compute_s", "compute_s"),
+             ("time/sync_s", "sync_s"))
+
+
+def write_epoch(live, record: dict, directory: Path, state: tuple[dict, dict], sched_state: dict, epoch: int,
+                best_val: float, arch: dict, keep: int) -> None:
+    """Rank 0's writes after an epoch (in the writer thread): dvclive metrics, the checkpoint, old ones pruned."""
+    if live is not None:
+        for key, value in LIVE_KEYS:
+            if record[value] is not None:
+                live.log_metric(key, record[value])
+        live.next_step()
+    save_checkpoint(directory / f"epoch-{epoch:04d}.pt", state, sched_state, epoch, best_val, arch)
+    for old in sorted(directory.glob("epoch-*.pt"))[:-keep]:
+        old.unlink()
+
+
+def save_checkpoint(path: Path, state: tuple[dict, dict], sched_state: dict, epoch: int, best_val: float, arch: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        torch.save({"arch": arch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "epoch": epoch, "best_val": best_val}, tmp)
-
-
-def _spawned(rank: int, s: Settings, world: int, init_method: str) -> None:
-    run_rank(s, rank, world, local_rank=rank, init_method=init_method)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        torch.save({"arch": arch, "model": state[0], "optimizer": state[1], "scheduler": sched_state,
+                    "epoch": epoch, "best_val": best_val}, tmp)
 
 
 def check_inputs(s: Settings) -> dict:
@@ -243,43 +422,18 @@ def check_inputs(s: Settings) -> dict:
         raise UserError(f"train.batch_size={cfg.batch_size} gives each of the {cfg.world_size} ranks fewer rows per step than "
                         f"train.grad_accum_steps={cfg.grad_accum_steps} micro-batches; raise train.batch_size or lower "
                         "train.grad_accum_steps")
-    if cfg.batch_size < cfg.world_size:
-        raise UserError(f"train.batch_size={cfg.batch_size} is smaller than train.world_size={cfg.world_size}: "
-                        "every rank needs at least one row per batch; raise train.batch_size")
-    if torch.cuda.is_available() and cfg.world_size > torch.cuda.device_count():
-        raise UserError(f"train.world_size={cfg.world_size} exceeds the {torch.cuda.device_count()} GPUs here; lower it")
     return schema
 
 
 def train(s: Settings) -> dict:
-    cfg = s.train
-    check_inputs(s)
-    out = fresh_staging_dir(cfg.out_dir)
-    if cfg.world_size == 1:
-        run_rank(s, 0, 1, 0, init_method="")
-    else:
-        init = f"tcp://127.0.0.1:{_free_port()}"
-        try:
-            mp.spawn(_spawned, args=(s, cfg.world_size, init), nprocs=cfg.world_size, join=True)
-        except mp.ProcessRaisedException as e:
-            if "UserError: " in str(e):  # a user error in a rank: report it as such, without the traceback
-                raise UserError(str(e).rsplit("UserError: ", 1)[1].strip()) from None
-            raise
-    summary = json.loads((out / "summary.json").read_text())
-    replace_dir(out, cfg.out_dir)
-    return summary
+    """Train on the features of the preprocess stage; returns the run's summary."""
+    from tasks import launch
 
-
-def torchrun_main(s: Settings) -> None:
-    """Entry under torchrun: this process is one rank; rank 0 publishes the result."""
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     check_inputs(s)
-    if rank == 0:
-        fresh_staging_dir(s.train.out_dir)
-    run_rank(s, rank, world, int(os.environ["LOCAL_RANK"]), init_method="env://")
-    if rank == 0:
-        replace_dir(staging_dir(s.train.out_dir), s.train.out_dir)
+    return launch.launch(s)
 
 
 if __name__ == "__main__":
-    cli(torchrun_main if "RANK" in os.environ else train)
+    from tasks import launch
+
+    cli(launch.torchrun_rank if "RANK" in os.environ else train)

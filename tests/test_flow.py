@@ -81,8 +81,13 @@ def test_first_run_runs_every_stage_and_leaves_dvc_clean(in_repo):
     assert "Data and pipelines are up to date." in sh(in_repo, "dvc", "repro").stdout
     # artifacts for the UI
     arts = artifacts(state)
-    assert set(arts) == {"training-summary", "metrics", "validation-report"}
+    assert set(arts) == {"training-summary", "metrics", "validation-report", "training-epochs"}
+    epochs = json.loads(arts["training-epochs"].data)  # one run's epochs, reduced over its 2 ranks
+    assert [e["epoch"] for e in epochs] == list(range(1, out["training"]["epochs_run"] + 1))
+    assert all(e["sync_s"] > 0 and e["compute_s"] > 0 and e["samples_per_s"] > 0 for e in epochs)
+    assert out["training"]["world_size"] == 2 and set(out["training"]["time_split_s"]) == {"data", "compute", "sync"}
     assert arts["validation-report"].data.startswith("# Validation PASSED: 29 of 29")
+    assert "2 rank(s) (local, ddp, fp32 on cpu)" in arts["training-summary"].data
     assert "| train | ran |" in arts["training-summary"].data and out["data_version"] in arts["training-summary"].data
     assert {row["metric"] for row in json.loads(arts["metrics"].data)} == {"rmse", "mae", "r2"}
 

@@ -6,7 +6,7 @@ import torch
 
 from tasks.model import load_model
 from tasks.settings import UserError
-from tasks.train import train
+from tasks.train import rank_slice, train
 from tests.conftest import variant
 
 
@@ -53,3 +53,65 @@ def test_diverging_loss_stops_naming_the_step_the_rank_and_the_key(features, tmp
                                         r"model\. Lower train.lr \(now 10.0\)"):
         # AdamW scales weights by -9 a step
         train(variant(features, tmp_path, lr=10.0, weight_decay=1.0, epochs=3, world_size=world_size))
+
+
+def test_bf16_autocast_trains_to_a_useful_model(features, tmp_path):
+    summary = train(variant(features, tmp_path, precision="bf16", epochs=30, patience=30, lr=0.01))
+    assert summary["precision"] == "bf16"
+    assert summary["best_val_rmse"] < 0.8  # the target's std is ~1.15
+
+
+def test_features_that_disagree_with_their_metadata_are_refused(features, tmp_path):
+    """A categorical column whose codes do not fit the embedding the metadata sizes: a message, not a device assert."""
+    import shutil
+
+    from tasks.settings import parse_settings
+
+    feat = tmp_path / "features"
+    shutil.copytree(features.preprocess.out_dir, feat)
+    schema = json.loads((feat / "schema.json").read_text())
+    schema["categorical"] = [{"name": "HouseAge", "index": 1, "cardinality": 3}]
+    (feat / "schema.json").write_text(json.dumps(schema))
+    raw = variant(features, tmp_path, epochs=1).model_dump(by_alias=True)
+    raw["preprocess"]["out_dir"] = str(feat)
+    with pytest.raises(UserError, match=r"feature 'HouseAge' holds code .* but schema.json gives it 3 categories .* the "
+                                        r"features and their metadata disagree; rerun the preprocess stage"):
+        train(parse_settings(raw))
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"strategy": "fsdp", "grad_sync": "powersgd"},
+     "train: grad_sync=powersgd works with strategy ddp only .* set grad_sync: allreduce or strategy: ddp"),
+    ({"launcher": "dask"}, "train.launcher=dask places ranks on the GPU workers of an existing cluster: set dask.address"),
+])
+def test_settings_that_cannot_work_together_are_refused(features, tmp_path, monkeypatch, overrides, message):
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    with pytest.raises(UserError, match=message):
+        variant(features, tmp_path, **overrides)
+
+
+def test_more_local_ranks_than_cores_are_refused(features, tmp_path):
+    import os
+
+    n = (os.cpu_count() or 1) + 1
+    with pytest.raises(UserError, match=rf"train.world_size={n} exceeds the {n - 1} CPU cores here \(one rank each\)"):
+        train(variant(features, tmp_path, world_size=n, batch_size=512))
+
+
+def test_compiled_model_trains_like_the_eager_one(features, tmp_path):
+    """train.compile: torch.compile (inductor, a C++ build on CPU) gives the eager run's model to 1e-5."""
+    eager = train(variant(features, tmp_path / "eager", epochs=2))
+    compiled = train(variant(features, tmp_path / "compiled", epochs=2, compile=True))
+    assert compiled["best_val_rmse"] == pytest.approx(eager["best_val_rmse"], abs=1e-5)
+    m1, _ = load_model(tmp_path / "eager/model/model.pt")
+    m2, _ = load_model(tmp_path / "compiled/model/model.pt")
+    for (name, p1), (_, p2) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        torch.testing.assert_close(p1, p2, atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("n, batch, world", [(1305, 128, 2), (1305, 128, 3), (10, 4, 3), (7, 7, 7)])
+def test_ranks_take_disjoint_slices_that_cover_every_row_once_per_epoch(n, batch, world):
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    taken = [rank_slice(perm[start:start + batch], r, world) for start in range(0, n, batch) for r in range(world)]
+    assert sorted(torch.cat(taken).tolist()) == list(range(n))

@@ -1,0 +1,188 @@
+"""Where the ranks of the train stage run (train.launcher); the training loop is tasks.train.run_rank under all.
+
+- local: train.world_size processes on this host (torch.multiprocessing), or the stage's own process when
+  world_size is 1 and the strategy is ddp.
+- dask: one rank per worker of the dask.address cluster that declares a GPU resource (`dask worker ADDRESS
+  --resources GPU=1`; with dask-cuda, `dask cuda worker ADDRESS --resources GPU=1` pins each worker to its
+  GPU). Rank 0's worker gives its host and a free port for the rendezvous. Workers read the features and
+  rank 0 writes the model at the same absolute paths as this process: a filesystem shared with them.
+- torchrun: the stage runs `torchrun --standalone --nproc-per-node WORLD_SIZE -m tasks.train` on this host;
+  for several nodes, start torchrun on every node yourself (README: multi-node).
+The launcher prepares the staging directory and publishes it as train.out_dir when every rank is done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections import Counter
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from tasks.files import replace_dir, write_json
+from tasks.settings import Settings, UserError, absolute_paths
+from tasks.train import fresh_staging_dir, run_rank, staging_dir
+
+SETTINGS_ENV = "TRAINFLOW_SETTINGS"  # settings of ranks started by the stage's own torchrun (JSON file)
+ERROR_ENV = "TRAINFLOW_ERROR_FILE"   # where such a rank leaves a user error for the stage to report
+
+
+def launch(s: Settings) -> dict:
+    cfg = s.train
+    out = fresh_staging_dir(cfg.out_dir)
+    placement = {"dask": on_dask, "torchrun": on_torchrun, "local": on_local}[cfg.launcher](s)
+    summary = json.loads((out / "summary.json").read_text())
+    summary["launcher"], summary["placement"] = cfg.launcher, placement
+    write_json(out / "summary.json", summary)
+    replace_dir(out, cfg.out_dir)
+    return summary
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _user_error_from(text: str) -> UserError | None:
+    return UserError(text.rsplit("UserError: ", 1)[1].strip()) if "UserError: " in text else None
+
+
+# local -------------------------------------------------------------------------------------------------
+
+def _spawned(rank: int, s: Settings, world: int, init_method: str) -> None:
+    run_rank(s, rank, world, local_rank=rank, init_method=init_method)
+
+
+def on_local(s: Settings) -> list[str]:
+    cfg = s.train
+    cuda = torch.cuda.is_available()
+    available = torch.cuda.device_count() if cuda else os.cpu_count() or 1
+    if cfg.world_size > available:
+        what = "GPUs" if cuda else "CPU cores"
+        raise UserError(f"train.world_size={cfg.world_size} exceeds the {available} {what} here (one rank each); lower "
+                        "train.world_size, or place ranks on more machines with train.launcher: dask or torchrun")
+    if cfg.world_size == 1 and cfg.strategy == "ddp":
+        run_rank(s, 0, 1, 0, init_method="")  # no process group, no second process
+        return ["this process"]
+    import torch.multiprocessing as mp
+
+    init = f"tcp://127.0.0.1:{free_port()}"
+    try:
+        mp.spawn(_spawned, args=(s, cfg.world_size, init), nprocs=cfg.world_size, join=True)
+    except mp.ProcessRaisedException as e:
+        raise (_user_error_from(str(e)) or e) from None
+    return [f"local process {r}" for r in range(cfg.world_size)]
+
+
+# dask --------------------------------------------------------------------------------------------------
+
+def gpu_workers(info: dict) -> list[str]:
+    """Addresses of the workers that declare a GPU resource, grouped by host, in a stable order."""
+    workers = [a for a, w in info["workers"].items() if w.get("resources", {}).get("GPU", 0) >= 1]
+    return sorted(workers, key=lambda a: (urlparse(a).hostname or "", a))
+
+
+def _dask_rank(s: Settings, rank: int, world: int, local_rank: int, local_world: int, init_method: str) -> str:
+    run_rank(s, rank, world, local_rank, init_method, local_world=local_world)
+    return socket.gethostname()
+
+
+def on_dask(s: Settings) -> list[str]:
+    import dask
+    from distributed import Client, as_completed
+
+    cfg = s.train
+    address = s.dask.address if s.dask.address != "local" else dask.config.get("scheduler-address", None)
+    try:
+        client = Client(address, timeout=10)
+    except (OSError, TimeoutError) as e:
+        raise UserError(f"train.launcher=dask: no Dask scheduler answers at {address} ({e}); start it (dask scheduler) "
+                        "or fix dask.address") from None
+    with client:
+        info = client.scheduler_info(n_workers=-1)
+        workers = gpu_workers(info)
+        if len(workers) < cfg.world_size:
+            raise UserError(
+                f"train.world_size={cfg.world_size} needs {cfg.world_size} Dask workers with a GPU resource, but the "
+                f"scheduler at {address} has {len(workers)} ({len(info['workers'])} workers in all); start more with "
+                f"`dask worker {address} --resources GPU=1` or lower train.world_size")
+        workers = workers[:cfg.world_size]
+        s = absolute_paths(s)
+        schema = str(Path(s.preprocess.out_dir) / "schema.json")
+        blind = [w for w, seen in client.run(os.path.exists, schema, workers=workers).items() if not seen]
+        if blind:
+            raise UserError(f"Dask workers {blind} cannot read {schema}: the dask launcher needs the workspace on a "
+                            "filesystem the workers share, at the same path")
+        hosts = [urlparse(w).hostname for w in workers]
+        per_host, seen = Counter(hosts), Counter()
+        local_ranks = []
+        for h in hosts:
+            local_ranks.append(seen[h])
+            seen[h] += 1
+        port = client.run(free_port, "", workers=[workers[0]])[workers[0]]
+        init = f"tcp://{hosts[0]}:{port}"
+        run = uuid.uuid4().hex[:8]
+        futures = [client.submit(_dask_rank, s, r, cfg.world_size, local_ranks[r], per_host[hosts[r]], init,
+                                 key=f"trainflow-train-rank{r}-{run}", workers=[w], resources={"GPU": 1}, pure=False,
+                                 allow_other_workers=False)
+                   for r, w in enumerate(workers)]
+        for future in as_completed(futures):
+            if future.status == "error":
+                error = future.exception()
+                client.cancel(futures)
+                raise (error if isinstance(error, UserError) else
+                       RuntimeError(f"train rank {futures.index(future)} on {workers[futures.index(future)]} failed: {error!r}")
+                       ) from None
+    return workers
+
+
+# torchrun ----------------------------------------------------------------------------------------------
+
+def on_torchrun(s: Settings) -> list[str]:
+    """torchrun on this host, train.world_size ranks; its ranks read these settings, not params.yaml."""
+    with tempfile.TemporaryDirectory(prefix="trainflow-torchrun-") as tmp:
+        settings, errors = Path(tmp) / "settings.json", Path(tmp) / "error.txt"
+        settings.write_text(absolute_paths(s).model_dump_json(by_alias=True))
+        env = dict(os.environ, **{SETTINGS_ENV: str(settings), ERROR_ENV: str(errors)})
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+               f"--nproc-per-node={s.train.world_size}", "-m", "tasks.train"]
+        proc = subprocess.run(cmd, env=env, stdout=sys.stdout, stderr=subprocess.PIPE, text=True)
+        if proc.returncode:
+            if errors.exists():
+                raise UserError(errors.read_text().strip())
+            sys.stderr.write(proc.stderr)
+            raise RuntimeError(f"torchrun exited with {proc.returncode}: {' '.join(cmd)} (its output is above)")
+    return [f"torchrun local rank {r}" for r in range(s.train.world_size)]
+
+
+def torchrun_rank(s: Settings) -> None:
+    """This process is one rank started by torchrun: by the stage (on_torchrun), or by hand on each node.
+    Started by hand, rank 0 prepares the staging directory and publishes the model when all ranks are done."""
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    by_stage = SETTINGS_ENV in os.environ
+    if by_stage:
+        s = Settings.model_validate_json(Path(os.environ[SETTINGS_ENV]).read_text())
+    try:
+        if world != s.train.world_size:
+            raise UserError(f"torchrun started {world} ranks but train.world_size is {s.train.world_size}; set "
+                            "train.world_size to nnodes × nproc-per-node")
+        if not by_stage and rank == 0:
+            from tasks.train import check_inputs
+
+            check_inputs(s)
+            fresh_staging_dir(s.train.out_dir)
+        run_rank(s, rank, world, local, init_method="env://", local_world=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        if not by_stage and rank == 0:
+            replace_dir(staging_dir(s.train.out_dir), s.train.out_dir)
+    except UserError as e:
+        if ERROR_ENV in os.environ and not Path(os.environ[ERROR_ENV]).exists():  # the first rank's error
+            Path(os.environ[ERROR_ENV]).write_text(str(e))
+        raise
