@@ -6,8 +6,9 @@ Run: .venv/bin/python bench/train.py                 (about 4 minutes on 2 cores
 On California Housing (features from the real preprocess stage, default params, early stopping off), each
 run in a fresh process:
   (a) the train stage with 1 rank vs a hand-written loop with the same model, data, batches, optimizer,
-      schedule and threads, and nothing else (no validation, checkpoints or metrics);
-  (b) the train stage with 1 and 2 ranks (gloo on CPU);
+      schedule and threads, and the validation loss once per epoch that early stopping needs, and nothing
+      else (no checkpoints, metrics or step timing);
+  (b) the train stage with 1 rank, 2 DDP ranks and 2 FSDP ranks (gloo on CPU);
   (c) 2 ranks with each train.grad_sync mode, with the test RMSE of the model it trained.
 samples/s is training rows × epochs ÷ the wall time of the epochs.
 """
@@ -46,13 +47,13 @@ def prepare(work: str) -> dict:
     return {"ok": True}
 
 
-def stage(work: str, epochs: str, world_size: str, grad_sync: str) -> dict:
+def stage(work: str, epochs: str, world_size: str, grad_sync: str, strategy: str = "ddp") -> dict:
     from tasks.evaluate import evaluate
     from tasks.train import train
 
-    s = settings(work, epochs=int(epochs), world_size=int(world_size), grad_sync=grad_sync)
+    s = settings(work, epochs=int(epochs), world_size=int(world_size), grad_sync=grad_sync, strategy=strategy)
     summary = train(s)
-    return {"samples_per_s": summary["samples_per_s"], "rmse": evaluate(s)["rmse"]}
+    return {"samples_per_s": summary["samples_per_s"], "rmse": evaluate(s)["rmse"], "split": summary["time_split_s"]}
 
 
 def bare(work: str, epochs: str) -> dict:
@@ -73,15 +74,16 @@ def bare(work: str, epochs: str) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(cfg.seed)
     x, y = load_split(feat / "train", schema["features"], schema["target"])
-    y = (y - t["target_mean"]) / t["target_std"]
+    xv, yv = load_split(feat / "val", schema["features"], schema["target"])
+    y, yv = (y - t["target_mean"]) / t["target_std"], (yv - t["target_mean"]) / t["target_std"]
     model = build_model({"n_features": len(schema["features"]), "hidden": list(cfg.hidden), "dropout": cfg.dropout,
                          "categorical": schema["categorical"]})
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     order = torch.Generator().manual_seed(cfg.seed)
-    model.train()
     t0 = time.perf_counter()
     for _ in range(cfg.epochs):
+        model.train()
         perm = torch.randperm(len(x), generator=order)
         for start in range(0, len(x), cfg.batch_size):
             idx = perm[start:start + cfg.batch_size]
@@ -90,6 +92,9 @@ def bare(work: str, epochs: str) -> dict:
             loss.backward()
             opt.step()
         sched.step()
+        model.eval()  # the validation loss every loop with early stopping computes
+        with torch.no_grad():
+            float((model(xv) - yv).pow(2).mean())
     return {"samples_per_s": cfg.epochs * len(x) / (time.perf_counter() - t0)}
 
 
@@ -109,14 +114,17 @@ def main() -> None:
         one = run("stage", work, e, "1", "allreduce")
         print(f"    bare loop    {loop['samples_per_s']:>10,.0f} samples/s")
         print(f"    train stage  {one['samples_per_s']:>10,.0f} samples/s   stage / bare = {one['samples_per_s'] / loop['samples_per_s']:.3f}")
-        print("(b) ranks (gloo)")
+        print("(b) ranks (gloo); step time split over the run: data / compute / gradient sync, seconds per rank")
         two = run("stage", work, e, "2", "allreduce")
-        for n, m in ((1, one), (2, two)):
-            print(f"    {n} rank{'s' if n > 1 else ' '}      {m['samples_per_s']:>10,.0f} samples/s   test RMSE {m['rmse']:.4f}")
+        fsdp = run("stage", work, e, "2", "allreduce", "fsdp")
+        for name, m in (("1 rank", one), ("2 ranks ddp", two), ("2 ranks fsdp", fsdp)):
+            split = " / ".join(f"{m['split'][k]:.2f}" for k in ("data", "compute", "sync"))
+            print(f"    {name:<13}{m['samples_per_s']:>10,.0f} samples/s   test RMSE {m['rmse']:.4f}   split {split}")
         print("(c) train.grad_sync, 2 ranks")
         for mode in ("allreduce", "fp16", "bf16", "powersgd", "local_sgd"):
             m = two if mode == "allreduce" else run("stage", work, e, "2", mode)
-            print(f"    {mode:<10}   {m['samples_per_s']:>10,.0f} samples/s   test RMSE {m['rmse']:.4f}", flush=True)
+            split = " / ".join(f"{m['split'][k]:.2f}" for k in ("data", "compute", "sync"))
+            print(f"    {mode:<10}   {m['samples_per_s']:>10,.0f} samples/s   test RMSE {m['rmse']:.4f}   split {split}", flush=True)
 
 
 if __name__ == "__main__":
