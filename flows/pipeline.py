@@ -34,7 +34,7 @@ from tasks.settings import (  # noqa: E402
     Settings, TrainSettings, UserError, ValidateSettings, load_settings,
 )
 
-STAGES = ["ingest", "validate", "preprocess", "train", "evaluate", "package"]
+STAGES = ["ingest", "validate", "preprocess", "train", "evaluate", "package", "promote"]
 try:
     DEFAULTS = load_settings(Path(__file__).resolve().parents[1] / PARAMS)  # the UI form's defaults
 except UserError as e:  # no flow can be defined without them
@@ -82,26 +82,31 @@ def training_pipeline(
             name = f"prefect-{runtime.flow_run.name or 'run'}"
             get_run_logger().info("parameters differ from params.yaml (%s): running as DVC experiment %s",
                                   ", ".join(changed), name)
+            if not Path(settings.evaluate.champion).is_absolute():  # the workspace's champion, not the worktree's
+                champion = str(ws.root / settings.evaluate.champion)
+                settings = settings.model_copy(update={"evaluate": settings.evaluate.model_copy(update={"champion": champion})})
             with ws.experiment(name, settings) as exp:
-                stages, metrics, data_version, training = _run_stages(settings, exp)
+                stages, metrics, data_version, training, gate = _run_stages(settings, exp)
         else:
             name = None
-            stages, metrics, data_version, training = _run_stages(settings, ws)
+            stages, metrics, data_version, training, gate = _run_stages(settings, ws)
         if settings.dvc.push:
             ws.push()
     summary = {
-        "metrics": metrics, "previous_metrics": previous, "experiment": name, "changed_params": changed,
+        "gate": gate, "metrics": metrics, "previous_metrics": previous, "experiment": name, "changed_params": changed,
         "data_version": data_version, "stages": stages, "seconds": round(time.perf_counter() - t0, 2),
         "package": settings.package.out_dir, "training": _training_summary(training),
     }
     _publish_training(training)
     _publish(summary)
+    if gate and gate["decision"] != "promote":  # a finished run that leaves the champion in place says so
+        return Completed(name="Not promoted", message=gate["message"], data=summary)
     return summary
 
 
-def _run_stages(settings: Settings, ws: Workspace) -> tuple[dict, dict | None, str | None, dict | None]:
-    """Each stage as a Prefect task named after it; returns their status, the test metrics, the data version
-    and the train stage's summary."""
+def _run_stages(settings: Settings, ws: Workspace) -> tuple:
+    """Each stage as a Prefect task named after it; returns their status, the test metrics, the data version,
+    the train stage's summary and the gate's decision."""
     stages = {}
     for name in STAGES:
         state = task(run_stage, name=name, cache_policy=NO_CACHE)(name, settings, ws, return_state=True)
@@ -112,7 +117,7 @@ def _run_stages(settings: Settings, ws: Workspace) -> tuple[dict, dict | None, s
         stages[name].pop("result", None)
     data_version = ws.lock_entry("ingest").get("outs", [{}])[0].get("md5")
     return (stages, _read_json(settings.evaluate.out_dir, "metrics.json"), data_version,
-            _read_json(settings.train.out_dir, "summary.json"))
+            _read_json(settings.train.out_dir, "summary.json"), _read_json(settings.evaluate.out_dir, "gate.json"))
 
 
 def _training_summary(training: dict | None) -> dict | None:
@@ -160,6 +165,8 @@ def _publish(summary: dict) -> None:
 **Test metrics:** {metrics or 'n/a'}
 
 **Data version (DVC md5 of the raw data):** `{summary['data_version']}` · **Results in:** {where}
+
+**Gate:** {(summary['gate'] or {}).get('message', 'n/a')}
 
 **Training:** {_training_line(summary['training'])}
 
@@ -213,6 +220,7 @@ def main() -> None:
     print("\nstages: " + ", ".join(f"{k} {v['status']} {v['seconds']:.1f}s" for k, v in out["stages"].items()))
     print(f"test metrics:  RMSE {m['rmse']:.4f}  MAE {m['mae']:.4f}  R² {m['r2']:.4f}  (n={m['n']:,})")
     print(f"package:       {out['package']}/")
+    print(f"gate:          {(out.get('gate') or {}).get('message', 'n/a')}")
     print(f"wall time:     {time.perf_counter() - t0:.1f} s")
 
 

@@ -6,7 +6,10 @@ The package directory holds:
   and onnxruntime reproduces torch within ~1e-7. Exported with the torch.export-based exporter (dynamo).
 - transform.json: the feature transform fitted by preprocess (the same file, the same apply code).
 - suite.yaml: the expectation suite the training data passed.
-- manifest.json: params, data hashes, git commit, metrics, versions, and the sha256 of every file.
+- MODEL_CARD.md: data, metrics with slices, intended use, limitations, how it was trained.
+- manifest.json: params, data hashes (DVC's too), git commit, Prefect flow run, metrics, versions, and the
+  sha256 of every file.
+The same directory is also written as one reproducible .tar.gz (package.archive).
 
 `load_package` verifies every sha256 before it returns a predictor; a tampered package is refused.
 Before the new package replaces the old one, its predictions on the raw test rows must equal the
@@ -83,7 +86,12 @@ class ModelPackage:
 
 
 def load_package(directory: str | Path) -> ModelPackage:
+    """A package directory, or its .tar.gz (unpacked into a temporary directory), with every file verified."""
     directory = Path(directory)
+    if directory.is_file() and directory.name.endswith((".tar.gz", ".tgz")):
+        return load_package(unpack(directory))
+    if not directory.exists():
+        raise UserError(f"{directory}: no such package (a directory or a .tar.gz written by the package stage)")
     try:
         manifest = json.loads((directory / "manifest.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError) as e:
@@ -100,6 +108,67 @@ def load_package(directory: str | Path) -> ModelPackage:
     return ModelPackage(directory, manifest)
 
 
+def unpack(archive: Path) -> Path:
+    """Extract a package archive safely (no absolute paths, links or '..'): Python's 'data' filter."""
+    import tarfile
+    import tempfile
+
+    target = Path(tempfile.mkdtemp(prefix="trainflow-package-"))
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(target, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise UserError(f"{archive}: not a readable package archive ({e}); re-download or rebuild it") from None
+    inner = [p for p in target.iterdir()]
+    return inner[0] if len(inner) == 1 and inner[0].is_dir() else target
+
+
+def write_archive(directory: Path, archive: Path) -> None:
+    """directory as a reproducible .tar.gz (sorted names, fixed times and owners), written atomically."""
+    import gzip
+    import tarfile
+
+    from tasks.files import atomic_path
+
+    def clean(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+        return info
+
+    with atomic_path(archive) as tmp, open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, \
+            tarfile.open(fileobj=gz, mode="w") as tar:
+        for path in sorted(directory.iterdir()):
+            tar.add(path, arcname=f"{archive.name.removesuffix('.tar.gz')}/{path.name}", filter=clean)
+
+
+def _dvc_hashes(s: Settings) -> dict:
+    """What DVC recorded for the data and the params in dvc.lock (of the last `dvc repro` / flow commit)."""
+    import hashlib
+
+    import yaml
+
+    out = {"params_sha256": hashlib.sha256(json.dumps(dump_settings(s), sort_keys=True).encode()).hexdigest()}
+    lock = Path("dvc.lock")
+    if lock.exists():
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        for stage in ("ingest", "validate", "preprocess"):
+            outs = stages.get(stage, {}).get("outs", [])
+            out.update({f"{stage}:{o['path']}": o.get("md5") for o in outs})
+    return out
+
+
+def _flow_run_id() -> str | None:
+    """The Prefect flow run this stage runs in, if any (prefect is not imported otherwise)."""
+    import os
+    import sys
+
+    if "prefect" in sys.modules:
+        from prefect.runtime import flow_run
+
+        if flow_run.id:
+            return str(flow_run.id)
+    return os.environ.get("PREFECT__FLOW_RUN_ID")
+
+
 def _git_commit() -> dict:
     def git(*args: str) -> str | None:
         try:
@@ -113,8 +182,11 @@ def _git_commit() -> dict:
 def _version() -> str:
     try:
         return version("trainflow")
-    except PackageNotFoundError:
-        return "unknown"
+    except PackageNotFoundError:  # run from a checkout: the version pyproject.toml declares
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        return tomllib.loads(pyproject.read_text())["project"]["version"] if pyproject.exists() else "unknown"
 
 
 def package(s: Settings) -> dict:
@@ -127,21 +199,30 @@ def package(s: Settings) -> dict:
         export_onnx(model, meta, stage / "model.onnx")
         shutil.copyfile(feat_dir / "transform.json", stage / "transform.json")
         shutil.copyfile(s.dataset.suite, stage / "suite.yaml")
-        files = {name: sha256_file(stage / name) for name in ("model.onnx", "transform.json", "suite.yaml")}
+        metrics = json.loads((eval_dir / "metrics.json").read_text())
+        slices = json.loads((eval_dir / "slices.json").read_text()) if (eval_dir / "slices.json").exists() else {}
+        training = json.loads((train_dir / "summary.json").read_text())
+        schema = json.loads((feat_dir / "schema.json").read_text())
         manifest = {
             "format_version": FORMAT_VERSION,
             "trainflow_version": _version(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "torch_version": torch.__version__,
             "git": _git_commit(),
-            "data": {"dataset": s.dataset.name, "source": s.dataset.source, "raw": {"path": s.ingest.out, "sha256": sha256_file(s.ingest.out)}},
+            "prefect_flow_run_id": _flow_run_id(),
+            "data": {"dataset": s.dataset.name, "source": s.dataset.source, "rows": schema["rows"],
+                     "raw": {"path": s.ingest.out, "sha256": sha256_file(s.ingest.out)}, "dvc": _dvc_hashes(s)},
             "features": meta["features"],
             "target": meta["target"],
+            "key": list(s.dataset.key),
             "params": dump_settings(s),
-            "metrics": json.loads((eval_dir / "metrics.json").read_text()),
-            "training": json.loads((train_dir / "summary.json").read_text()),
-            "files": files,
+            "metrics": metrics,
+            "training": training,
         }
+        (stage / "MODEL_CARD.md").write_text(model_card(manifest, slices, s))
+        manifest["files"] = {name: sha256_file(stage / name)
+                             for name in ("model.onnx", "transform.json", "suite.yaml", "MODEL_CARD.md")}
+        files = manifest["files"]
         write_json(stage / "manifest.json", manifest)
 
         # the package must reproduce the evaluate stage before it replaces the previous one
@@ -152,7 +233,52 @@ def package(s: Settings) -> dict:
         if predicted.shape != expected.shape or gap > PARITY_TOL * scale:
             raise RuntimeError(f"package: predictions differ from evaluate's by {gap:.3g} "
                                f"(> {PARITY_TOL} target std = {PARITY_TOL * scale:.3g}); not published")
-    return {"out_dir": s.package.out_dir, "parity_max_abs_diff": gap, "files": files}
+    write_archive(Path(s.package.out_dir), Path(s.package.archive))
+    return {"out_dir": s.package.out_dir, "archive": s.package.archive, "parity_max_abs_diff": gap, "files": files}
+
+
+def model_card(m: dict, slices: dict, s: Settings) -> str:
+    """The package's model card (markdown): data, metrics with slices, use, limits, training."""
+    met, tr, rows = m["metrics"], m["training"], m["data"]["rows"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    lines = [f"# Model card: {m['target']} on {m['data']['dataset']}", "",
+             f"Built {m['created']} by Trainflow {m['trainflow_version']} (git {str(m['git']['commit'])[:12]}"
+             f"{', uncommitted changes' if m['git']['dirty'] else ''}; Prefect flow run {m['prefect_flow_run_id'] or 'none'}).", "",
+             "## Intended use",
+             f"Predicts `{m['target']}` ({s.dataset.task}) for rows shaped like the training data: the columns of `suite.yaml`"
+             f" without the target, each within the ranges the suite allows. Batch inference: `python -m tasks.predict "
+             f"PACKAGE INPUT OUTPUT` validates every row with the suite first and writes rejected rows apart, with reasons.", "",
+             "## Data",
+             f"`{m['data']['source']}` (sha256 `{m['data']['raw']['sha256']}`), split by a hash of "
+             f"{m['key'] or 'the whole row'}: {rows['train']:,} train, {rows['val']:,} validation, {rows['test']:,} test rows.", "",
+             "## Metrics (held-out test split)", "",
+             "| | RMSE | MAE | R² | MAPE | rows |", "|---|---|---|---|---|---|",
+             f"| this model | {fmt(met['rmse'])} | {fmt(met['mae'])} | {fmt(met['r2'])} | {fmt(met.get('mape'))} | {met['n']:,} |"]
+    for name in ("champion", "baseline"):
+        if isinstance(met.get(name), dict):
+            o = met[name]
+            label = "the champion it was compared with" if name == "champion" else "predicting the train mean"
+            lines.append(f"| {label} | {fmt(o['rmse'])} | {fmt(o['mae'])} | {fmt(o['r2'])} | {fmt(o.get('mape'))} | {o['n']:,} |")
+    for col, by in (slices.get("candidate") or {}).items():
+        lines += ["", f"### By {col}", "", "| slice | rows | RMSE | MAE |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['n']:,} | {fmt(v['rmse'])} | {fmt(v['mae'])} |" for k, v in sorted(by.items())]
+    worst = sorted(((v["rmse"], f"{c}={k}") for c, by in (slices.get("candidate") or {}).items() for k, v in by.items()
+                    if v["rmse"] is not None and v["n"] >= 30), reverse=True)[:3]
+    lines += ["", "## Limitations",
+              "- Trained on the data above only: inputs outside the suite's ranges are rejected, not extrapolated.",
+              "- Categories not seen in training (or rarer than preprocess.min_frequency) share one out-of-vocabulary code.",
+              "- Missing numeric values are imputed with the train mean (with a missing indicator when train had any)."]
+    if worst:
+        lines.append("- Weakest slices (test RMSE): " + ", ".join(f"{name} {v:.4f}" for v, name in worst) + ".")
+    p = s.train
+    lines += ["", "## Training",
+              f"{p.model} (hidden {list(p.hidden)}, dropout {p.dropout}), AdamW lr {p.lr}, weight decay {p.weight_decay}, "
+              f"batch {p.batch_size}, {tr['epochs_run']} epochs (best {tr['best_epoch']}, early stopping patience {p.patience}), "
+              f"{tr['world_size']} rank(s) on {tr['device']} ({tr.get('launcher', 'local')}, {tr.get('strategy', 'ddp')}, "
+              f"{tr.get('precision', 'fp32')}); training took {tr['seconds']:.1f} s ({tr['samples_per_s']:,.0f} samples/s).",
+              "", "Files: `model.onnx` (ONNX, onnxruntime), `transform.json` (the fitted feature transform), `suite.yaml` "
+              "(input expectations), `manifest.json` (lineage, params, metrics, sha256 of every file).", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

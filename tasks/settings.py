@@ -40,6 +40,7 @@ class DatasetSettings(Section):
     target: str = Field(description="Column to predict; rows where it is missing are left out of training and counted.")
     key: list[str] = Field(description="Columns whose values identify a row: a hash of them assigns its split, so appended rows never move old ones. Empty: the whole row.")
     columns: dict[str, ColumnKind] = Field(description="Every other column of the data: numeric, categorical (a vocabulary with an out-of-vocabulary bucket), datetime (expanded to year, month, day, weekday, hour) or ignore.")
+    slices: list[str] = Field(description="Columns the evaluation also scores separately: each category of a categorical column (the 20 most frequent; the rest as 'other'), or evaluate.slice_bins quantile bins of a numeric one.")
 
     @model_validator(mode="after")
     def _target_and_key(self) -> DatasetSettings:
@@ -48,6 +49,9 @@ class DatasetSettings(Section):
         unknown = [k for k in self.key if k not in self.columns and k != self.target]
         if unknown:
             raise ValueError(f"key columns {unknown} are not in columns; list them there (as ignore if they are not features)")
+        unknown = [k for k in self.slices if k not in self.columns or self.columns[k] in ("ignore", "datetime")]
+        if unknown:
+            raise ValueError(f"slices {unknown} must be numeric or categorical columns of dataset.columns")
         return self
 
 
@@ -149,12 +153,18 @@ class EvaluateSettings(Section):
     """Scoring on the held-out test split."""
 
     out_dir: str = Field(description="Test metrics, predictions and plots.")
+    champion: str = Field(description="The promoted model package the candidate must beat (replaced on promotion); without one, the candidate must beat predicting the train mean.")
+    primary: Literal["rmse", "mae", "r2", "mape"] = Field(description="The metric the gate compares.")
+    min_improvement: float = Field(ge=0, lt=1, description="Relative improvement of the primary metric over the champion needed to promote (0.01 = 1% better; 0: any improvement).")
+    max_slice_regression: float = Field(ge=0, description="A candidate whose primary metric on any slice (of at least 30 rows) is worse than the champion's by more than this fraction is not promoted.")
+    slice_bins: int = Field(ge=2, le=100, description="Quantile bins of a numeric slice column.")
 
 
 class PackageSettings(Section):
     """The exported, checksummed model package."""
 
-    out_dir: str = Field(description="The self-contained model package.")
+    out_dir: str = Field(description="The self-contained model package (a directory).")
+    archive: str = Field(description="The same package as one .tar.gz file.")
 
 
 class DvcSettings(Section):
@@ -166,7 +176,7 @@ class DvcSettings(Section):
 # the settings that name files (relative to the project root unless absolute or a URL)
 PATH_KEYS = [("dataset", "source"), ("dataset", "suite"), ("ingest", "out"), ("validate", "out"), ("validate", "quarantine"), ("validate", "report"), ("validate", "report_md"), ("validate", "reference"),
              ("preprocess", "out_dir"), ("train", "out_dir"), ("train", "log_dir"),
-             ("evaluate", "out_dir"), ("package", "out_dir")]
+             ("evaluate", "out_dir"), ("evaluate", "champion"), ("package", "out_dir"), ("package", "archive")]
 
 
 class Settings(Section):

@@ -77,6 +77,15 @@ def trained(tmp_path_factory) -> Settings:
     return s
 
 
+@pytest.fixture(scope="session")
+def packaged(trained):
+    """`trained` evaluated and packaged: (metrics, package result, settings)."""
+    from tasks.evaluate import evaluate
+    from tasks.package import package
+
+    return evaluate(trained), package(trained), trained
+
+
 def run_until_preprocess(s: Settings) -> dict:
     from tasks.ingest import ingest
     from tasks.preprocess import preprocess

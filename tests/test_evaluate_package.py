@@ -6,14 +6,9 @@ import pandas as pd
 import pytest
 
 from tasks.evaluate import evaluate
-from tasks.package import load_package, package
+from tasks.package import load_package
 from tasks.settings import UserError, parse_settings
 from tests.conftest import workspace
-
-
-@pytest.fixture(scope="module")
-def packaged(trained):
-    return evaluate(trained), package(trained), trained
 
 
 def test_evaluate_writes_metrics_predictions_and_plot(packaged):
@@ -39,7 +34,7 @@ def test_package_reproduces_evaluate_from_raw_rows(packaged):
     np.testing.assert_allclose(pkg.predict(raw_test), expected, atol=1e-5, rtol=0)
     assert result["parity_max_abs_diff"] <= 1e-5
     manifest = pkg.manifest
-    assert set(manifest["files"]) == {"model.onnx", "transform.json", "suite.yaml"}
+    assert set(manifest["files"]) == {"model.onnx", "transform.json", "suite.yaml", "MODEL_CARD.md"}
     assert manifest["metrics"]["rmse"] == packaged[0]["rmse"]
     assert manifest["params"]["train"]["hidden"] == [32, 32]
     assert len(manifest["data"]["raw"]["sha256"]) == 64 and manifest["torch_version"]

@@ -89,7 +89,10 @@ def test_first_run_runs_every_stage_and_leaves_dvc_clean(in_repo):
     assert arts["validation-report"].data.startswith("# Validation PASSED: 29 of 29")
     assert "2 rank(s) (local, ddp, fp32 on cpu)" in arts["training-summary"].data
     assert "| train | ran |" in arts["training-summary"].data and out["data_version"] in arts["training-summary"].data
-    assert {row["metric"] for row in json.loads(arts["metrics"].data)} == {"rmse", "mae", "r2"}
+    assert {row["metric"] for row in json.loads(arts["metrics"].data)} == {"rmse", "mae", "r2", "mape"}
+    # the first model beat the train-mean baseline: promoted to evaluate.champion, and the flow says so
+    assert out["gate"]["decision"] == "promote" and "Gate:** promote: test RMSE" in arts["training-summary"].data
+    assert load_package(in_repo / "models/production").manifest == load_package(in_repo / "models/package").manifest
 
 
 def test_rerun_with_nothing_changed_skips_every_stage(in_repo):
@@ -105,12 +108,18 @@ def test_rerun_with_nothing_changed_skips_every_stage(in_repo):
 def test_train_param_from_the_ui_runs_as_a_dvc_experiment(in_repo):
     params_before = (in_repo / "params.yaml").read_bytes()
     model_before = sha256_file(in_repo / "models/train/model.pt")
-    state = run(in_repo, train={"epochs": 2})
+    champion_before = sha256_file(in_repo / "models/production/manifest.json")
+    state = run(in_repo, train={"epochs": 1})
     out = state.result()
     assert {k: v["status"] for k, v in out["stages"].items()} == {
         "ingest": "cached", "validate": "cached", "preprocess": "cached",
-        "train": "ran", "evaluate": "ran", "package": "ran"}
-    assert out["changed_params"] == {"train.epochs": [3, 2]} or out["changed_params"] == {"train.epochs": (3, 2)}
+        "train": "ran", "evaluate": "ran", "package": "ran", "promote": "ran"}
+    assert out["changed_params"] == {"train.epochs": [3, 1]} or out["changed_params"] == {"train.epochs": (3, 1)}
+    # 1 epoch loses to the workspace's champion (3 epochs): the run completes as "Not promoted", naming the margin
+    assert state.is_completed() and state.name == "Not promoted"
+    assert state.message == out["gate"]["message"]
+    assert state.message.startswith("not promoted: test RMSE ") and f"vs champion {in_repo / 'models/production'} " in state.message
+    assert sha256_file(in_repo / "models/production/manifest.json") == champion_before
     exp = out["experiment"]
     assert exp and exp.startswith("prefect-")
     # the workspace is as it was: params.yaml, model, and DVC's view of it
@@ -121,9 +130,9 @@ def test_train_param_from_the_ui_runs_as_a_dvc_experiment(in_repo):
     shown = json.loads(sh(in_repo, "dvc", "exp", "show", "--json").stdout)
     exps = {e["name"]: e for base in shown for e in (base.get("experiments") or [])}
     data = exps[exp]["revs"][0]["data"]
-    assert data["params"]["params.yaml"]["data"]["train"]["epochs"] == 2
+    assert data["params"]["params.yaml"]["data"]["train"]["epochs"] == 1
     assert data["metrics"]["reports/evaluate/metrics.json"]["data"]["rmse"] == pytest.approx(out["metrics"]["rmse"])
-    assert "`train.epochs`: 3 → 2" in artifacts(state)["training-summary"].data
+    assert "`train.epochs`: 3 → 1" in artifacts(state)["training-summary"].data
 
 
 def test_push_without_a_remote_names_the_fix(in_repo):

@@ -17,7 +17,7 @@ import yaml
 
 from tests.conftest import ROOT, make_repo, sh
 
-STAGES = ["ingest", "validate", "preprocess", "train", "evaluate", "package"]
+STAGES = ["ingest", "validate", "preprocess", "train", "evaluate", "package", "promote"]
 DEPLOYMENT = "training-pipeline/training-pipeline"
 
 
@@ -160,7 +160,8 @@ def test_served_deployment_runs_ui_triggered_runs(server, repo):
         print(f"REST trigger -> completed run: {time.perf_counter() - t0:.1f} s")
         assert run["state"]["type"] == "COMPLETED"
         assert server.task_states(run["id"]) == {"ingest": "Cached", "validate": "Cached", "preprocess": "Cached",
-                                                  "train": "Completed", "evaluate": "Completed", "package": "Completed"}
+                                                  "train": "Completed", "evaluate": "Completed", "package": "Completed",
+                                                  "promote": "Completed"}
         summary = server.artifacts(run["id"])["training-summary"]
         assert "`train.epochs`: 3 → 2" in summary and "DVC experiment `prefect-" in summary
         shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
