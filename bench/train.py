@@ -1,6 +1,6 @@
 """The train stage's throughput: against a bare PyTorch loop, 1 vs 2 ranks, and each gradient-sync mode.
 
-Run: .venv/bin/python bench/train.py                 (about 4 minutes on 2 cores)
+Run: .venv/bin/python bench/train.py                 (about 6 minutes on 2 cores)
      .venv/bin/python bench/train.py --epochs 5
 
 On California Housing (features from the real preprocess stage, default params, early stopping off), each
@@ -105,15 +105,20 @@ def run(fn: str, *args: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=3, help="pairs of (a)")
     a = ap.parse_args()
     e = str(a.epochs)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as work:
         run("prepare", work)
-        print(f"(a) California Housing, {e} epochs, 1 process")
-        loop = run("bare", work, e)
-        one = run("stage", work, e, "1", "allreduce")
-        print(f"    bare loop    {loop['samples_per_s']:>10,.0f} samples/s")
-        print(f"    train stage  {one['samples_per_s']:>10,.0f} samples/s   stage / bare = {one['samples_per_s'] / loop['samples_per_s']:.3f}")
+        print(f"(a) California Housing, {e} epochs, 1 process; bare loop and stage alternately, {a.repeats} times each")
+        ratios = []
+        for _ in range(a.repeats):  # side by side: this machine's speed drifts between runs
+            loop = run("bare", work, e)
+            one = run("stage", work, e, "1", "allreduce")
+            ratios.append(one["samples_per_s"] / loop["samples_per_s"])
+            print(f"    bare loop {loop['samples_per_s']:>10,.0f}   train stage {one['samples_per_s']:>10,.0f} samples/s   "
+                  f"stage / bare = {ratios[-1]:.3f}", flush=True)
+        print(f"    median stage / bare = {sorted(ratios)[len(ratios) // 2]:.3f}")
         print("(b) ranks (gloo); step time split over the run: data / compute / gradient sync, seconds per rank")
         two = run("stage", work, e, "2", "allreduce")
         fsdp = run("stage", work, e, "2", "allreduce", "fsdp")

@@ -214,3 +214,18 @@ def test_a_residual_mlp_with_embeddings_trains_on_two_ranks_and_packages(validat
     assert result["parity_max_abs_diff"] < 1e-5 * transform_of(s)["target_std"]
     pkg = load_package(s.package.out_dir)
     assert pkg.manifest["params"]["train"]["model"] == "resmlp"
+
+    # batch inference: a carrier never seen in training is scored with the OOV code and counted, not rejected
+    from tasks.predict import predict_file
+
+    raw_test = pd.read_parquet(Path(s.preprocess.out_dir) / "test_raw").head(500)
+    raw_test["carrier"] = raw_test["carrier"].astype(object)
+    raw_test.loc[:9, "carrier"] = "ZZ"
+    raw_test.to_parquet(tmp_path / "new.parquet", index=False)
+    scored = predict_file(s.package.out_dir, tmp_path / "new.parquet", tmp_path / "pred.parquet")
+    assert scored["rows"] == scored["predicted"] == 500 and scored["rejected"] == 0
+    vocabulary = set(pkg.transform["categorical"]["carrier"]["vocabulary"])  # carriers too rare in the slice are OOV too
+    assert scored["unseen_categories"]["carrier"] == 10 + int((~raw_test.loc[10:, "carrier"].isin(vocabulary)).sum())
+    pred = pd.read_parquet(tmp_path / "pred.parquet")
+    assert list(pred.columns) == ["year", "month", "day", "carrier", "flight", "origin", "prediction"]  # the row key
+    np.testing.assert_allclose(pred["prediction"], pkg.predict(raw_test), atol=1e-4, rtol=0)
