@@ -42,6 +42,24 @@ except UserError as e:  # no flow can be defined without them
     sys.exit(2)
 
 
+STAGE_RETRIES = 2
+
+
+def infrastructure_failure(_task, _task_run, state) -> bool:
+    """Prefect retries a stage only after an infrastructure failure (a lost Dask worker or connection, a
+    timeout, training ranks that kept dying after their own restarts); never after bad data or params
+    (UserError) or a bug in our code (any other traceback): those would fail the same way again."""
+    from distributed import KilledWorker
+
+    try:
+        error = state.result(raise_on_failure=False)
+    except Exception as e:  # noqa: BLE001 - the result of a crashed task is the error itself
+        error = e
+    if isinstance(error, UserError):
+        return str(error).startswith("train: gave up after")  # the training group's own restarts ran out
+    return isinstance(error, (KilledWorker, ConnectionError, TimeoutError))
+
+
 def run_stage(name: str, settings: Settings, ws: Workspace):
     """Run one stage unless DVC finds it up to date; then record it in dvc.lock and the DVC cache."""
     t0 = time.perf_counter()
@@ -109,7 +127,8 @@ def _run_stages(settings: Settings, ws: Workspace) -> tuple:
     the train stage's summary and the gate's decision."""
     stages = {}
     for name in STAGES:
-        state = task(run_stage, name=name, cache_policy=NO_CACHE)(name, settings, ws, return_state=True)
+        state = task(run_stage, name=name, cache_policy=NO_CACHE, retries=STAGE_RETRIES, retry_delay_seconds=5,
+                     retry_condition_fn=infrastructure_failure)(name, settings, ws, return_state=True)
         if name == "validate" and Path(settings.validate_.report_md).exists():  # passed or not
             create_markdown_artifact(key="validation-report", markdown=Path(settings.validate_.report_md).read_text(),
                                      description="Every expectation of the suite on this run's data")

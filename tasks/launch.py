@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -28,21 +29,51 @@ import torch
 
 from tasks.files import replace_dir, write_json
 from tasks.settings import Settings, UserError, absolute_paths
-from tasks.train import fresh_staging_dir, run_rank, staging_dir
+from tasks.train import run_rank, staging_dir
 
 SETTINGS_ENV = "TRAINFLOW_SETTINGS"  # settings of ranks started by the stage's own torchrun (JSON file)
 ERROR_ENV = "TRAINFLOW_ERROR_FILE"   # where such a rank leaves a user error for the stage to report
 
 
 def launch(s: Settings) -> dict:
+    """Run the ranks where train.launcher says; relaunch the whole group from the last checkpoint after an
+    infrastructure failure (a rank killed, a hang), up to train.max_restarts; publish the model."""
     cfg = s.train
-    out = fresh_staging_dir(cfg.out_dir)
-    placement = {"dask": on_dask, "torchrun": on_torchrun, "local": on_local}[cfg.launcher](s)
+    out = staging_dir(cfg.out_dir)  # kept between runs: an interrupted run resumes from its checkpoints
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)
+    run = {"dask": on_dask, "torchrun": on_torchrun, "local": on_local}[cfg.launcher]
+    failures = []
+    while True:
+        t0 = time.monotonic()
+        try:
+            placement = run(s)
+            break
+        except Failure as f:
+            failures.append({"attempt": len(failures) + 1, "kind": f.kind, "cause": f.cause,
+                             "seconds": round(time.monotonic() - t0, 1)})
+            if f.kind != "infrastructure" or len(failures) > cfg.max_restarts:
+                listed = "; ".join(f"#{x['attempt']} {x['kind']}: {x['cause']}" for x in failures)
+                kept = f" The checkpoints are kept in {out / 'checkpoints'}." if (out / "checkpoints").exists() else ""
+                if f.kind == "infrastructure":
+                    raise UserError(f"train: gave up after {cfg.max_restarts} restart(s) (train.max_restarts): {listed}.{kept}") from None
+                raise f.error from None  # user errors and bugs are not retried
+            print(f"train: {f.kind} failure ({f.cause}); restarting the {cfg.world_size} rank(s) from the last checkpoint "
+                  f"(restart {len(failures)} of at most {cfg.max_restarts})", file=sys.stderr, flush=True)
     summary = json.loads((out / "summary.json").read_text())
-    summary["launcher"], summary["placement"] = cfg.launcher, placement
+    summary["launcher"], summary["placement"], summary["restarts"] = cfg.launcher, placement, failures
     write_json(out / "summary.json", summary)
     replace_dir(out, cfg.out_dir)
     return summary
+
+
+class Failure(Exception):
+    """A failed attempt, classified: user (bad data or params: never retried), infrastructure (a rank killed
+    by a signal or out of memory, a hang, a lost worker: retried), bug (a traceback in our code: not retried)."""
+
+    def __init__(self, kind: str, cause: str, error: BaseException):
+        super().__init__(cause)
+        self.kind, self.cause, self.error = kind, cause, error
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -62,6 +93,8 @@ def _spawned(rank: int, s: Settings, world: int, init_method: str) -> None:
 
 
 def on_local(s: Settings) -> list[str]:
+    from tasks.train import Watchdog
+
     cfg = s.train
     cuda = torch.cuda.is_available()
     available = torch.cuda.device_count() if cuda else os.cpu_count() or 1
@@ -70,15 +103,36 @@ def on_local(s: Settings) -> list[str]:
         raise UserError(f"train.world_size={cfg.world_size} exceeds the {available} {what} here (one rank each); lower "
                         "train.world_size, or place ranks on more machines with train.launcher: dask or torchrun")
     if cfg.world_size == 1 and cfg.strategy == "ddp":
-        run_rank(s, 0, 1, 0, init_method="")  # no process group, no second process
+        Watchdog.fired = False
+        try:
+            run_rank(s, 0, 1, 0, init_method="")  # no process group, no second process
+        except KeyboardInterrupt as e:
+            if not Watchdog.fired:
+                raise
+            raise Failure("infrastructure", f"hung (no step in train.step_timeout_s={cfg.step_timeout_s:g} s; stacks in the log)", e) from None
+        except UserError as e:
+            raise Failure("user", str(e), e) from None
         return ["this process"]
     import torch.multiprocessing as mp
 
     init = f"tcp://127.0.0.1:{free_port()}"
     try:
+        # when one rank fails, spawn terminates the others at once: no survivor waits on a collective
         mp.spawn(_spawned, args=(s, cfg.world_size, init), nprocs=cfg.world_size, join=True)
     except mp.ProcessRaisedException as e:
-        raise (_user_error_from(str(e)) or e) from None
+        user = _user_error_from(str(e))
+        raise Failure("user", str(user), user) if user else Failure("bug", str(e).strip().splitlines()[-1], e) from None
+    except mp.ProcessExitedException as e:
+        if e.exit_code == Watchdog.EXIT:
+            cause = f"rank {e.error_index} hung (no step in train.step_timeout_s={cfg.step_timeout_s:g} s; stacks in the log)"
+        elif e.exit_code < 0:
+            import signal
+
+            cause = f"rank {e.error_index} killed by {signal.Signals(-e.exit_code).name}" + (
+                " (out of memory?)" if -e.exit_code == signal.SIGKILL else "")
+        else:
+            cause = f"rank {e.error_index} exited with code {e.exit_code}"
+        raise Failure("infrastructure", cause, e) from None
     return [f"local process {r}" for r in range(cfg.world_size)]
 
 
@@ -136,11 +190,15 @@ def on_dask(s: Settings) -> list[str]:
                    for r, w in enumerate(workers)]
         for future in as_completed(futures):
             if future.status == "error":
-                error = future.exception()
+                error, r = future.exception(), futures.index(future)
                 client.cancel(futures)
-                raise (error if isinstance(error, UserError) else
-                       RuntimeError(f"train rank {futures.index(future)} on {workers[futures.index(future)]} failed: {error!r}")
-                       ) from None
+                if isinstance(error, UserError):
+                    raise Failure("user", str(error), error)
+                from distributed import KilledWorker
+
+                lost = isinstance(error, (KilledWorker, OSError, TimeoutError))
+                raise Failure("infrastructure" if lost else "bug", f"rank {r} on {workers[r]}: {error!r}",
+                              RuntimeError(f"train rank {r} on {workers[r]} failed: {error!r}"))
     return workers
 
 
@@ -157,9 +215,12 @@ def on_torchrun(s: Settings) -> list[str]:
         proc = subprocess.run(cmd, env=env, stdout=sys.stdout, stderr=subprocess.PIPE, text=True)
         if proc.returncode:
             if errors.exists():
-                raise UserError(errors.read_text().strip())
+                error = UserError(errors.read_text().strip())
+                raise Failure("user", str(error), error)
             sys.stderr.write(proc.stderr)
-            raise RuntimeError(f"torchrun exited with {proc.returncode}: {' '.join(cmd)} (its output is above)")
+            error = RuntimeError(f"torchrun exited with {proc.returncode}: {' '.join(cmd)} (its output is above)")
+            killed = "Signal" in proc.stderr or f"exitcode: {86}" in proc.stderr or "hung" in proc.stderr
+            raise Failure("infrastructure" if killed else "bug", f"torchrun exited with {proc.returncode}", error)
     return [f"torchrun local rank {r}" for r in range(s.train.world_size)]
 
 
@@ -178,7 +239,7 @@ def torchrun_rank(s: Settings) -> None:
             from tasks.train import check_inputs
 
             check_inputs(s)
-            fresh_staging_dir(s.train.out_dir)
+            staging_dir(s.train.out_dir).mkdir(parents=True, exist_ok=True)  # checkpoints of an interrupted run stay
         run_rank(s, rank, world, local, init_method="env://", local_world=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
         if not by_stage and rank == 0:
             replace_dir(staging_dir(s.train.out_dir), s.train.out_dir)

@@ -134,7 +134,11 @@ class TrainSettings(Section):
     grad_sync: Literal["allreduce", "fp16", "bf16", "powersgd", "local_sgd"] = Field(description="How ranks combine gradients: allreduce (exact), fp16/bf16 (allreduce compressed to 16 bits), powersgd (low-rank compression with error feedback), local_sgd (no gradient sync; parameters averaged every local_sgd_period steps).")
     local_sgd_period: int = Field(ge=1, description="With grad_sync local_sgd: steps between parameter averages.")
     grad_accum_steps: int = Field(ge=1, description="Micro-batches per step on each rank (gradients accumulated without sync, then synced once): the same step on less memory.")
-    keep_checkpoints: int = Field(ge=1, description="Per-epoch checkpoints kept (oldest deleted first).")
+    keep_checkpoints: int = Field(ge=1, description="Checkpoints kept (oldest deleted first).")
+    checkpoint_every: str = Field(pattern=r"^[1-9][0-9]* (step|steps|epoch|epochs)$", description="How often to checkpoint: 'N steps' or 'N epochs'; bounds the work a failure loses.")
+    max_restarts: int = Field(ge=0, le=100, description="Times the whole group of ranks is relaunched from the last checkpoint after an infrastructure failure (a rank killed, a hang).")
+    step_timeout_s: float = Field(gt=0, description="A rank that finishes no step (or validation) in this many seconds is hung: its stacks are logged and the group restarts.")
+    resume_from: str | None = Field(description="A checkpoint file to continue training from (model, optimizer, schedule, data order); null: resume only an interrupted run of the same settings.")
     out_dir: str = Field(description="Trained model and checkpoints.")
     log_dir: str = Field(description="dvclive metrics and plots of training.")
 

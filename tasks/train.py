@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from tasks import checkpoint
 from tasks.files import atomic_path, write_json
 from tasks.model import build_model, shard_units
 from tasks.settings import Settings, UserError, cli
@@ -132,6 +133,12 @@ def run_rank(s: Settings, rank: int, world: int, local_rank: int, init_method: s
     if cuda:
         torch.cuda.set_device(device)
     if init_method:
+        import faulthandler
+        import signal
+        import sys
+
+        # when the launcher tears the group down (a rank died or hung), every rank logs where it was
+        faulthandler.register(signal.SIGTERM, file=sys.stderr, all_threads=True, chain=True)
         dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=rank, world_size=world,
                                 timeout=timedelta(minutes=10), **({"device_id": device} if cuda else {}))
     try:
@@ -198,24 +205,67 @@ def _train(s: Settings, rank: int, world: int, device: torch.device, grouped: bo
             model.set_requires_gradient_sync(not quiet)
         return model.no_sync() if ddp and quiet else nullcontext()
 
+    # resume: an interrupted run of the same settings and features continues from its last valid checkpoint
+    ckpt_dir = out / "checkpoints"
+    run_id = checkpoint.fingerprint(cfg.model_dump(), {"schema": schema, "transform": transform})
+    state = checkpoint.load_from(cfg.resume_from, arch) if cfg.resume_from else checkpoint.load_latest(ckpt_dir, run_id)
+    every, unit = int(cfg.checkpoint_every.split()[0]), cfg.checkpoint_every.split()[1].rstrip("s")
+    best_val, best_epoch, best_state, stale, history = float("inf"), -1, None, 0, []
+    first_epoch, skip, steps = 1, 0, 0
+    if state is not None:
+        set_full_state(model, opt, fsdp, state["model"], state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        order.set_state(state["order_state"])
+        first_epoch, skip, steps = state["epoch"], state["step_in_epoch"], state["steps"]
+        b = state["best"]
+        best_val, best_epoch, best_state, stale, history = b["val"], b["epoch"], b["state"], b["stale"], list(state["history"])
+        set_rng(state["rng"], rank, world, device)
+        if master:
+            print(f"train: resuming from {state['path']} (epoch {first_epoch}, step {skip} of it, {steps} steps done)", flush=True)
+
+    def snapshot(epoch: int, step_in_epoch: int, order_state: torch.Tensor, partial: list[float]) -> dict | None:
+        """The checkpoint contract's state (gathered on every rank; rank 0 gets it, the others None)."""
+        model_state, optim_state = full_checkpoint(model, opt, fsdp) if master or fsdp else (None, None)
+        rngs = gather_rng(device, world, grouped)
+        if not master:
+            return None
+        return {"fingerprint": run_id, "arch": arch, "model": model_state, "optimizer": optim_state,
+                "scheduler": copy.deepcopy(sched.state_dict()), "epoch": epoch, "step_in_epoch": step_in_epoch,
+                "steps": steps, "order_state": order_state.clone(), "rng": rngs, "partial_sse": partial,
+                "best": {"val": best_val, "epoch": best_epoch, "state": best_state, "stale": stale},
+                "history": copy.deepcopy(history)}
+
     live = None
     if master and log:
         from dvclive import Live
 
-        live = Live(dir=cfg.log_dir, dvcyaml=False, save_dvc_exp=False)
-    best_val, best_epoch, best_state, stale, history = float("inf"), -1, None, 0, []
-    t0, steps = time.perf_counter(), 0
-    # rank 0's per-epoch writes (metrics, checkpoint) run in one background thread, in order
+        live = Live(dir=cfg.log_dir, dvcyaml=False, save_dvc_exp=False, resume=state is not None)
+    if state is None and master:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # another run's checkpoints (other settings or features)
+    if state is not None and live is not None:
+        live.step = len(history)  # dvclive continues at the checkpoint's epoch
+    if grouped:
+        dist.barrier()  # every rank has read the checkpoints before any is removed or written
+    watchdog = Watchdog(cfg.step_timeout_s, rank, in_process=not grouped and not os.environ.get("RANK"))
+    t0, rows_done = time.perf_counter(), 0
+    # rank 0's writes (metrics, checkpoints) run in one background thread, in order
     writer, writes = ThreadPoolExecutor(1, thread_name_prefix="trainflow-writer"), []
     try:
         steps_per_epoch = math.ceil(n_train / B)
-        for epoch in range(1, cfg.epochs + 1):
+        epoch = first_epoch - 1
+        for epoch in range(first_epoch, cfg.epochs + 1):
             # one pass over the train set: rank r takes the r-th slice of every global batch
             model.train()
+            epoch_order = order.get_state()  # with the position in the epoch, the data-order state
             perm = torch.randperm(n_train, generator=order).to(device)
             step_sse = torch.zeros(steps_per_epoch, device=device)  # this rank's squared error per step: no host sync
+            if skip and state is not None and state.get("partial_sse") is not None:
+                step_sse[:skip] = torch.tensor(state["partial_sse"][rank] if len(state["partial_sse"]) == world else 0.0)
             marks, previous = [], clock.now()
             for i, start in enumerate(range(0, n_train, B)):
+                if i < skip:  # done before the interruption: the same batches, not trained again
+                    continue
+                inject_fault(rank, steps)
                 idx = perm[start:start + B]
                 m = len(idx)
                 mine = rank_slice(idx, rank, world)
@@ -238,7 +288,14 @@ def _train(s: Settings, rank: int, world: int, device: torch.device, grouped: bo
                 end = clock.now()
                 marks.append((previous, taken, *sync.take(), end))
                 previous = end
-            steps += len(marks)
+                steps, rows_done = steps + 1, rows_done + m
+                watchdog.beat()
+                if unit == "step" and steps % every == 0 and i + 1 < steps_per_epoch:  # (an epoch's end is saved below)
+                    partial = gather_sse(step_sse[:i + 1], world, grouped)
+                    snap = snapshot(epoch, i + 1, epoch_order, partial)
+                    if master:
+                        writes.append(writer.submit(checkpoint.save, ckpt_dir, snap, cfg.keep_checkpoints))
+            skip = 0
             sched.step()
 
             # validation: each rank scores its shard in the same number of chunks (FSDP needs every rank in
@@ -251,6 +308,7 @@ def _train(s: Settings, rank: int, world: int, device: torch.device, grouped: bo
                               torch.zeros((), device=device))
             if cuda:
                 torch.cuda.synchronize(device)
+            watchdog.beat()
             timing = step_times(clock, marks)
             totals = torch.tensor([float(step_sse.sum()), float(val_sse), timing["data"], timing["compute"], timing["sync"],
                                    timing["train"]], dtype=torch.float64, device=device)
@@ -260,12 +318,12 @@ def _train(s: Settings, rank: int, world: int, device: torch.device, grouped: bo
             train_mse, val_mse = totals[0].item() / n_train, totals[1].item() / len(x_val)
             if not np.isfinite(train_mse):
                 bad = ~torch.isfinite(step_sse)
-                mine_first = torch.tensor(int(bad.nonzero()[0]) + steps - len(marks) + 1 if bad.any() else -1, device=device)
+                mine_first = torch.tensor(steps - steps_per_epoch + int(bad.nonzero()[0]) + 1 if bad.any() else -1, device=device)
                 firsts = [torch.zeros_like(mine_first) for _ in range(world)] if grouped else [mine_first]
                 if grouped:
                     dist.all_gather(firsts, mine_first)
                 step, where = min((int(b), r) for r, b in enumerate(firsts) if int(b) >= 0)
-                kept = f"; the checkpoints of epochs 1-{epoch - 1} are in {out / 'checkpoints'}" if epoch > 1 else ""
+                kept = f"; the checkpoints before it are in {ckpt_dir}" if checkpoint.listed(ckpt_dir) or writes else ""
                 raise UserError(f"train: loss became {train_mse} at step {step} (epoch {epoch}) on rank {where}{kept}; "
                                 f"{cfg.out_dir} keeps the last good model. Lower train.lr (now {cfg.lr})")
 
@@ -276,18 +334,21 @@ def _train(s: Settings, rank: int, world: int, device: torch.device, grouped: bo
                 best_state = full_model_state(model, fsdp)
             else:
                 stale += 1
+            step_s = totals[5].item()
             record = {"epoch": epoch, "train_loss": train_mse, "val_loss": val_mse, "val_rmse": float(np.sqrt(val_mse)) * t_std,
-                      "lr": sched.get_last_lr()[0], "samples_per_s": n_train / totals[5].item(),
+                      "lr": sched.get_last_lr()[0], "samples_per_s": n_train / step_s if step_s > 0 else None,
                       "data_s": totals[2].item(), "compute_s": totals[3].item(), "sync_s": totals[4].item() if grouped and not fsdp else None}
             history.append(record)
-            if master or fsdp:  # (gathering FSDP's shards takes every rank)
-                checkpoint = full_checkpoint(model, opt, fsdp)  # a copy: training goes on while it is written
             if master:
-                writes.append(writer.submit(write_epoch, live, record, out / "checkpoints", checkpoint, sched.state_dict(),
-                                            epoch, best_val, arch, cfg.keep_checkpoints))
+                writes.append(writer.submit(log_epoch, live, record))
+            if unit == "step" or epoch % every == 0 or stale >= cfg.patience or epoch == cfg.epochs:
+                snap = snapshot(epoch + 1, 0, order.get_state(), None)  # (a copy: training goes on while it is written)
+                if master:
+                    writes.append(writer.submit(checkpoint.save, ckpt_dir, snap, cfg.keep_checkpoints))
             if stale >= cfg.patience:
                 break
     finally:
+        watchdog.stop()
         writer.shutdown(wait=True)  # every checkpoint a message may mention is on disk
     for write in writes:
         write.result()  # a failed write fails the run
@@ -299,7 +360,9 @@ def _train(s: Settings, rank: int, world: int, device: torch.device, grouped: bo
         summary = {
             "best_epoch": best_epoch, "epochs_run": epoch, "best_val_rmse": float(np.sqrt(best_val)) * t_std,
             "world_size": world, "device": device.type, "strategy": cfg.strategy, "precision": "bf16" if bf16 else "fp32",
-            "steps": steps, "seconds": round(seconds, 3), "samples_per_s": round(epoch * n_train / seconds, 1),
+            "steps": steps, "seconds": round(seconds, 3), "samples_per_s": round(rows_done / seconds, 1),
+            "resumed_from": None if state is None else {"checkpoint": state["path"], "epoch": first_epoch, "step_in_epoch": state["step_in_epoch"],
+                                                        "steps": state["steps"]},
             "time_split_s": {k: round(sum(h[f"{k}_s"] or 0.0 for h in history), 4) for k in ("data", "compute", "sync")},
             "epochs": history,
         }
@@ -310,6 +373,131 @@ def _train(s: Settings, rank: int, world: int, device: torch.device, grouped: bo
             live.end()
     if grouped:
         dist.barrier()
+
+
+def log_epoch(live, record: dict) -> None:
+    """Rank 0's dvclive metrics of an epoch (in the writer thread)."""
+    if live is None:
+        return
+    for key, value in LIVE_KEYS:
+        if record[value] is not None:
+            live.log_metric(key, record[value])
+    live.next_step()
+
+
+class Watchdog:
+    """A rank that makes no progress (a step, a validation) for timeout_s seconds is hung: dump every
+    thread's Python stack to stderr (the run's log) and end the process, so the launcher tears the group
+    down and restarts it from the last checkpoint."""
+
+    EXIT = 86  # the exit code that says "hung", for the launcher
+    fired = False  # in-process (one rank in the stage's own process): the main thread is interrupted instead
+
+    def __init__(self, timeout_s: float, rank: int, in_process: bool):
+        import threading
+
+        self.timeout, self.rank, self.last, self.in_process = timeout_s, rank, time.monotonic(), in_process
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="trainflow-watchdog", daemon=True)
+        self.thread.start()
+
+    def beat(self) -> None:
+        self.last = time.monotonic()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def _watch(self) -> None:
+        import faulthandler
+        import sys
+
+        while not self.stopped.wait(min(1.0, self.timeout / 4)):
+            idle = time.monotonic() - self.last
+            if idle > self.timeout:
+                print(f"train: rank {self.rank} finished no step in {idle:.0f} s (train.step_timeout_s={self.timeout:g}): "
+                      "hung. Its Python stacks:", file=sys.stderr, flush=True)
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+                sys.stderr.flush()
+                if self.in_process:
+                    import _thread
+
+                    Watchdog.fired = True
+                    _thread.interrupt_main()
+                    return
+                os._exit(self.EXIT)
+
+
+FAULT_ENV = "TRAINFLOW_INJECT_FAULT"  # tests only: "kill|hang:RANK:STEP:MARKER_FILE", fired once (the marker)
+
+
+def inject_fault(rank: int, steps: int) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    kind, r, step, marker = spec.split(":", 3)
+    if int(r) == rank and int(step) == steps and not os.path.exists(marker):
+        Path(marker).write_text(f"{kind} rank {rank} at step {steps}\n")
+        if kind == "kill":
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(10**6)  # hang
+
+
+def rng_state(device: torch.device) -> dict:
+    import random
+
+    npk = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "numpy": [npk[0], torch.from_numpy(npk[1].astype(np.int64)), int(npk[2]), int(npk[3]), float(npk[4])],
+            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+
+
+def gather_rng(device: torch.device, world: int, grouped: bool) -> list[dict]:
+    """Every rank's RNG states, in rank order (a collective)."""
+    mine = rng_state(device)
+    if not grouped:
+        return [mine]
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)  # between this run's own ranks
+    return everyone
+
+
+def set_rng(states: list[dict], rank: int, world: int, device: torch.device) -> None:
+    import random
+
+    if len(states) != world:
+        return  # another world size: the data order is exact, dropout masks are not
+    s = states[rank]
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(s["cuda"], device)
+    n = s["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    p = s["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+def gather_sse(partial: torch.Tensor, world: int, grouped: bool) -> list[list[float]]:
+    """Every rank's per-step squared errors so far in the epoch (so a resumed epoch reports the same loss)."""
+    mine = partial.double().cpu().tolist()
+    if not grouped:
+        return [mine]
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def set_full_state(model, opt, fsdp: bool, model_state: dict, optim_state: dict) -> None:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(model, opt, model_state_dict=model_state, optim_state_dict=optim_state,
+                       options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+        return
+    raw = model.module if isinstance(model, DDP) else model
+    raw.load_state_dict(model_state)
+    opt.load_state_dict(optim_state)
 
 
 def rank_slice(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
@@ -388,26 +576,6 @@ def grad_sync(model: DDP, cfg, timer: SyncTimer):
 LIVE_KEYS = (("train/loss", "train_loss"), ("val/loss", "val_loss"), ("val/rmse", "val_rmse"), ("lr", "lr"),
              ("perf/samples_per_s", "samples_per_s"), ("time/data_s", "data_s"), ("time/compute_s", "compute_s"),
              ("time/sync_s", "sync_s"))
-
-
-def write_epoch(live, record: dict, directory: Path, state: tuple[dict, dict], sched_state: dict, epoch: int,
-                best_val: float, arch: dict, keep: int) -> None:
-    """Rank 0's writes after an epoch (in the writer thread): dvclive metrics, the checkpoint, old ones pruned."""
-    if live is not None:
-        for key, value in LIVE_KEYS:
-            if record[value] is not None:
-                live.log_metric(key, record[value])
-        live.next_step()
-    save_checkpoint(directory / f"epoch-{epoch:04d}.pt", state, sched_state, epoch, best_val, arch)
-    for old in sorted(directory.glob("epoch-*.pt"))[:-keep]:
-        old.unlink()
-
-
-def save_checkpoint(path: Path, state: tuple[dict, dict], sched_state: dict, epoch: int, best_val: float, arch: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save({"arch": arch, "model": state[0], "optimizer": state[1], "scheduler": sched_state,
-                    "epoch": epoch, "best_val": best_val}, tmp)
 
 
 def check_inputs(s: Settings) -> dict:

@@ -23,7 +23,7 @@ def test_two_rank_gloo_ddp_matches_one_process(features, tmp_path):
     for (name, p1), (_, p2) in zip(m1.state_dict().items(), m2.state_dict().items()):
         torch.testing.assert_close(p1, p2, atol=1e-5, rtol=0, msg=name)
     # rank 0 alone wrote: one model, the last checkpoint kept, dvclive metrics for 2 epochs
-    assert sorted(p.name for p in (tmp_path / "two/model/checkpoints").iterdir()) == ["epoch-0002.pt"]
+    assert sorted(p.name for p in (tmp_path / "two/model/checkpoints").iterdir()) == ["step-00000022.pt", "step-00000022.sha256"]
     live = json.loads((tmp_path / "two/live/metrics.json").read_text())
     assert live["step"] == 1 and live["val"]["rmse"] > 0
 
@@ -34,8 +34,9 @@ def test_training_learns_and_stops_early(features, tmp_path):
     assert summary["epochs_run"] < 200  # early stopping fired
     assert summary["best_epoch"] == summary["epochs_run"] - 3
     assert summary["best_val_rmse"] < 0.75  # target std is ~1.15; a trained model does far better
-    ckpt = torch.load(tmp_path / "model/checkpoints" / f"epoch-{summary['epochs_run']:04d}.pt", weights_only=True)
-    assert ckpt["epoch"] == summary["epochs_run"] and set(ckpt) >= {"model", "optimizer", "scheduler"}
+    ckpt = torch.load(tmp_path / "model/checkpoints" / f"step-{summary['steps']:08d}.pt", weights_only=True)
+    assert ckpt["epoch"] == summary["epochs_run"] + 1 and ckpt["step_in_epoch"] == 0  # the next epoch, from its start
+    assert set(ckpt) >= {"model", "optimizer", "scheduler", "order_state", "rng", "best", "history"}
 
 
 def test_batch_larger_than_train_split_is_refused_and_old_model_kept(features, tmp_path):

@@ -1,0 +1,140 @@
+"""Faults injected into real training runs (real processes, real signals): a rank SIGKILLed, a rank hung, a
+corrupt latest checkpoint, restarts exhausted, the stage process killed; and checkpoints that must be refused."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tasks.checkpoint import listed
+from tasks.model import load_model
+from tasks.settings import UserError
+from tasks.train import FAULT_ENV, staging_dir, train
+from tests.conftest import ROOT, variant
+
+RUN = dict(world_size=2, epochs=2, checkpoint_every="5 steps", keep_checkpoints=3)  # 11 steps an epoch
+
+
+def same_parameters(a: Path, b: Path) -> None:
+    m1, _ = load_model(a / "model/model.pt")
+    m2, _ = load_model(b / "model/model.pt")
+    for (name, p1), (_, p2) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        torch.testing.assert_close(p1, p2, atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(features, tmp_path_factory):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    return root, train(variant(features, root, **RUN))
+
+
+def test_a_sigkilled_rank_restarts_the_group_from_its_checkpoint_to_the_same_parameters(features, uninterrupted, tmp_path,
+                                                                                        monkeypatch):
+    ref, ref_summary = uninterrupted
+    monkeypatch.setenv(FAULT_ENV, f"kill:1:18:{tmp_path / 'fired'}")  # rank 1, mid-epoch 2 (steps 12-22)
+    t0 = time.perf_counter()
+    summary = train(variant(features, tmp_path, **RUN))
+    assert (tmp_path / "fired").exists()
+    assert [(r["kind"], r["cause"]) for r in summary["restarts"]] == [("infrastructure", "rank 1 killed by SIGKILL (out of memory?)")]
+    resumed = summary["resumed_from"]
+    assert (resumed["steps"], resumed["epoch"], resumed["step_in_epoch"]) == (15, 2, 4)  # mid-epoch 2: 3 steps lost
+    assert summary["steps"] == ref_summary["steps"] and summary["best_val_rmse"] == pytest.approx(ref_summary["best_val_rmse"], abs=1e-9)
+    same_parameters(ref, tmp_path)
+    print(f"SIGKILL -> finished in {time.perf_counter() - t0:.1f} s (attempt 1 ran {summary['restarts'][0]['seconds']} s)")
+
+
+def test_a_hung_rank_is_detected_its_stacks_logged_and_the_group_restarted(features, uninterrupted, tmp_path, monkeypatch,
+                                                                           capfd):
+    ref, _ = uninterrupted
+    monkeypatch.setenv(FAULT_ENV, f"hang:0:7:{tmp_path / 'fired'}")
+    summary = train(variant(features, tmp_path, step_timeout_s=3, **RUN))
+    assert [r["kind"] for r in summary["restarts"]] == ["infrastructure"]
+    # rank 0 hangs before its step; rank 1 waits for it in the gradient all-reduce: either one's watchdog fires first
+    assert summary["restarts"][0]["cause"] in {f"rank {r} hung (no step in train.step_timeout_s=3 s; stacks in the log)"
+                                               for r in (0, 1)}
+    err = capfd.readouterr().err
+    assert "finished no step in" in err and "in inject_fault" in err  # every rank's stacks, the hung one's too
+    same_parameters(ref, tmp_path)
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(features, uninterrupted, tmp_path, monkeypatch, capfd):
+    ref, _ = uninterrupted
+    monkeypatch.setenv(FAULT_ENV, f"kill:0:18:{tmp_path / 'fired'}")
+    s = variant(features, tmp_path, max_restarts=0, **RUN)
+    with pytest.raises(UserError, match=r"train: gave up after 0 restart\(s\) \(train.max_restarts\): #1 infrastructure: rank 0 "
+                                        r"killed by SIGKILL .* The checkpoints are kept in .*checkpoints"):
+        train(s)
+    ckpts = listed(staging_dir(s.train.out_dir) / "checkpoints")
+    assert [p.name for p in ckpts] == ["step-00000005.pt", "step-00000010.pt", "step-00000011.pt", "step-00000015.pt"][-3:]
+    with open(ckpts[-1], "r+b") as f:  # truncate the newest
+        f.truncate(1000)
+    monkeypatch.delenv(FAULT_ENV)
+    summary = train(s)
+    assert summary["resumed_from"]["steps"] == 11  # the one before the corrupt step-15
+    assert "step-00000015.pt skipped: step-00000015.pt does not match its sha256: corrupt or truncated" in capfd.readouterr().err
+    same_parameters(ref, tmp_path)
+
+
+def test_a_killed_stage_process_resumes_from_its_checkpoint(features, tmp_path):
+    """The stage (what `dvc repro` or a flow runs) SIGKILLed mid-run; the next run continues where it was."""
+    ref = tmp_path / "ref"
+    one = dict(world_size=1, epochs=2, checkpoint_every="4 steps")
+    reference = train(variant(features, ref, **one))
+    s = variant(features, tmp_path / "run", **one)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(s.model_dump(by_alias=True), sort_keys=False))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), FAULT_ENV: f"kill:0:14:{tmp_path / 'fired'}"}
+    killed = subprocess.run([sys.executable, "-m", "tasks.train"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL and not (tmp_path / "run/model/model.pt").exists()
+    again = subprocess.run([sys.executable, "-m", "tasks.train"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "train: resuming from" in again.stdout
+    summary = json.loads((tmp_path / "run/model/summary.json").read_text())
+    # the newest checkpoint on disk when it was killed (writes are asynchronous: 12, or one before it)
+    assert summary["resumed_from"]["steps"] in (8, 11, 12) and summary["steps"] == reference["steps"]
+    same_parameters(ref, tmp_path / "run")
+
+
+def test_checkpoints_that_are_not_ours_or_not_this_model_are_refused(features, uninterrupted, tmp_path):
+    ref, summary = uninterrupted
+    good = ref / "model/checkpoints" / f"step-{summary['steps']:08d}.pt"
+    with pytest.raises(UserError, match=r"was trained with another model config \(hidden: \[32, 32\] there, \[16\] now\); it is "
+                                        r"not loaded, not even in part"):
+        train(variant(features, tmp_path / "a", resume_from=str(good), hidden=[16], epochs=3))
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps(Path("/etc/passwd")))
+    evil.with_suffix(".sha256").write_text(__import__("hashlib").sha256(evil.read_bytes()).hexdigest())
+    with pytest.raises(UserError, match=r"is not a Trainflow checkpoint \(it holds objects a checkpoint never does, and was not "
+                                        r"unpickled\)"):
+        train(variant(features, tmp_path / "b", resume_from=str(evil)))
+    old = tmp_path / "old.pt"
+    state = torch.load(good, weights_only=True)
+    torch.save(state | {"format": 0}, old)
+    old.with_suffix(".sha256").write_text(__import__("hashlib").sha256(old.read_bytes()).hexdigest())
+    with pytest.raises(UserError, match=r"is checkpoint format 0, and this Trainflow reads format 1"):
+        train(variant(features, tmp_path / "c", resume_from=str(old)))
+    # continuing a finished run for more epochs from its last checkpoint works
+    more = train(variant(features, tmp_path / "d", resume_from=str(good), **{**RUN, "epochs": 3}))
+    assert more["resumed_from"]["epoch"] == 3 and [e["epoch"] for e in more["epochs"]] == [1, 2, 3]
+
+
+def test_prefect_retries_a_stage_only_after_an_infrastructure_failure():
+    from distributed import KilledWorker
+    from prefect.states import Failed
+
+    from flows.pipeline import infrastructure_failure
+
+    def retried(error):
+        return infrastructure_failure(None, None, Failed(data=error))
+
+    assert retried(KilledWorker("task", "worker", 3)) and retried(ConnectionResetError()) and retried(TimeoutError())
+    assert retried(UserError("train: gave up after 3 restart(s) (train.max_restarts): #1 infrastructure: rank 1 killed"))
+    assert not retried(UserError("validate: data/raw/data.parquet failed 2 of 29 expectations"))  # bad data
+    assert not retried(ZeroDivisionError("division by zero"))  # a bug: the same again
