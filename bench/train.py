@@ -32,7 +32,7 @@ def settings(work: str, **train):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, key in PATH_KEYS:
         raw[section][key] = str(ROOT / raw[section][key]) if section == "dataset" else str(Path(work) / raw[section][key])
-    raw["train"].update(patience=10**6, **train)
+    raw["train"].update({"patience": 10**6, **train})
     return parse_settings(raw)
 
 
@@ -106,6 +106,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3, help="pairs of (a)")
+    ap.add_argument("--only-a", action="store_true", help="just (a)")
     a = ap.parse_args()
     e = str(a.epochs)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as work:
@@ -119,6 +120,8 @@ def main() -> None:
             print(f"    bare loop {loop['samples_per_s']:>10,.0f}   train stage {one['samples_per_s']:>10,.0f} samples/s   "
                   f"stage / bare = {ratios[-1]:.3f}", flush=True)
         print(f"    median stage / bare = {sorted(ratios)[len(ratios) // 2]:.3f}")
+        if a.only_a:
+            return
         print("(b) ranks (gloo); step time split over the run: data / compute / gradient sync, seconds per rank")
         two = run("stage", work, e, "2", "allreduce")
         fsdp = run("stage", work, e, "2", "allreduce", "fsdp")

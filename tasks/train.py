@@ -247,6 +247,7 @@ def _train(s: Settings, rank: int, world: int, device: torch.device, grouped: bo
     if grouped:
         dist.barrier()  # every rank has read the checkpoints before any is removed or written
     watchdog = Watchdog(cfg.step_timeout_s, rank, in_process=not grouped and not os.environ.get("RANK"))
+    resumed_at = time.time()  # training (re)starts here: with a fault's time, the time to recover
     t0, rows_done = time.perf_counter(), 0
     # rank 0's writes (metrics, checkpoints) run in one background thread, in order
     writer, writes = ThreadPoolExecutor(1, thread_name_prefix="trainflow-writer"), []
@@ -362,7 +363,7 @@ def _train(s: Settings, rank: int, world: int, device: torch.device, grouped: bo
             "world_size": world, "device": device.type, "strategy": cfg.strategy, "precision": "bf16" if bf16 else "fp32",
             "steps": steps, "seconds": round(seconds, 3), "samples_per_s": round(rows_done / seconds, 1),
             "resumed_from": None if state is None else {"checkpoint": state["path"], "epoch": first_epoch, "step_in_epoch": state["step_in_epoch"],
-                                                        "steps": state["steps"]},
+                                                        "steps": state["steps"], "at": resumed_at},
             "time_split_s": {k: round(sum(h[f"{k}_s"] or 0.0 for h in history), 4) for k in ("data", "compute", "sync")},
             "epochs": history,
         }
