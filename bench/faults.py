@@ -26,7 +26,6 @@ RUN = dict(world_size=2, epochs=4, checkpoint_every="20 steps", patience=100)
 
 
 def main() -> None:
-    import torch
     import yaml
 
     from tasks.checkpoint import listed

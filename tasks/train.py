@@ -127,7 +127,6 @@ def check_features(schema: dict, x: torch.Tensor) -> None:
 def run_rank(s: Settings, rank: int, world: int, local_rank: int, init_method: str, local_world: int | None = None,
              log: bool = True) -> None:
     """One rank of a training run. init_method "" means one process and no process group."""
-    cfg = s.train
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}" if cuda else "cpu")
     if cuda:

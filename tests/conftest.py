@@ -112,6 +112,19 @@ def variant(s: Settings, root: Path, **train) -> Settings:
     return parse_settings(raw)
 
 
+def same_parameters(a: Path, b: Path, atol: float) -> None:
+    """The model files a/model.pt and b/model.pt hold the same parameters, to atol."""
+    import torch
+
+    from tasks.model import load_model
+
+    m1, _ = load_model(Path(a) / "model.pt")
+    m2, _ = load_model(Path(b) / "model.pt")
+    assert m1.state_dict().keys() == m2.state_dict().keys()
+    for (name, p1), (_, p2) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        torch.testing.assert_close(p1, p2, atol=atol, rtol=0, msg=name)
+
+
 def sh(cwd: Path, *cmd: str, check: bool = True, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a command with this environment's tools (dvc, python, prefect) first on PATH."""
     env = dict(env or os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", DO_NOT_TRACK="1")

@@ -27,6 +27,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_workers(address: str, n: int, seconds: float = 60) -> None:
+    """Until the scheduler at address answers and has n workers."""
+    deadline = time.time() + seconds
+    while True:
+        try:
+            with Client(address, timeout=5) as c:
+                c.wait_for_workers(n, timeout=max(1, deadline - time.time()))
+            return
+        except (OSError, TimeoutError):
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def cli_cluster(tmp_path_factory):
     """A scheduler and one `dask worker` CLI with two worker processes, as on a real cluster."""
@@ -38,16 +52,7 @@ def cli_cluster(tmp_path_factory):
     procs.append(subprocess.Popen([DASK, "worker", address, "--nworkers", "2", "--nthreads", "1", "--host", "127.0.0.1",
                                    "--no-dashboard"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                with Client(address, timeout=5) as c:
-                    c.wait_for_workers(2, timeout=max(1, deadline - time.time()))
-                break
-            except (OSError, TimeoutError):
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.5)
+        wait_for_workers(address, 2)
         yield address, log
     finally:
         for p in procs[::-1]:

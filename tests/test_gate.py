@@ -63,7 +63,7 @@ def test_a_worse_candidate_is_not_promoted_and_production_is_untouched(features,
     s = candidate(features, root / "weak", root / "production", **WEAK)
     result = run(s)
     assert not result["promoted"]
-    assert result["message"].startswith(f"not promoted: test RMSE ") and f"vs champion {root / 'production'} " in result["message"]
+    assert result["message"].startswith("not promoted: test RMSE ") and f"vs champion {root / 'production'} " in result["message"]
     assert "better; needed > 0.00%" in result["message"] and "(-" in result["message"]  # a negative margin, named
     metrics = json.loads((Path(s.evaluate.out_dir) / "metrics.json").read_text())
     assert metrics["promote"] == 0 and metrics["champion"]["rmse"] < metrics["rmse"]

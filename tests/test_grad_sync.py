@@ -2,13 +2,11 @@
 
 
 import pytest
-import torch
 
 from tasks.evaluate import evaluate
-from tasks.model import load_model
 from tasks.settings import UserError
 from tasks.train import train
-from tests.conftest import variant
+from tests.conftest import same_parameters, variant
 
 
 def test_accumulated_micro_batches_give_the_same_step(features, tmp_path):
@@ -16,10 +14,7 @@ def test_accumulated_micro_batches_give_the_same_step(features, tmp_path):
     one = variant(features, tmp_path / "one", world_size=1, epochs=2, dropout=0.0)
     accum = variant(features, tmp_path / "accum", world_size=2, grad_accum_steps=4, epochs=2, dropout=0.0)
     assert train(one)["steps"] == train(accum)["steps"]
-    m1, _ = load_model(tmp_path / "one/model/model.pt")
-    m2, _ = load_model(tmp_path / "accum/model/model.pt")
-    for (name, p1), (_, p2) in zip(m1.state_dict().items(), m2.state_dict().items()):
-        torch.testing.assert_close(p1, p2, atol=1e-5, rtol=0, msg=name)
+    same_parameters(tmp_path / "one/model", tmp_path / "accum/model", atol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -15,16 +15,8 @@ from distributed import Client
 from tasks.model import load_model
 from tasks.settings import UserError, parse_settings
 from tasks.train import train
-from tests.conftest import ROOT, variant
-from tests.test_dask_cluster import DASK, free_port
-
-
-def same_parameters(a: Path, b: Path, atol: float) -> None:
-    m1, _ = load_model(a / "model/model.pt")
-    m2, _ = load_model(b / "model/model.pt")
-    assert m1.state_dict().keys() == m2.state_dict().keys()
-    for (name, p1), (_, p2) in zip(m1.state_dict().items(), m2.state_dict().items()):
-        torch.testing.assert_close(p1, p2, atol=atol, rtol=0, msg=name)
+from tests.conftest import ROOT, same_parameters, variant
+from tests.test_dask_cluster import DASK, free_port, wait_for_workers
 
 
 @pytest.fixture(scope="module")
@@ -49,16 +41,7 @@ def gpu_cluster(tmp_path_factory):
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
               for extra in (["--resources", "GPU=1"], ["--resources", "GPU=1"], [])]
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                with Client(address, timeout=5) as c:
-                    c.wait_for_workers(3, timeout=max(1, deadline - time.time()))
-                break
-            except (OSError, TimeoutError):
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.5)
+        wait_for_workers(address, 3)
         yield address
     finally:
         for p in procs[::-1]:
@@ -75,7 +58,7 @@ def on_cluster(s, root: Path, address: str, **train_overrides):
 def test_dask_launcher_trains_on_the_gpu_workers_to_the_local_parameters(features, local_two, gpu_cluster, tmp_path):
     ref, _ = local_two
     summary = train(on_cluster(features, tmp_path, gpu_cluster, world_size=2, epochs=2))
-    same_parameters(ref, tmp_path, atol=1e-6)
+    same_parameters(ref / "model", tmp_path / "model", atol=1e-6)
     with Client(gpu_cluster, timeout=10) as c:
         gpu = sorted(a for a, w in c.scheduler_info(n_workers=-1)["workers"].items() if w["resources"].get("GPU"))
     assert summary["launcher"] == "dask" and sorted(summary["placement"]) == gpu  # one rank on each GPU worker
@@ -96,7 +79,7 @@ def test_torchrun_launcher_trains_to_the_local_parameters(features, local_two, t
     ref, _ = local_two
     summary = train(variant(features, tmp_path, launcher="torchrun", world_size=2, epochs=2))
     assert summary["launcher"] == "torchrun" and summary["world_size"] == 2
-    same_parameters(ref, tmp_path, atol=1e-6)
+    same_parameters(ref / "model", tmp_path / "model", atol=1e-6)
 
 
 def test_torchrun_by_hand_with_another_world_size_is_refused(features, tmp_path):
@@ -115,7 +98,7 @@ def test_fsdp_shards_and_trains_to_the_ddp_parameters(features, local_two, tmp_p
     ref, _ = local_two
     summary = train(variant(features, tmp_path, strategy="fsdp", world_size=2, epochs=2))
     assert summary["strategy"] == "fsdp"
-    same_parameters(ref, tmp_path, atol=1e-5)
+    same_parameters(ref / "model", tmp_path / "model", atol=1e-5)
     ckpt = torch.load(next((tmp_path / "model/checkpoints").glob("*.pt")), weights_only=True)
     model, _ = load_model(tmp_path / "model/model.pt")
     assert {k: v.shape for k, v in ckpt["model"].items()} == {k: v.shape for k, v in model.state_dict().items()}

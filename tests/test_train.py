@@ -4,10 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.model import load_model
 from tasks.settings import UserError
 from tasks.train import rank_slice, train
-from tests.conftest import variant
+from tests.conftest import same_parameters, variant
 
 
 def test_two_rank_gloo_ddp_matches_one_process(features, tmp_path):
@@ -18,10 +17,7 @@ def test_two_rank_gloo_ddp_matches_one_process(features, tmp_path):
     assert s2["world_size"] == 2 and s1["world_size"] == 1
     n_train = json.loads((Path(features.preprocess.out_dir) / "schema.json").read_text())["rows"]["train"]
     assert s1["steps"] == s2["steps"] == 2 * -(-n_train // 128)  # the last, partial batch is trained too
-    m1, _ = load_model(tmp_path / "one/model/model.pt")
-    m2, _ = load_model(tmp_path / "two/model/model.pt")
-    for (name, p1), (_, p2) in zip(m1.state_dict().items(), m2.state_dict().items()):
-        torch.testing.assert_close(p1, p2, atol=1e-5, rtol=0, msg=name)
+    same_parameters(tmp_path / "one/model", tmp_path / "two/model", atol=1e-5)
     # rank 0 alone wrote: one model, the last checkpoint kept, dvclive metrics for 2 epochs
     assert sorted(p.name for p in (tmp_path / "two/model/checkpoints").iterdir()) == ["step-00000022.pt", "step-00000022.sha256"]
     live = json.loads((tmp_path / "two/live/metrics.json").read_text())
@@ -105,10 +101,7 @@ def test_compiled_model_trains_like_the_eager_one(features, tmp_path):
     eager = train(variant(features, tmp_path / "eager", epochs=2))
     compiled = train(variant(features, tmp_path / "compiled", epochs=2, compile=True))
     assert compiled["best_val_rmse"] == pytest.approx(eager["best_val_rmse"], abs=1e-5)
-    m1, _ = load_model(tmp_path / "eager/model/model.pt")
-    m2, _ = load_model(tmp_path / "compiled/model/model.pt")
-    for (name, p1), (_, p2) in zip(m1.state_dict().items(), m2.state_dict().items()):
-        torch.testing.assert_close(p1, p2, atol=1e-5, rtol=0, msg=name)
+    same_parameters(tmp_path / "eager/model", tmp_path / "compiled/model", atol=1e-5)
 
 
 @pytest.mark.parametrize("n, batch, world", [(1305, 128, 2), (1305, 128, 3), (10, 4, 3), (7, 7, 7)])
