@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -25,6 +26,34 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def killing_a_busy_worker(address: str):
+    """While the block runs, SIGKILL the process of the first worker seen running a task (once); yields a dict
+    that says which, filled once it happened."""
+    import signal
+    import threading
+
+    killed, done = {}, threading.Event()
+
+    def kill():
+        with Client(address, timeout=10) as c:
+            while not done.is_set() and not killed:
+                busy = [w for w, tasks in c.processing().items() if tasks]
+                if busy:
+                    pid = c.run(os.getpid, workers=[busy[0]])[busy[0]]
+                    os.kill(pid, signal.SIGKILL)
+                    killed.update(worker=busy[0], pid=pid)
+                time.sleep(0.01)
+
+    killer = threading.Thread(target=kill)
+    killer.start()
+    try:
+        yield killed
+    finally:
+        done.set()
+        killer.join()
 
 
 def wait_for_workers(address: str, n: int, seconds: float = 60) -> None:
@@ -105,31 +134,13 @@ def test_an_existing_cluster_gives_the_local_output(tmp_path, cli_cluster, monke
 def test_a_worker_killed_during_preprocessing_changes_nothing(tmp_path, cli_cluster):
     """SIGKILL a `dask worker` process while it runs preprocessing tasks: Dask reruns what was lost on the
     survivor (the nanny restarts the dead one) and the output is identical to an undisturbed run."""
-    import signal
-    import threading
-
     address, _ = cli_cluster
     s = flights_workspace(tmp_path, preprocess__partition_rows=1000)
     run(s)  # undisturbed, on the local cluster
     reference = snapshot(Path(s.preprocess.out_dir))
     raw = s.model_dump(by_alias=True)
     raw["dask"]["address"] = address
-    killed = {}
-
-    def kill_a_busy_worker():
-        with Client(address, timeout=10) as c:
-            deadline = time.time() + 120
-            while time.time() < deadline and not killed:
-                busy = [w for w, tasks in c.processing().items() if tasks]
-                if busy:
-                    pid = c.run(os.getpid, workers=[busy[0]])[busy[0]]
-                    os.kill(pid, signal.SIGKILL)
-                    killed.update(worker=busy[0], pid=pid)
-                time.sleep(0.01)
-
-    killer = threading.Thread(target=kill_a_busy_worker)
-    killer.start()
-    preprocess(parse_settings(raw))
-    killer.join()
+    with killing_a_busy_worker(address) as killed:
+        preprocess(parse_settings(raw))
     assert killed, "no worker was busy to kill"
     assert_same(snapshot(Path(s.preprocess.out_dir)), reference)

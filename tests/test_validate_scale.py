@@ -163,3 +163,20 @@ def test_a_bad_file_in_a_partitioned_dataset_is_named_and_nothing_is_overwritten
     assert expected in str(e.value)
     assert Path(good.ingest.out).read_bytes() == before
     assert sorted(p.name for p in Path(good.ingest.out).parent.iterdir()) == ["data.parquet"]  # no staging left
+
+
+def test_a_worker_killed_during_partitioned_validation_changes_nothing(tmp_path, scheduler):
+    """SIGKILL a worker process of the cluster while it checks partitions: the lost ones are checked again on
+    the survivor (the nanny restarts the dead worker) and every output equals an undisturbed run's."""
+    from tests.test_dask_cluster import killing_a_busy_worker
+
+    kw = {"validate__on_failure": "quarantine", "validate__min_clean_fraction": 0.99, "validate__in_memory_max_rows": 0,
+          "validate__partition_rows": 300}
+    src = sources(tmp_path / "sources", messy())
+    calm, _ = run(tmp_path, "calm", src / "groups.parquet", scheduler, **kw)
+    with killing_a_busy_worker(scheduler) as killed:
+        hit, _ = run(tmp_path, "hit", src / "groups.parquet", scheduler, **kw)
+    assert killed, "no worker was busy to kill"
+    assert comparable(hit) == comparable(calm)
+    pd.testing.assert_frame_equal(pd.read_parquet(hit.validate_.out), pd.read_parquet(calm.validate_.out))
+    pd.testing.assert_frame_equal(pd.read_parquet(hit.validate_.quarantine), pd.read_parquet(calm.validate_.quarantine))
