@@ -200,3 +200,40 @@ def test_unreachable_prefect_api_is_named_with_the_fix(tmp_path):
     assert proc.returncode == 2
     assert f"PREFECT_API_URL=http://127.0.0.1:{port}/api does not answer" in proc.stderr and "prefect server start" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_flow_killed_during_training_resumes_from_its_checkpoint(tmp_path):
+    """SIGKILL the flow process itself mid-training (`python -m flows.pipeline`); the next run skips the stages
+    that finished and continues training from the checkpoint instead of from scratch."""
+    import os
+    import signal
+    import subprocess
+
+    from tasks.settings import parse_settings
+    from tasks.train import FAULT_ENV, train
+    from tests.conftest import same_parameters
+
+    repo = make_repo(tmp_path / "repo", epochs=3, checkpoint_every="4 steps")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           FAULT_ENV: f"kill:0:25:{tmp_path / 'fired'}"}
+    with open(tmp_path / "killed.log", "w") as log:  # a file, not a pipe: the dead flow's server child keeps its pipes
+        flow = subprocess.Popen([sys.executable, "-m", "flows.pipeline"], cwd=repo, env=env, stdout=log, stderr=log,
+                                start_new_session=True)
+        try:
+            assert flow.wait(timeout=600) == -signal.SIGKILL
+        finally:
+            try:
+                os.killpg(flow.pid, signal.SIGKILL)  # what the kill left behind (its temporary Prefect server)
+            except ProcessLookupError:
+                pass
+    assert (tmp_path / "fired").exists() and not (repo / "models/train/model.pt").exists()
+    again = sh(repo, sys.executable, "-m", "flows.pipeline", env=env)  # the fault fires once
+    assert "stages: ingest cached" in again.stdout and "preprocess cached" in again.stdout
+    summary = json.loads((repo / "models/train/summary.json").read_text())
+    assert summary["resumed_from"] is not None and 0 < summary["resumed_from"]["steps"] <= 25
+    # the parameters of training the same features without interruption
+    raw = load_settings(repo / "params.yaml").model_dump(by_alias=True)
+    raw["preprocess"]["out_dir"] = str(repo / raw["preprocess"]["out_dir"])
+    raw["train"].update(out_dir=str(tmp_path / "ref/model"), log_dir=str(tmp_path / "ref/live"))
+    train(parse_settings(raw))
+    same_parameters(tmp_path / "ref/model", repo / "models/train", atol=1e-6)
