@@ -111,9 +111,14 @@ class Server:
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM a serve/worker process (before the server it talks to)."""
+    """SIGTERM a serve/worker process (before the server it talks to); SIGKILL it if it has not ended in 60 s
+    (on a loaded 2-core machine a worker's graceful shutdown has taken longer)."""
     os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=60)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
