@@ -1,12 +1,15 @@
 """Injected faults on California Housing: how long until training resumed, how much work was lost, and the
 final model against an uninterrupted run.
 
-Run: .venv/bin/python bench/faults.py   (about 3 minutes on 2 cores)
+Run: .venv/bin/python bench/faults.py   (about 5 minutes on 2 cores)
 
 2 gloo ranks (1 for the killed stage process), default model, 4 epochs of 52 steps, a checkpoint every 20
 steps. Faults (tasks.train.FAULT_ENV, real signals): rank 1 SIGKILLed at step 70; rank 0 hung at step 30
 (train.step_timeout_s 5); rank 0 SIGKILLed at step 90 with no restarts allowed, the newest checkpoint then
-truncated and the run started again; the stage process SIGKILLed at step 110 and started again.
+truncated and the run started again; the stage process SIGKILLed at step 110 and started again. Under
+torchrun, rank 1 SIGKILLed at step 70. Under the Dask launcher (a local `dask scheduler` and two
+`dask worker --resources GPU=1`), the worker process running rank 1 SIGKILLed at step 70: replaced by its
+nanny, or, without nannies, the run going on with 1 rank (train.elastic, rejoin_timeout_s 2).
 """
 
 import json
@@ -30,8 +33,9 @@ def main() -> None:
 
     from tasks.checkpoint import listed
     from tasks.model import load_model
-    from tasks.settings import UserError
+    from tasks.settings import UserError, parse_settings
     from tasks.train import FAULT_ENV, staging_dir, train
+    from tests.test_launchers import dask_gpu_cluster
     from train import prepare, settings
 
     def params_gap(a, b) -> float:
@@ -61,6 +65,24 @@ def main() -> None:
             t0 = time.perf_counter()
             summary = train(settings(work, **RUN, **extra))
             report(name, marker, summary, int(spec.split(":")[2]), time.perf_counter() - t0)
+
+        marker = Path(work) / "fired-torchrun"
+        os.environ[FAULT_ENV] = f"kill:1:70:{marker}"
+        t0 = time.perf_counter()
+        summary = train(settings(work, **RUN, launcher="torchrun"))
+        report("torchrun: rank 1 SIGKILLed at step 70", marker, summary, 70, time.perf_counter() - t0)
+        del os.environ[FAULT_ENV]
+
+        # Dask: the worker running rank 1 SIGKILLs itself at step 70; a nanny replaces it, or (no nanny) elastic
+        for name, nanny, extra in (("dask: rank 1's worker lost, replaced", True, {}),
+                                   ("dask: rank 1's worker lost, elastic 2->1", False, {"elastic": True, "rejoin_timeout_s": 2})):
+            marker = Path(work) / f"fired-dask-{nanny}"
+            with dask_gpu_cluster(Path(work), gpu=2, nanny=nanny, **{FAULT_ENV: f"kill:1:70:{marker}"}) as address:
+                raw = settings(work, **RUN, launcher="dask", **extra).model_dump(by_alias=True)
+                raw["dask"]["address"] = address
+                t0 = time.perf_counter()
+                summary = train(parse_settings(raw))
+                report(name, marker, summary, 70, time.perf_counter() - t0)
 
         marker = Path(work) / "fired-corrupt"
         os.environ[FAULT_ENV] = f"kill:0:90:{marker}"

@@ -37,7 +37,8 @@ REQUIRED = {"format", "fingerprint", "arch", "model", "optimizer", "scheduler", 
 def fingerprint(train: dict, features: dict) -> str:
     """What makes two runs the same run: the training settings that shape the result, and the features."""
     keep = {k: v for k, v in train.items() if k not in (
-        "out_dir", "log_dir", "keep_checkpoints", "checkpoint_every", "max_restarts", "step_timeout_s", "launcher")}
+        "out_dir", "log_dir", "keep_checkpoints", "checkpoint_every", "max_restarts", "step_timeout_s", "launcher",
+        "elastic", "rejoin_timeout_s")}
     return hashlib.sha256(json.dumps({"train": keep, "features": features}, sort_keys=True).encode()).hexdigest()
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def launch(s: Settings) -> dict:
     while True:
         t0 = time.monotonic()
         try:
-            placement = run(s)
+            placement = run(s, restart=bool(failures))
             break
         except Failure as f:
             failures.append({"attempt": len(failures) + 1, "kind": f.kind, "cause": f.cause,
@@ -82,6 +83,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def exit_cause(who: str, code: int, step_timeout_s: float) -> str:
+    """Why a rank's process ended: its hang watchdog, a signal (SIGKILL: most often the out-of-memory killer)."""
+    import signal
+
+    from tasks.train import Watchdog
+
+    if code == Watchdog.EXIT:
+        return f"{who} hung (no step in train.step_timeout_s={step_timeout_s:g} s; stacks in the log)"
+    if code < 0:
+        name = signal.Signals(-code).name
+        return f"{who} killed by {name}" + (" (out of memory?)" if -code == signal.SIGKILL else "")
+    return f"{who} exited with code {code}"
+
+
 def _user_error_from(text: str) -> UserError | None:
     return UserError(text.rsplit("UserError: ", 1)[1].strip()) if "UserError: " in text else None
 
@@ -92,7 +107,7 @@ def _spawned(rank: int, s: Settings, world: int, init_method: str) -> None:
     run_rank(s, rank, world, local_rank=rank, init_method=init_method)
 
 
-def on_local(s: Settings) -> list[str]:
+def on_local(s: Settings, restart: bool = False) -> list[str]:
     from tasks.train import Watchdog
 
     cfg = s.train
@@ -109,7 +124,7 @@ def on_local(s: Settings) -> list[str]:
         except KeyboardInterrupt as e:
             if not Watchdog.fired:
                 raise
-            raise Failure("infrastructure", f"hung (no step in train.step_timeout_s={cfg.step_timeout_s:g} s; stacks in the log)", e) from None
+            raise Failure("infrastructure", exit_cause("rank 0", Watchdog.EXIT, cfg.step_timeout_s), e) from None
         except UserError as e:
             raise Failure("user", str(e), e) from None
         return ["this process"]
@@ -123,16 +138,7 @@ def on_local(s: Settings) -> list[str]:
         user = _user_error_from(str(e))
         raise Failure("user", str(user), user) if user else Failure("bug", str(e).strip().splitlines()[-1], e) from None
     except mp.ProcessExitedException as e:
-        if e.exit_code == Watchdog.EXIT:
-            cause = f"rank {e.error_index} hung (no step in train.step_timeout_s={cfg.step_timeout_s:g} s; stacks in the log)"
-        elif e.exit_code < 0:
-            import signal
-
-            cause = f"rank {e.error_index} killed by {signal.Signals(-e.exit_code).name}" + (
-                " (out of memory?)" if -e.exit_code == signal.SIGKILL else "")
-        else:
-            cause = f"rank {e.error_index} exited with code {e.exit_code}"
-        raise Failure("infrastructure", cause, e) from None
+        raise Failure("infrastructure", exit_cause(f"rank {e.error_index}", e.exit_code, cfg.step_timeout_s), e) from None
     return [f"local process {r}" for r in range(cfg.world_size)]
 
 
@@ -149,9 +155,9 @@ def _dask_rank(s: Settings, rank: int, world: int, local_rank: int, local_world:
     return socket.gethostname()
 
 
-def on_dask(s: Settings) -> list[str]:
+def on_dask(s: Settings, restart: bool = False) -> list[str]:
     import dask
-    from distributed import Client, as_completed
+    from distributed import Client
 
     cfg = s.train
     address = s.dask.address if s.dask.address != "local" else dask.config.get("scheduler-address", None)
@@ -161,14 +167,8 @@ def on_dask(s: Settings) -> list[str]:
         raise UserError(f"train.launcher=dask: no Dask scheduler answers at {address} ({e}); start it (dask scheduler) "
                         "or fix dask.address") from None
     with client:
-        info = client.scheduler_info(n_workers=-1)
-        workers = gpu_workers(info)
-        if len(workers) < cfg.world_size:
-            raise UserError(
-                f"train.world_size={cfg.world_size} needs {cfg.world_size} Dask workers with a GPU resource, but the "
-                f"scheduler at {address} has {len(workers)} ({len(info['workers'])} workers in all); start more with "
-                f"`dask worker {address} --resources GPU=1` or lower train.world_size")
-        workers = workers[:cfg.world_size]
+        workers = _rank_workers(client, cfg, address, restart)
+        world = len(workers)
         s = absolute_paths(s)
         schema = str(Path(s.preprocess.out_dir) / "schema.json")
         blind = [w for w, seen in client.run(os.path.exists, schema, workers=workers).items() if not seen]
@@ -184,27 +184,98 @@ def on_dask(s: Settings) -> list[str]:
         port = client.run(free_port, "", workers=[workers[0]])[workers[0]]
         init = f"tcp://{hosts[0]}:{port}"
         run = uuid.uuid4().hex[:8]
-        futures = [client.submit(_dask_rank, s, r, cfg.world_size, local_ranks[r], per_host[hosts[r]], init,
+        futures = [client.submit(_dask_rank, s, r, world, local_ranks[r], per_host[hosts[r]], init,
                                  key=f"trainflow-train-rank{r}-{run}", workers=[w], resources={"GPU": 1}, pure=False,
                                  allow_other_workers=False)
                    for r, w in enumerate(workers)]
-        for future in as_completed(futures):
-            if future.status == "error":
-                error, r = future.exception(), futures.index(future)
-                client.cancel(futures)
-                if isinstance(error, UserError):
-                    raise Failure("user", str(error), error)
-                from distributed import KilledWorker
-
-                lost = isinstance(error, (KilledWorker, OSError, TimeoutError))
-                raise Failure("infrastructure" if lost else "bug", f"rank {r} on {workers[r]}: {error!r}",
-                              RuntimeError(f"train rank {r} on {workers[r]} failed: {error!r}"))
+        _watch(client, futures, workers, staging_dir(cfg.out_dir))
     return workers
+
+
+def _rank_workers(client, cfg, address: str, restart: bool) -> list[str]:
+    """The GPU workers that take the ranks. A relaunch waits up to train.rejoin_timeout_s for replacements of
+    lost workers; with train.elastic, any attempt then goes on with the GPU workers there are (at least one),
+    and without it a first attempt with too few is refused at once."""
+    def available() -> tuple[list[str], int]:
+        info = client.scheduler_info(n_workers=-1)
+        return gpu_workers(info), len(info["workers"])
+
+    workers, n_all = available()
+    deadline = time.monotonic() + cfg.rejoin_timeout_s
+    while (restart or cfg.elastic) and len(workers) < cfg.world_size and time.monotonic() < deadline:
+        time.sleep(0.5)
+        workers, n_all = available()
+    if len(workers) >= cfg.world_size:
+        return workers[:cfg.world_size]
+    if not restart and not (cfg.elastic and workers):
+        raise UserError(
+            f"train.world_size={cfg.world_size} needs {cfg.world_size} Dask workers with a GPU resource, but the "
+            f"scheduler at {address} has {len(workers)} ({n_all} workers in all); start more with "
+            f"`dask worker {address} --resources GPU=1` or lower train.world_size")
+    if not cfg.elastic or not workers:
+        why = RuntimeError(f"{len(workers)} of the {cfg.world_size} GPU workers after waiting train.rejoin_timeout_s="
+                           f"{cfg.rejoin_timeout_s:g} s for replacements")
+        raise Failure("infrastructure", str(why) + ("; train.elastic: true would go on with fewer" if workers else ""), why)
+    print(f"train: {len(workers)} of the {cfg.world_size} GPU workers after train.rejoin_timeout_s="
+          f"{cfg.rejoin_timeout_s:g} s; going on with {len(workers)} rank(s) (train.elastic): the same global batch, "
+          "split over fewer ranks", file=sys.stderr, flush=True)
+    return workers
+
+
+def _watch(client, futures: list, workers: list[str], out: Path, poll_s: float = 0.25) -> None:
+    """Wait for every rank; on the first failure (a rank's error, or its worker leaving the cluster), classify
+    it, tear the group down and raise it as a Failure. Survivors still running (blocked in a collective on a
+    dead peer, or hung) are ended by restarting their workers through their nannies: a Dask worker cannot
+    stop a running thread, and a fresh process is what torchrun gives a relaunched group as well."""
+    started = time.time()
+    while True:
+        status = [f.status for f in futures]
+        if all(st == "finished" for st in status):
+            return
+        alive = client.scheduler_info(n_workers=-1)["workers"]
+        lost = [r for r, w in enumerate(workers) if w not in alive]
+        failed = [r for r, st in enumerate(status) if st in ("error", "cancelled")]
+        if failed and not lost:  # a peer's collective fails at once; the scheduler may see its worker go a moment later
+            deadline = time.monotonic() + 3
+            while not lost and time.monotonic() < deadline:
+                time.sleep(poll_s)
+                alive = client.scheduler_info(n_workers=-1)["workers"]
+                lost = [r for r, w in enumerate(workers) if w not in alive]
+        if lost or failed:
+            failure = _dask_failure(futures, workers, lost, failed, out, started)
+            running = [w for f, w in zip(futures, workers) if f.status == "pending" and w in alive and alive[w].get("nanny")]
+            client.cancel(futures, force=True)
+            if running:
+                client.restart_workers(running, timeout=120, raise_for_error=False)
+            raise failure
+        time.sleep(poll_s)
+
+
+def _dask_failure(futures: list, workers: list[str], lost: list[int], failed: list[int], out: Path, since: float) -> Failure:
+    if lost:
+        r = lost[0]
+        hung = out / f"hung-rank{r}.log"
+        if hung.exists() and hung.stat().st_mtime >= since:
+            cause = f"rank {r} on {workers[r]} hung (no step in train.step_timeout_s; stacks in {hung})"
+        else:
+            cause = f"Dask worker {workers[r]} running rank {r} was lost (killed, out of memory, or its machine gone)"
+        return Failure("infrastructure", cause, RuntimeError(f"train: {cause}"))
+    r = failed[0]
+    error = futures[r].exception() if futures[r].status == "error" else RuntimeError("cancelled")
+    if isinstance(error, UserError):
+        return Failure("user", str(error), error)
+    from distributed import KilledWorker
+
+    peer_gone = isinstance(error, torch.distributed.DistError) or any(
+        m in str(error) for m in ("Connection reset by peer", "Connection closed by peer", "NCCL"))
+    lost_worker = isinstance(error, (KilledWorker, OSError, TimeoutError)) or futures[r].status == "cancelled"
+    return Failure("infrastructure" if peer_gone or lost_worker else "bug", f"rank {r} on {workers[r]}: {error!r}",
+                   RuntimeError(f"train rank {r} on {workers[r]} failed: {error!r}"))
 
 
 # torchrun ----------------------------------------------------------------------------------------------
 
-def on_torchrun(s: Settings) -> list[str]:
+def on_torchrun(s: Settings, restart: bool = False) -> list[str]:
     """torchrun on this host, train.world_size ranks; its ranks read these settings, not params.yaml."""
     with tempfile.TemporaryDirectory(prefix="trainflow-torchrun-") as tmp:
         settings, errors = Path(tmp) / "settings.json", Path(tmp) / "error.txt"
@@ -219,8 +290,15 @@ def on_torchrun(s: Settings) -> list[str]:
                 raise Failure("user", str(error), error)
             sys.stderr.write(proc.stderr)
             error = RuntimeError(f"torchrun exited with {proc.returncode}: {' '.join(cmd)} (its output is above)")
-            killed = "Signal" in proc.stderr or f"exitcode: {86}" in proc.stderr or "hung" in proc.stderr
-            raise Failure("infrastructure" if killed else "bug", f"torchrun exited with {proc.returncode}", error)
+            # torchrun's report names the first rank to fail and its exit code
+            root = re.search(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", proc.stderr, re.S)
+            if not root:
+                raise Failure("bug", f"torchrun exited with {proc.returncode}", error)
+            rank, code = int(root[1]), int(root[2])
+            from tasks.train import Watchdog
+
+            kind = "infrastructure" if code < 0 or code == Watchdog.EXIT else "bug"
+            raise Failure(kind, exit_cause(f"torchrun rank {rank}", code, s.train.step_timeout_s), error)
     return [f"torchrun local rank {r}" for r in range(s.train.world_size)]
 
 

@@ -137,6 +137,8 @@ class TrainSettings(Section):
     keep_checkpoints: int = Field(ge=1, description="Checkpoints kept (oldest deleted first).")
     checkpoint_every: str = Field(pattern=r"^[1-9][0-9]* (step|steps|epoch|epochs)$", description="How often to checkpoint: 'N steps' or 'N epochs'; bounds the work a failure loses.")
     max_restarts: int = Field(ge=0, le=100, description="Times the whole group of ranks is relaunched from the last checkpoint after an infrastructure failure (a rank killed, a hang).")
+    elastic: bool = Field(description="dask launcher: when a lost worker has no replacement within rejoin_timeout_s, relaunch on the GPU workers left (the same global batch over fewer ranks) instead of failing the attempt.")
+    rejoin_timeout_s: float = Field(ge=0, description="dask launcher: how long a relaunch waits for train.world_size GPU workers (a nanny restarts a killed worker in seconds).")
     step_timeout_s: float = Field(gt=0, description="A rank that finishes no step (or validation) in this many seconds is hung: its stacks are logged and the group restarts.")
     resume_from: str | None = Field(description="A checkpoint file to continue training from (model, optimizer, schedule, data order); null: resume only an interrupted run of the same settings.")
     out_dir: str = Field(description="Trained model and checkpoints.")

@@ -138,8 +138,9 @@ def run_rank(s: Settings, rank: int, world: int, local_rank: int, init_method: s
 
         # when the launcher tears the group down (a rank died or hung), every rank logs where it was
         faulthandler.register(signal.SIGTERM, file=sys.stderr, all_threads=True, chain=True)
+        # a collective waits on a dead or hung peer a little longer than the watchdog (which logs the stacks)
         dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=rank, world_size=world,
-                                timeout=timedelta(minutes=10), **({"device_id": device} if cuda else {}))
+                                timeout=timedelta(seconds=s.train.step_timeout_s + 60), **({"device_id": device} if cuda else {}))
     try:
         _train(s, rank, world, device, grouped=bool(init_method), local_world=local_world or world, log=log)
     finally:
@@ -225,7 +226,7 @@ def _train(s: Settings, rank: int, world: int, device: torch.device, grouped: bo
     def snapshot(epoch: int, step_in_epoch: int, order_state: torch.Tensor, partial: list[float]) -> dict | None:
         """The checkpoint contract's state (gathered on every rank; rank 0 gets it, the others None)."""
         model_state, optim_state = full_checkpoint(model, opt, fsdp) if master or fsdp else (None, None)
-        rngs = gather_rng(device, world, grouped)
+        rngs = gathered(rng_state(device), world, grouped)
         if not master:
             return None
         return {"fingerprint": run_id, "arch": arch, "model": model_state, "optimizer": optim_state,
@@ -238,6 +239,8 @@ def _train(s: Settings, rank: int, world: int, device: torch.device, grouped: bo
     if master and log:
         from dvclive import Live
 
+        if state is not None:
+            trim_live(Path(cfg.log_dir), len(history))
         live = Live(dir=cfg.log_dir, dvcyaml=False, save_dvc_exp=False, resume=state is not None)
     if state is None and master:
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # another run's checkpoints (other settings or features)
@@ -245,7 +248,8 @@ def _train(s: Settings, rank: int, world: int, device: torch.device, grouped: bo
         live.step = len(history)  # dvclive continues at the checkpoint's epoch
     if grouped:
         dist.barrier()  # every rank has read the checkpoints before any is removed or written
-    watchdog = Watchdog(cfg.step_timeout_s, rank, in_process=not grouped and not os.environ.get("RANK"))
+    watchdog = Watchdog(cfg.step_timeout_s, rank, in_process=not grouped and not os.environ.get("RANK"),
+                        dump_to=out / f"hung-rank{rank}.log")
     resumed_at = time.time()  # training (re)starts here: with a fault's time, the time to recover
     t0, rows_done = time.perf_counter(), 0
     # rank 0's writes (metrics, checkpoints) run in one background thread, in order
@@ -260,7 +264,7 @@ def _train(s: Settings, rank: int, world: int, device: torch.device, grouped: bo
             perm = torch.randperm(n_train, generator=order).to(device)
             step_sse = torch.zeros(steps_per_epoch, device=device)  # this rank's squared error per step: no host sync
             if skip and state is not None and state.get("partial_sse") is not None:
-                step_sse[:skip] = torch.tensor(state["partial_sse"][rank] if len(state["partial_sse"]) == world else 0.0)
+                step_sse[:skip] = resumed_sse(state["partial_sse"], rank, world)
             marks, previous = [], clock.now()
             for i, start in enumerate(range(0, n_train, B)):
                 if i < skip:  # done before the interruption: the same batches, not trained again
@@ -291,7 +295,8 @@ def _train(s: Settings, rank: int, world: int, device: torch.device, grouped: bo
                 steps, rows_done = steps + 1, rows_done + m
                 watchdog.beat()
                 if unit == "step" and steps % every == 0 and i + 1 < steps_per_epoch:  # (an epoch's end is saved below)
-                    partial = gather_sse(step_sse[:i + 1], world, grouped)
+                    # every rank's squared errors so far: a resumed epoch reports the same loss
+                    partial = gathered(step_sse[:i + 1].double().cpu().tolist(), world, grouped)
                     snap = snapshot(epoch, i + 1, epoch_order, partial)
                     if master:
                         writes.append(writer.submit(checkpoint.save, ckpt_dir, snap, cfg.keep_checkpoints))
@@ -375,6 +380,17 @@ def _train(s: Settings, rank: int, world: int, device: torch.device, grouped: bo
         dist.barrier()
 
 
+def trim_live(log_dir: Path, epochs: int) -> None:
+    """Drop the dvclive rows of epochs after a checkpoint being resumed: they are trained and logged again."""
+    for tsv in (log_dir / "plots" / "metrics").rglob("*.tsv"):
+        header, *rows = tsv.read_text().splitlines()
+        column = header.split("\t").index("step")
+        kept = [r for r in rows if int(r.split("\t")[column]) < epochs]
+        if len(kept) < len(rows):
+            with atomic_path(tsv) as tmp:
+                Path(tmp).write_text("\n".join([header, *kept]) + "\n")
+
+
 def log_epoch(live, record: dict) -> None:
     """Rank 0's dvclive metrics of an epoch (in the writer thread)."""
     if live is None:
@@ -393,10 +409,11 @@ class Watchdog:
     EXIT = 86  # the exit code that says "hung", for the launcher
     fired = False  # in-process (one rank in the stage's own process): the main thread is interrupted instead
 
-    def __init__(self, timeout_s: float, rank: int, in_process: bool):
+    def __init__(self, timeout_s: float, rank: int, in_process: bool, dump_to: Path | None = None):
         import threading
 
         self.timeout, self.rank, self.last, self.in_process = timeout_s, rank, time.monotonic(), in_process
+        self.dump_to = dump_to  # the stacks also go here: a Dask worker's stderr is on another machine
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._watch, name="trainflow-watchdog", daemon=True)
         self.thread.start()
@@ -418,6 +435,13 @@ class Watchdog:
                       "hung. Its Python stacks:", file=sys.stderr, flush=True)
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
                 sys.stderr.flush()
+                try:
+                    with open(self.dump_to, "w") as f:
+                        f.write(f"rank {self.rank} finished no step in {idle:.0f} s (train.step_timeout_s={self.timeout:g})\n")
+                        f.flush()
+                        faulthandler.dump_traceback(file=f, all_threads=True)
+                except (OSError, TypeError):  # no file to write to: stderr has the stacks
+                    pass
                 if self.in_process:
                     import _thread
 
@@ -453,13 +477,12 @@ def rng_state(device: torch.device) -> dict:
             "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
 
 
-def gather_rng(device: torch.device, world: int, grouped: bool) -> list[dict]:
-    """Every rank's RNG states, in rank order (a collective)."""
-    mine = rng_state(device)
+def gathered(mine, world: int, grouped: bool) -> list:
+    """Every rank's `mine` (plain values and CPU tensors), in rank order: a collective between this run's own ranks."""
     if not grouped:
         return [mine]
     everyone = [None] * world
-    dist.all_gather_object(everyone, mine)  # between this run's own ranks
+    dist.all_gather_object(everyone, mine)
     return everyone
 
 
@@ -478,14 +501,12 @@ def set_rng(states: list[dict], rank: int, world: int, device: torch.device) -> 
     random.setstate((p[0], tuple(p[1]), p[2]))
 
 
-def gather_sse(partial: torch.Tensor, world: int, grouped: bool) -> list[list[float]]:
-    """Every rank's per-step squared errors so far in the epoch (so a resumed epoch reports the same loss)."""
-    mine = partial.double().cpu().tolist()
-    if not grouped:
-        return [mine]
-    everyone = [None] * world
-    dist.all_gather_object(everyone, mine)
-    return everyone
+def resumed_sse(partial: list[list[float]], rank: int, world: int) -> torch.Tensor:
+    """This rank's share of the squared errors of the steps done before the interruption: its own, or, after
+    an elastic relaunch on another number of ranks, all of them on rank 0 (the epoch's sum is what counts)."""
+    if len(partial) == world:
+        return torch.tensor(partial[rank])
+    return torch.tensor(partial).sum(0) if rank == 0 else torch.zeros(len(partial[0]))
 
 
 def set_full_state(model, opt, fsdp: bool, model_state: dict, optim_state: dict) -> None:
@@ -495,9 +516,13 @@ def set_full_state(model, opt, fsdp: bool, model_state: dict, optim_state: dict)
         set_state_dict(model, opt, model_state_dict=model_state, optim_state_dict=optim_state,
                        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
         return
-    raw = model.module if isinstance(model, DDP) else model
+    raw = unwrapped(model)
     raw.load_state_dict(model_state)
     opt.load_state_dict(optim_state)
+
+
+def unwrapped(model):
+    return model.module if isinstance(model, DDP) else model
 
 
 def rank_slice(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
@@ -524,7 +549,7 @@ def full_model_state(model, fsdp: bool) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    raw = model.module if isinstance(model, DDP) else model
+    raw = unwrapped(model)
     return {k: v.detach().cpu().clone() for k, v in raw.state_dict().items()}
 
 
@@ -534,7 +559,7 @@ def full_checkpoint(model, opt, fsdp: bool) -> tuple[dict, dict]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
         return get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    raw = model.module if isinstance(model, DDP) else model
+    raw = unwrapped(model)
     return ({k: v.detach().clone() for k, v in raw.state_dict().items()}, copy.deepcopy(opt.state_dict()))
 
 

@@ -3,7 +3,6 @@ same output as on the local cluster: by dask.address, and by the standard DASK_S
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,18 +13,13 @@ import pandas as pd
 import pytest
 from distributed import Client
 
+from tasks.launch import free_port  # noqa: F401 - the other cluster tests take it from here
 from tasks.preprocess import preprocess
 from tasks.settings import parse_settings
 from tests.conftest import ROOT
 from tests.test_flights import flights_workspace, run
 
 DASK = str(Path(sys.executable).parent / "dask")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

@@ -1,9 +1,11 @@
 """Faults injected into real training runs (real processes, real signals): a rank SIGKILLed, a rank hung, a
-corrupt latest checkpoint, restarts exhausted, the stage process killed; and checkpoints that must be refused."""
+corrupt latest checkpoint, restarts exhausted, the stage process killed, a Dask worker running a rank lost
+(replaced, or not: elastic); and checkpoints that must be refused."""
 
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -13,11 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from distributed import Client
 
 from tasks.checkpoint import listed
-from tasks.settings import UserError
+from tasks.settings import UserError, parse_settings
 from tasks.train import FAULT_ENV, staging_dir, train
 from tests.conftest import ROOT, same_parameters, variant
+from tests.test_launchers import dask_gpu_cluster
 
 RUN = dict(world_size=2, epochs=2, checkpoint_every="5 steps", keep_checkpoints=3)  # 11 steps an epoch
 
@@ -55,10 +59,12 @@ def test_a_hung_rank_is_detected_its_stacks_logged_and_the_group_restarted(featu
     err = capfd.readouterr().err
     assert "finished no step in" in err and "hung. Its Python stacks:" in err
     assert "(most recent call first)" in err  # faulthandler's dump of the rank's threads
+    dumps = sorted((tmp_path / "model").glob("hung-rank*.log"))  # and the same in the run's directory
+    assert dumps and all("(most recent call first)" in d.read_text() for d in dumps)
     same_parameters(ref / "model", tmp_path / "model", atol=1e-6)
 
 
-def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(features, uninterrupted, tmp_path, monkeypatch, capfd):
+def test_corrupt_latest_checkpoints_fall_back_to_the_newest_valid_one(features, uninterrupted, tmp_path, monkeypatch, capfd):
     ref, _ = uninterrupted
     monkeypatch.setenv(FAULT_ENV, f"kill:0:18:{tmp_path / 'fired'}")
     s = variant(features, tmp_path, max_restarts=0, **RUN)
@@ -69,11 +75,22 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(features, unin
     assert [p.name for p in ckpts] == ["step-00000005.pt", "step-00000010.pt", "step-00000011.pt", "step-00000015.pt"][-3:]
     with open(ckpts[-1], "r+b") as f:  # truncate the newest
         f.truncate(1000)
+    with open(ckpts[-2], "r+b") as f:  # and flip a byte of the one before
+        f.seek(500)
+        byte = f.read(1)
+        f.seek(500)
+        f.write(bytes([byte[0] ^ 0xFF]))
     monkeypatch.delenv(FAULT_ENV)
     summary = train(s)
-    assert summary["resumed_from"]["steps"] == 11  # the one before the corrupt step-15
-    assert "step-00000015.pt skipped: step-00000015.pt does not match its sha256: corrupt or truncated" in capfd.readouterr().err
+    assert summary["resumed_from"]["steps"] == 10  # mid-epoch 1, before the two corrupt ones
+    err = capfd.readouterr().err
+    for name in ("step-00000015.pt", "step-00000011.pt"):
+        assert f"{name} skipped: {name} does not match its sha256: corrupt or truncated" in err
     same_parameters(ref / "model", tmp_path / "model", atol=1e-6)
+    # dvclive had logged epoch 1 before the kill; resumed before its end, it is logged once, not twice
+    rows = (tmp_path / "live/plots/metrics/train/loss.tsv").read_text().splitlines()
+    assert [r.split("\t")[0] for r in rows] == ["step", "0", "1"]
+    assert json.loads((tmp_path / "live/metrics.json").read_text())["step"] == 1
 
 
 def test_a_killed_stage_process_resumes_from_its_checkpoint(features, tmp_path):
@@ -131,3 +148,57 @@ def test_prefect_retries_a_stage_only_after_an_infrastructure_failure():
     assert retried(UserError("train: gave up after 3 restart(s) (train.max_restarts): #1 infrastructure: rank 1 killed"))
     assert not retried(UserError("validate: data/raw/data.parquet failed 2 of 29 expectations"))  # bad data
     assert not retried(ZeroDivisionError("division by zero"))  # a bug: the same again
+
+
+def on_dask(s, root: Path, address: str, **train_overrides):
+    raw = variant(s, root, **{**RUN, **train_overrides}).model_dump(by_alias=True)
+    raw["dask"]["address"], raw["train"]["launcher"] = address, "dask"
+    return parse_settings(raw)
+
+
+def test_a_lost_dask_worker_is_replaced_and_its_group_resumes_to_the_same_parameters(features, uninterrupted, tmp_path):
+    """The worker process running rank 1 SIGKILLs itself mid-epoch; its nanny starts a replacement, and the group is
+    relaunched on it from the last checkpoint."""
+    ref, ref_summary = uninterrupted
+    with dask_gpu_cluster(tmp_path, gpu=2, **{FAULT_ENV: f"kill:1:18:{tmp_path / 'fired'}"}) as address:
+        with Client(address, timeout=10) as c:
+            before = set(c.scheduler_info(n_workers=-1)["workers"])
+        summary = train(on_dask(features, tmp_path, address, rejoin_timeout_s=60))
+    assert (tmp_path / "fired").exists()
+    (failure,) = summary["restarts"]
+    lost = re.fullmatch(r"Dask worker (\S+) running rank 1 was lost \(killed, out of memory, or its machine gone\)", failure["cause"])
+    assert failure["kind"] == "infrastructure" and lost and lost[1] in before
+    assert lost[1] not in summary["placement"] and len(set(summary["placement"]) - before) == 1  # on the replacement
+    assert summary["resumed_from"]["steps"] == 15 and summary["steps"] == ref_summary["steps"]
+    same_parameters(ref / "model", tmp_path / "model", atol=1e-6)
+
+
+def test_without_a_replacement_the_group_goes_on_with_fewer_workers_only_when_elastic(features, uninterrupted, tmp_path):
+    """Workers without a nanny: the one running rank 1 dies for good. Not elastic, the relaunch finds 1 of 2 GPU
+    workers and the run stops with its failures, checkpoints kept; elastic, it resumes on the one left."""
+    ref, ref_summary = uninterrupted
+    with dask_gpu_cluster(tmp_path, gpu=2, nanny=False, **{FAULT_ENV: f"kill:1:18:{tmp_path / 'fired'}"}) as address:
+        s = on_dask(features, tmp_path, address, rejoin_timeout_s=1, max_restarts=1)
+        with pytest.raises(UserError, match=r"train: gave up after 1 restart\(s\) \(train.max_restarts\): #1 infrastructure: "
+                                            r"Dask worker \S+ running rank 1 was lost .*; #2 infrastructure: 1 of the 2 GPU "
+                                            r"workers after waiting train.rejoin_timeout_s=1 s for replacements; train.elastic: "
+                                            r"true would go on with fewer\. The checkpoints are kept"):
+            train(s)
+        assert [p.name for p in listed(staging_dir(s.train.out_dir) / "checkpoints")][-1] == "step-00000015.pt"
+        summary = train(on_dask(features, tmp_path, address, rejoin_timeout_s=1, max_restarts=1, elastic=True))
+    assert summary["world_size"] == 1 and len(summary["placement"]) == 1 and summary["restarts"] == []
+    assert summary["resumed_from"]["steps"] == 15 and summary["steps"] == ref_summary["steps"]
+    # the same global batches, one rank instead of two: the same parameters up to the order of float sums
+    same_parameters(ref / "model", tmp_path / "model", atol=1e-5)
+    assert summary["epochs"][-1]["train_loss"] == pytest.approx(ref_summary["epochs"][-1]["train_loss"], rel=1e-5)
+
+
+def test_under_torchrun_a_sigkilled_rank_restarts_the_group_to_the_same_parameters(features, uninterrupted, tmp_path,
+                                                                                   monkeypatch):
+    ref, ref_summary = uninterrupted
+    monkeypatch.setenv(FAULT_ENV, f"kill:1:18:{tmp_path / 'fired'}")
+    summary = train(variant(features, tmp_path, launcher="torchrun", **RUN))
+    assert (tmp_path / "fired").exists()
+    assert [(r["kind"], r["cause"]) for r in summary["restarts"]] == [("infrastructure", "torchrun rank 1 killed by SIGKILL (out of memory?)")]
+    assert summary["resumed_from"]["steps"] == 15 and summary["steps"] == ref_summary["steps"]
+    same_parameters(ref / "model", tmp_path / "model", atol=1e-6)

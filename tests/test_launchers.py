@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,26 +28,36 @@ def local_two(features, tmp_path_factory):
     return root, summary
 
 
-@pytest.fixture(scope="module")
-def gpu_cluster(tmp_path_factory):
-    """A scheduler, two `dask worker --resources GPU=1` workers and one worker without it, started from another
-    directory than the tests (workers find files by absolute path only)."""
-    elsewhere = tmp_path_factory.mktemp("workers-cwd")
+@contextmanager
+def dask_gpu_cluster(cwd: Path, gpu: int = 2, plain: int = 0, nanny: bool = True, **env):
+    """A `dask scheduler` and `dask worker` CLIs: `gpu` workers with `--resources GPU=1`, `plain` without, each
+    with its own process group, started in `cwd` (workers find files by absolute path only) with `env` added."""
     address = f"tcp://127.0.0.1:{free_port()}"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DO_NOT_TRACK": "1", "DASK_LOGGING__DISTRIBUTED": "warning"}
-    common = ["--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DO_NOT_TRACK": "1", "DASK_LOGGING__DISTRIBUTED": "warning", **env}
+    common = ["--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"] + ([] if nanny else ["--no-nanny"])
     procs = [subprocess.Popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1], "--no-dashboard"],
-                              cwd=elsewhere, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    procs += [subprocess.Popen([DASK, "worker", address, *common, *extra], cwd=elsewhere, env=env,
+                              cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    procs += [subprocess.Popen([DASK, "worker", address, *common, *extra], cwd=cwd, env=env, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-              for extra in (["--resources", "GPU=1"], ["--resources", "GPU=1"], [])]
+              for extra in [["--resources", "GPU=1"]] * gpu + [[]] * plain]
     try:
-        wait_for_workers(address, 3)
+        wait_for_workers(address, gpu + plain)
         yield address
     finally:
         for p in procs[::-1]:
             p.terminate()
-            p.wait(timeout=30)
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture(scope="module")
+def gpu_cluster(tmp_path_factory):
+    """Two GPU-resource workers and one without it."""
+    with dask_gpu_cluster(tmp_path_factory.mktemp("workers-cwd"), gpu=2, plain=1) as address:
+        yield address
 
 
 def on_cluster(s, root: Path, address: str, **train_overrides):
