@@ -79,9 +79,12 @@ class ModelPackage:
         missing = [c for c in self.transform["inputs"] if c not in frame.columns]
         if missing:
             raise UserError(f"predict: input lacks columns {missing} that the model needs")
-        x = apply_transform(self.transform, frame)
+        return self.run(apply_transform(self.transform, frame))
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """The ONNX model on transformed features, in chunks of 65,536 rows (bounded memory)."""
         if not len(x):
-            return np.empty(0)
+            return np.empty(0, dtype=np.float32)
         return np.concatenate([self.session.run(None, {"features": c})[0] for c in np.array_split(x, -(-len(x) // 65536))])
 
 

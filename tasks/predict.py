@@ -86,9 +86,7 @@ def score(package, frame: pd.DataFrame, offset: int, suite: dict, key: list[str]
         raise UserError(f"predict: {source}: {f['expectation']} failed for column {f['column']} ({f.get('observed')})")
     reasons = row_reasons(failed)
     good = rows.drop(index=reasons.index)
-    x = apply_transform(package.transform, good)
-    predicted = (np.concatenate([package.session.run(None, {"features": c})[0] for c in np.array_split(x, -(-len(x) // 65536))])
-                 if len(x) else np.empty(0, dtype=np.float32))
+    predicted = package.run(apply_transform(package.transform, good))
     ids = good[key].reset_index(drop=True) if key else pd.DataFrame({"_row": good.index.to_numpy(dtype=np.int64) + offset})
     rejects = rows.loc[reasons.index].assign(_row=reasons.index.to_numpy(dtype=np.int64) + offset,
                                              _reason=reasons.to_numpy(dtype=object))
