@@ -144,7 +144,7 @@ def _training_summary(training: dict | None) -> dict | None:
     if training is None:
         return None
     keep = ("best_epoch", "epochs_run", "best_val_rmse", "world_size", "launcher", "strategy", "precision", "device",
-            "seconds", "samples_per_s", "time_split_s", "gpu_peak_memory_gib")
+            "seconds", "samples_per_s", "time_split_s", "gpu_peak_memory_gib", "restarts", "resumed_from")
     return {k: training[k] for k in keep if k in training}
 
 
@@ -207,7 +207,16 @@ def _training_line(training: dict | None) -> str:
             f"on {training.get('device')}), {training['epochs_run']} epochs (best {training['best_epoch']}), "
             f"{training['samples_per_s']:,.0f} samples/s; step time {split.get('data', 0):.2f} s data · "
             f"{split.get('compute', 0):.2f} s compute · {split.get('sync', 0):.2f} s gradient sync (per epoch: "
-            "the `training-epochs` artifact)")
+            "the `training-epochs` artifact)" + _recovery(training))
+
+
+def _recovery(training: dict) -> str:
+    """The failures training recovered from, and where it resumed, for the run page."""
+    parts = [f"restart {r['attempt']} after a {r['kind']} failure: {r['cause']}" for r in training.get("restarts") or []]
+    resumed = training.get("resumed_from")
+    if resumed:
+        parts.append(f"resumed from `{resumed['checkpoint']}` (epoch {resumed['epoch']}, {resumed['steps']} steps done)")
+    return "".join(f"\n- {p}" for p in parts)
 
 
 def check_api() -> None:
@@ -218,12 +227,55 @@ def check_api() -> None:
 
     url = get_current_settings().api.url
     if not url:
-        return  # no server configured: Prefect starts a temporary local one
+        start_temporary_server()
+        return
     try:
         urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=10).close()
     except OSError as e:
         raise UserError(f"PREFECT_API_URL={url} does not answer ({getattr(e, 'reason', e)}); start the server "
                         "(prefect server start --host 127.0.0.1) or unset PREFECT_API_URL to use a temporary local one") from None
+
+
+REAPER = """
+import os, signal, sys, time
+pipe, pid = int(sys.argv[1]), int(sys.argv[2])
+os.read(pipe, 1)  # returns when the flow process is gone, however it ended: it held the only write end
+def ours():
+    try:
+        return b"prefect.server.api.server" in open(f"/proc/{pid}/cmdline", "rb").read()
+    except OSError:
+        return False
+if ours():
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(50):
+        time.sleep(0.1)
+        if not ours():
+            break
+    else:
+        os.kill(pid, signal.SIGKILL)
+"""
+
+
+def start_temporary_server() -> None:
+    """Start the temporary local Prefect server that Prefect would start on first use (the same one: Prefect
+    keeps it as a singleton and stops it at exit), plus a small process that stops it should this process be
+    killed (SIGKILL, OOM) and never reach its exit handlers: no orphaned server is left holding its port."""
+    import subprocess
+
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    if server.server_process is None or not Path("/proc").is_dir():
+        return
+    read, write = os.pipe()  # neither end is inherited by the server or the ranks (O_CLOEXEC)
+    subprocess.Popen([sys.executable, "-c", REAPER, str(read), str(server.server_process.pid)], pass_fds=(read,),
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    os.close(read)
+    _held.append(write)  # open until this process ends
+
+
+_held: list[int] = []
 
 
 def main() -> None:

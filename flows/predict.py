@@ -38,6 +38,9 @@ def batch_predict(package: str = "models/production", input: str = "data/feature
 
 if __name__ == "__main__":
     try:
+        from flows.pipeline import check_api
+
+        check_api()
         batch_predict(*sys.argv[1:4])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -221,9 +222,14 @@ def test_a_flow_killed_during_training_resumes_from_its_checkpoint(tmp_path):
                                 start_new_session=True)
         try:
             assert flow.wait(timeout=600) == -signal.SIGKILL
+            # its temporary Prefect server, left without a parent, is stopped by the flow's reaper process
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and left_in_group(flow.pid):
+                time.sleep(0.2)
+            assert not left_in_group(flow.pid), "the killed flow's temporary Prefect server is still running"
         finally:
             try:
-                os.killpg(flow.pid, signal.SIGKILL)  # what the kill left behind (its temporary Prefect server)
+                os.killpg(flow.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
     assert (tmp_path / "fired").exists() and not (repo / "models/train/model.pt").exists()
@@ -237,3 +243,18 @@ def test_a_flow_killed_during_training_resumes_from_its_checkpoint(tmp_path):
     raw["train"].update(out_dir=str(tmp_path / "ref/model"), log_dir=str(tmp_path / "ref/live"))
     train(parse_settings(raw))
     same_parameters(tmp_path / "ref/model", repo / "models/train", atol=1e-6)
+
+
+def left_in_group(pgid: int) -> bool:
+    """Whether any process of the process group pgid is still running (zombies do not count)."""
+    import os
+
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z" and int(proc.name) != os.getpid():
+                return True
+    return False
