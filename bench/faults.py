@@ -78,8 +78,8 @@ def main() -> None:
                                    ("dask: rank 1's worker lost, elastic 2->1", False, {"elastic": True, "rejoin_timeout_s": 2})):
             marker = Path(work) / f"fired-dask-{nanny}"
             with dask_gpu_cluster(Path(work), gpu=2, nanny=nanny, **{FAULT_ENV: f"kill:1:70:{marker}"}) as address:
-                raw = settings(work, **RUN, launcher="dask", **extra).model_dump(by_alias=True)
-                raw["dask"]["address"] = address
+                raw = settings(work, **RUN, **extra).model_dump(by_alias=True)
+                raw["dask"]["address"], raw["train"]["launcher"] = address, "dask"
                 t0 = time.perf_counter()
                 summary = train(parse_settings(raw))
                 report(name, marker, summary, 70, time.perf_counter() - t0)
