@@ -222,7 +222,7 @@ def _rank_workers(client, cfg, address: str, restart: bool) -> list[str]:
     return workers
 
 
-def _watch(client, futures: list, workers: list[str], out: Path, poll_s: float = 0.25) -> None:
+def _watch(client, futures: list, workers: list[str], out: Path, poll_s: float = 0.5) -> None:
     """Wait for every rank; on the first failure (a rank's error, or its worker leaving the cluster), classify
     it, tear the group down and raise it as a Failure. Survivors still running (blocked in a collective on a
     dead peer, or hung) are ended by restarting their workers through their nannies: a Dask worker cannot
@@ -235,7 +235,8 @@ def _watch(client, futures: list, workers: list[str], out: Path, poll_s: float =
         alive = client.scheduler_info(n_workers=-1)["workers"]
         lost = [r for r, w in enumerate(workers) if w not in alive]
         failed = [r for r, st in enumerate(status) if st in ("error", "cancelled")]
-        if failed and not lost:  # a peer's collective fails at once; the scheduler may see its worker go a moment later
+        user = any(status[r] == "error" and isinstance(futures[r].exception(), UserError) for r in failed)
+        if failed and not lost and not user:  # a peer's collective fails at once; its worker's loss shows a moment later
             deadline = time.monotonic() + 3
             while not lost and time.monotonic() < deadline:
                 time.sleep(poll_s)

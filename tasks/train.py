@@ -381,14 +381,27 @@ def _train(s: Settings, rank: int, world: int, device: torch.device, grouped: bo
 
 
 def trim_live(log_dir: Path, epochs: int) -> None:
-    """Drop the dvclive rows of epochs after a checkpoint being resumed: they are trained and logged again."""
+    """Drop the dvclive rows of epochs after the checkpoint being resumed (they are trained and logged again),
+    and what a killed process left half-written, so no epoch is logged twice."""
     for tsv in (log_dir / "plots" / "metrics").rglob("*.tsv"):
-        header, *rows = tsv.read_text().splitlines()
-        column = header.split("\t").index("step")
-        kept = [r for r in rows if int(r.split("\t")[column]) < epochs]
-        if len(kept) < len(rows):
+        lines = tsv.read_text().splitlines()
+        header = lines[0].split("\t") if lines else []
+        if "step" not in header:  # empty or cut in its header: dvclive writes it anew
+            tsv.unlink()
+            continue
+        column = header.index("step")
+        kept = [r for r in lines[1:] if _logged_before(r, len(header), column, epochs)]
+        if len(kept) < len(lines) - 1:
             with atomic_path(tsv) as tmp:
-                Path(tmp).write_text("\n".join([header, *kept]) + "\n")
+                Path(tmp).write_text("\n".join([lines[0], *kept]) + "\n")
+
+
+def _logged_before(row: str, fields: int, column: int, epochs: int) -> bool:
+    values = row.split("\t")
+    try:
+        return len(values) == fields and int(values[column]) < epochs and all(v != "" for v in values)
+    except ValueError:
+        return False
 
 
 def log_epoch(live, record: dict) -> None:

@@ -173,6 +173,22 @@ def test_a_lost_dask_worker_is_replaced_and_its_group_resumes_to_the_same_parame
     same_parameters(ref / "model", tmp_path / "model", atol=1e-6)
 
 
+def test_a_hung_rank_on_a_dask_worker_ends_its_worker_leaves_its_stacks_and_the_group_resumes(features, uninterrupted,
+                                                                                               tmp_path):
+    """The hang watchdog of a rank on a Dask worker ends the worker process (a thread cannot be stopped); its
+    nanny restarts it, the launcher names the hang and where the stacks are, and the group resumes."""
+    ref, _ = uninterrupted
+    with dask_gpu_cluster(tmp_path, gpu=2, **{FAULT_ENV: f"hang:0:7:{tmp_path / 'fired'}"}) as address:
+        summary = train(on_dask(features, tmp_path, address, step_timeout_s=3))
+    (failure,) = summary["restarts"]
+    # rank 0 hangs before its step, rank 1 waits for it in the all-reduce: either watchdog may end its worker first
+    hung = re.fullmatch(r"rank ([01]) on \S+ hung \(no step in train.step_timeout_s; stacks in (\S+)\)", failure["cause"])
+    assert failure["kind"] == "infrastructure" and hung, failure["cause"]
+    assert Path(hung[2]).name == f"hung-rank{hung[1]}.log"
+    assert "(most recent call first)" in (tmp_path / "model" / Path(hung[2]).name).read_text()
+    same_parameters(ref / "model", tmp_path / "model", atol=1e-6)
+
+
 def test_without_a_replacement_the_group_goes_on_with_fewer_workers_only_when_elastic(features, uninterrupted, tmp_path):
     """Workers without a nanny: the one running rank 1 dies for good. Not elastic, the relaunch finds 1 of 2 GPU
     workers and the run stops with its failures, checkpoints kept; elastic, it resumes on the one left."""
@@ -202,3 +218,16 @@ def test_under_torchrun_a_sigkilled_rank_restarts_the_group_to_the_same_paramete
     assert [(r["kind"], r["cause"]) for r in summary["restarts"]] == [("infrastructure", "torchrun rank 1 killed by SIGKILL (out of memory?)")]
     assert summary["resumed_from"]["steps"] == 15 and summary["steps"] == ref_summary["steps"]
     same_parameters(ref / "model", tmp_path / "model", atol=1e-6)
+
+
+def test_resuming_cuts_the_dvclive_log_back_to_the_checkpoint_and_drops_what_a_kill_left_half_written(tmp_path):
+    from tasks.train import trim_live
+
+    metrics = tmp_path / "plots/metrics"
+    (metrics / "train").mkdir(parents=True)
+    (metrics / "train/loss.tsv").write_text("step\tloss\n0\t1.0\n1\t0.5\n2\t0.4\n3\t0.")
+    (metrics / "lr.tsv").write_text("")  # killed as dvclive created it
+    (metrics / "perf.tsv").write_text("st")
+    trim_live(tmp_path, 2)  # resuming at the checkpoint after epoch 2
+    assert (metrics / "train/loss.tsv").read_text() == "step\tloss\n0\t1.0\n1\t0.5\n"
+    assert sorted(p.name for p in metrics.rglob("*.tsv")) == ["loss.tsv"]
