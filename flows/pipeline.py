@@ -220,14 +220,16 @@ def _recovery(training: dict) -> str:
 
 
 def check_api() -> None:
-    """A configured Prefect API must answer; otherwise say how to fix it instead of a connection traceback."""
+    """A configured Prefect API must answer; otherwise say how to fix it instead of a connection traceback.
+    With none configured, start the temporary local server (start_temporary_server)."""
     import urllib.request
 
-    from prefect.settings import get_current_settings
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_ENABLED, get_current_settings
 
     url = get_current_settings().api.url
     if not url:
-        start_temporary_server()
+        if PREFECT_SERVER_EPHEMERAL_ENABLED.value():  # else Prefect itself says to set PREFECT_API_URL
+            start_temporary_server()
         return
     try:
         urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=10).close()
