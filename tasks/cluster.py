@@ -48,12 +48,17 @@ def dask_client(cfg: DaskSettings, stage: str):
         yield client
 
 
+def cluster_workers(client) -> dict:
+    """The scheduler's workers now, by address. (Client.scheduler_info returns the client's cached copy, which
+    its periodic refresh can replace, at any moment, by one that lists no workers at all.)"""
+    return client.sync(client.scheduler.identity, n_workers=-1)["workers"]
+
+
 def _log_cluster(client, stage: str) -> None:
-    info = client.scheduler_info()
-    threads = sum(w.get("nthreads", 0) for w in info.get("workers", {}).values())
-    dashboard = f", dashboard {client.dashboard_link}" if "dashboard" in info.get("services", {}) else ""
-    log.info("%s on Dask: %s, %d workers, %d threads%s", stage, client.scheduler.address,
-             len(info.get("workers", {})), threads, dashboard)
+    workers = cluster_workers(client)
+    threads = sum(w.get("nthreads", 0) for w in workers.values())
+    dashboard = f", dashboard {client.dashboard_link}" if "dashboard" in client.scheduler_info().get("services", {}) else ""
+    log.info("%s on Dask: %s, %d workers, %d threads%s", stage, client.scheduler.address, len(workers), threads, dashboard)
 
 
 def show_progress(client, collections: list) -> list:

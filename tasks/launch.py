@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from tasks.cluster import cluster_workers
 from tasks.files import replace_dir, write_json
 from tasks.settings import Settings, UserError, absolute_paths
 from tasks.train import run_rank, staging_dir
@@ -103,7 +104,17 @@ def _user_error_from(text: str) -> UserError | None:
 
 # local -------------------------------------------------------------------------------------------------
 
+def stacks_on_sigterm() -> None:
+    """A rank that owns its process (local, torchrun) logs where it was when its launcher tears the group down
+    (a peer died or hung). Not on a Dask worker: the handler would outlive the rank in the worker's process."""
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGTERM, file=sys.stderr, all_threads=True, chain=True)
+
+
 def _spawned(rank: int, s: Settings, world: int, init_method: str) -> None:
+    stacks_on_sigterm()
     run_rank(s, rank, world, local_rank=rank, init_method=init_method)
 
 
@@ -144,10 +155,10 @@ def on_local(s: Settings, restart: bool = False) -> list[str]:
 
 # dask --------------------------------------------------------------------------------------------------
 
-def gpu_workers(info: dict) -> list[str]:
+def gpu_workers(workers: dict) -> list[str]:
     """Addresses of the workers that declare a GPU resource, grouped by host, in a stable order."""
-    workers = [a for a, w in info["workers"].items() if w.get("resources", {}).get("GPU", 0) >= 1]
-    return sorted(workers, key=lambda a: (urlparse(a).hostname or "", a))
+    gpu = [a for a, w in workers.items() if w.get("resources", {}).get("GPU", 0) >= 1]
+    return sorted(gpu, key=lambda a: (urlparse(a).hostname or "", a))
 
 
 def _dask_rank(s: Settings, rank: int, world: int, local_rank: int, local_world: int, init_method: str) -> str:
@@ -197,8 +208,8 @@ def _rank_workers(client, cfg, address: str, restart: bool) -> list[str]:
     lost workers; with train.elastic, any attempt then goes on with the GPU workers there are (at least one),
     and without it a first attempt with too few is refused at once."""
     def available() -> tuple[list[str], int]:
-        info = client.scheduler_info(n_workers=-1)
-        return gpu_workers(info), len(info["workers"])
+        workers = cluster_workers(client)
+        return gpu_workers(workers), len(workers)
 
     workers, n_all = available()
     deadline = time.monotonic() + cfg.rejoin_timeout_s
@@ -232,7 +243,7 @@ def _watch(client, futures: list, workers: list[str], out: Path, poll_s: float =
         status = [f.status for f in futures]
         if all(st == "finished" for st in status):
             return
-        alive = client.scheduler_info(n_workers=-1)["workers"]
+        alive = cluster_workers(client)
         lost = [r for r, w in enumerate(workers) if w not in alive]
         failed = [r for r, st in enumerate(status) if st in ("error", "cancelled")]
         user = any(status[r] == "error" and isinstance(futures[r].exception(), UserError) for r in failed)
@@ -240,14 +251,17 @@ def _watch(client, futures: list, workers: list[str], out: Path, poll_s: float =
             deadline = time.monotonic() + 3
             while not lost and time.monotonic() < deadline:
                 time.sleep(poll_s)
-                alive = client.scheduler_info(n_workers=-1)["workers"]
+                alive = cluster_workers(client)
                 lost = [r for r, w in enumerate(workers) if w not in alive]
         if lost or failed:
             failure = _dask_failure(futures, workers, lost, failed, out, started)
             running = [w for f, w in zip(futures, workers) if f.status == "pending" and w in alive and alive[w].get("nanny")]
             client.cancel(futures, force=True)
             if running:
-                client.restart_workers(running, timeout=120, raise_for_error=False)
+                try:
+                    client.restart_workers(running, timeout=120, raise_for_error=False)
+                except Exception as e:  # noqa: BLE001 - e.g. a worker that left meanwhile (its own watchdog ended it)
+                    print(f"train: restarting Dask workers {running} to end their ranks: {e!r}", file=sys.stderr, flush=True)
             raise failure
         time.sleep(poll_s)
 
@@ -308,6 +322,7 @@ def torchrun_rank(s: Settings) -> None:
     Started by hand, rank 0 prepares the staging directory and publishes the model when all ranks are done."""
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     by_stage = SETTINGS_ENV in os.environ
+    stacks_on_sigterm()
     if by_stage:
         s = Settings.model_validate_json(Path(os.environ[SETTINGS_ENV]).read_text())
     try:

@@ -132,12 +132,6 @@ def run_rank(s: Settings, rank: int, world: int, local_rank: int, init_method: s
     if cuda:
         torch.cuda.set_device(device)
     if init_method:
-        import faulthandler
-        import signal
-        import sys
-
-        # when the launcher tears the group down (a rank died or hung), every rank logs where it was
-        faulthandler.register(signal.SIGTERM, file=sys.stderr, all_threads=True, chain=True)
         # a collective waits on a dead or hung peer a little longer than the watchdog (which logs the stacks)
         dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=s.train.step_timeout_s + 60), **({"device_id": device} if cuda else {}))

@@ -18,6 +18,7 @@ import yaml
 from distributed import Client
 
 from tasks.checkpoint import listed
+from tasks.cluster import cluster_workers
 from tasks.settings import UserError, parse_settings
 from tasks.train import FAULT_ENV, staging_dir, train
 from tests.conftest import ROOT, same_parameters, variant
@@ -162,7 +163,7 @@ def test_a_lost_dask_worker_is_replaced_and_its_group_resumes_to_the_same_parame
     ref, ref_summary = uninterrupted
     with dask_gpu_cluster(tmp_path, gpu=2, **{FAULT_ENV: f"kill:1:18:{tmp_path / 'fired'}"}) as address:
         with Client(address, timeout=10) as c:
-            before = set(c.scheduler_info(n_workers=-1)["workers"])
+            before = set(cluster_workers(c))
         summary = train(on_dask(features, tmp_path, address, rejoin_timeout_s=60))
     assert (tmp_path / "fired").exists()
     (failure,) = summary["restarts"]

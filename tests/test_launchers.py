@@ -13,6 +13,8 @@ import pytest
 import torch
 from distributed import Client
 
+from tasks.cluster import cluster_workers
+from tasks.launch import gpu_workers
 from tasks.model import load_model
 from tasks.settings import UserError, parse_settings
 from tasks.train import train
@@ -35,11 +37,13 @@ def dask_gpu_cluster(cwd: Path, gpu: int = 2, plain: int = 0, nanny: bool = True
     address = f"tcp://127.0.0.1:{free_port()}"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DO_NOT_TRACK": "1", "DASK_LOGGING__DISTRIBUTED": "warning", **env}
     common = ["--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"] + ([] if nanny else ["--no-nanny"])
+    logs = cwd / "dask-logs"  # kept with the test's temporary directory
+    logs.mkdir(exist_ok=True)
     procs = [subprocess.Popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1], "--no-dashboard"],
-                              cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+                              cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=(logs / "scheduler.log").open("w"))]
     procs += [subprocess.Popen([DASK, "worker", address, *common, *extra], cwd=cwd, env=env, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-              for extra in [["--resources", "GPU=1"]] * gpu + [[]] * plain]
+                               stdout=subprocess.DEVNULL, stderr=(logs / f"worker{i}.log").open("w"))
+              for i, extra in enumerate([["--resources", "GPU=1"]] * gpu + [[]] * plain)]
     try:
         wait_for_workers(address, gpu + plain)
         yield address
@@ -71,7 +75,7 @@ def test_dask_launcher_trains_on_the_gpu_workers_to_the_local_parameters(feature
     summary = train(on_cluster(features, tmp_path, gpu_cluster, world_size=2, epochs=2))
     same_parameters(ref / "model", tmp_path / "model", atol=1e-6)
     with Client(gpu_cluster, timeout=10) as c:
-        gpu = sorted(a for a, w in c.scheduler_info(n_workers=-1)["workers"].items() if w["resources"].get("GPU"))
+        gpu = gpu_workers(cluster_workers(c))
     assert summary["launcher"] == "dask" and sorted(summary["placement"]) == gpu  # one rank on each GPU worker
     assert (tmp_path / "model/model.pt").exists() and (tmp_path / "live/metrics.json").exists()
 
