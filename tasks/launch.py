@@ -31,7 +31,7 @@ import torch
 from tasks.cluster import cluster_workers
 from tasks.files import replace_dir, write_json
 from tasks.settings import Settings, UserError, absolute_paths
-from tasks.train import run_rank, staging_dir
+from tasks.train import Watchdog, check_inputs, run_rank, staging_dir
 
 SETTINGS_ENV = "TRAINFLOW_SETTINGS"  # settings of ranks started by the stage's own torchrun (JSON file)
 ERROR_ENV = "TRAINFLOW_ERROR_FILE"   # where such a rank leaves a user error for the stage to report
@@ -88,8 +88,6 @@ def exit_cause(who: str, code: int, step_timeout_s: float) -> str:
     """Why a rank's process ended: its hang watchdog, a signal (SIGKILL: most often the out-of-memory killer)."""
     import signal
 
-    from tasks.train import Watchdog
-
     if code == Watchdog.EXIT:
         return f"{who} hung (no step in train.step_timeout_s={step_timeout_s:g} s; stacks in the log)"
     if code < 0:
@@ -119,8 +117,6 @@ def _spawned(rank: int, s: Settings, world: int, init_method: str) -> None:
 
 
 def on_local(s: Settings, restart: bool = False) -> list[str]:
-    from tasks.train import Watchdog
-
     cfg = s.train
     cuda = torch.cuda.is_available()
     available = torch.cuda.device_count() if cuda else os.cpu_count() or 1
@@ -239,20 +235,23 @@ def _watch(client, futures: list, workers: list[str], out: Path, poll_s: float =
     dead peer, or hung) are ended by restarting their workers through their nannies: a Dask worker cannot
     stop a running thread, and a fresh process is what torchrun gives a relaunched group as well."""
     started = time.time()
+
+    def lost_ranks() -> tuple[dict, list[int]]:
+        alive = cluster_workers(client)
+        return alive, [r for r, w in enumerate(workers) if w not in alive]
+
     while True:
         status = [f.status for f in futures]
         if all(st == "finished" for st in status):
             return
-        alive = cluster_workers(client)
-        lost = [r for r, w in enumerate(workers) if w not in alive]
+        alive, lost = lost_ranks()
         failed = [r for r, st in enumerate(status) if st in ("error", "cancelled")]
         user = any(status[r] == "error" and isinstance(futures[r].exception(), UserError) for r in failed)
         if failed and not lost and not user:  # a peer's collective fails at once; its worker's loss shows a moment later
             deadline = time.monotonic() + 3
             while not lost and time.monotonic() < deadline:
                 time.sleep(poll_s)
-                alive = cluster_workers(client)
-                lost = [r for r, w in enumerate(workers) if w not in alive]
+                alive, lost = lost_ranks()
         if lost or failed:
             failure = _dask_failure(futures, workers, lost, failed, out, started)
             running = [w for f, w in zip(futures, workers) if f.status == "pending" and w in alive and alive[w].get("nanny")]
@@ -310,8 +309,6 @@ def on_torchrun(s: Settings, restart: bool = False) -> list[str]:
             if not root:
                 raise Failure("bug", f"torchrun exited with {proc.returncode}", error)
             rank, code = int(root[1]), int(root[2])
-            from tasks.train import Watchdog
-
             kind = "infrastructure" if code < 0 or code == Watchdog.EXIT else "bug"
             raise Failure(kind, exit_cause(f"torchrun rank {rank}", code, s.train.step_timeout_s), error)
     return [f"torchrun local rank {r}" for r in range(s.train.world_size)]
@@ -330,8 +327,6 @@ def torchrun_rank(s: Settings) -> None:
             raise UserError(f"torchrun started {world} ranks but train.world_size is {s.train.world_size}; set "
                             "train.world_size to nnodes × nproc-per-node")
         if not by_stage and rank == 0:
-            from tasks.train import check_inputs
-
             check_inputs(s)
             staging_dir(s.train.out_dir).mkdir(parents=True, exist_ok=True)  # checkpoints of an interrupted run stay
         run_rank(s, rank, world, local, init_method="env://", local_world=int(os.environ.get("LOCAL_WORLD_SIZE", world)))

@@ -19,10 +19,10 @@ from distributed import Client
 
 from tasks.checkpoint import listed
 from tasks.cluster import cluster_workers
-from tasks.settings import UserError, parse_settings
+from tasks.settings import UserError
 from tasks.train import FAULT_ENV, staging_dir, train
 from tests.conftest import ROOT, same_parameters, variant
-from tests.test_launchers import dask_gpu_cluster
+from tests.test_launchers import dask_gpu_cluster, on_cluster
 
 RUN = dict(world_size=2, epochs=2, checkpoint_every="5 steps", keep_checkpoints=3)  # 11 steps an epoch
 
@@ -152,9 +152,7 @@ def test_prefect_retries_a_stage_only_after_an_infrastructure_failure():
 
 
 def on_dask(s, root: Path, address: str, **train_overrides):
-    raw = variant(s, root, **{**RUN, **train_overrides}).model_dump(by_alias=True)
-    raw["dask"]["address"], raw["train"]["launcher"] = address, "dask"
-    return parse_settings(raw)
+    return on_cluster(s, root, address, **{**RUN, **train_overrides})
 
 
 def test_a_lost_dask_worker_is_replaced_and_its_group_resumes_to_the_same_parameters(features, uninterrupted, tmp_path):
