@@ -81,7 +81,7 @@ def main() -> None:
                 raw = settings(work, **RUN, **extra).model_dump(by_alias=True)
                 raw["dask"]["address"], raw["train"]["launcher"] = address, "dask"
                 t0 = time.perf_counter()
-                summary = train(parse_settings(raw))
+                summary = train(parse_settings(raw, root=work))
                 report(name, marker, summary, 70, time.perf_counter() - t0)
 
         marker = Path(work) / "fired-corrupt"

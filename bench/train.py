@@ -33,7 +33,7 @@ def settings(work: str, **train):
     for section, key in PATH_KEYS:
         raw[section][key] = str(ROOT / raw[section][key]) if section == "dataset" else str(Path(work) / raw[section][key])
     raw["train"].update({"patience": 10**6, **train})
-    return parse_settings(raw)
+    return parse_settings(raw, root=work)
 
 
 def prepare(work: str) -> dict:

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -28,10 +29,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact  #
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.states import Completed  # noqa: E402
 
-from flows.workspace import Workspace, changed_params  # noqa: E402
+from flows.workspace import Workspace, changed_params, experiment_name  # noqa: E402
 from tasks.settings import (  # noqa: E402
     PARAMS, DaskSettings, DatasetSettings, DvcSettings, EvaluateSettings, IngestSettings, PackageSettings, PreprocessSettings,
-    Settings, TrainSettings, UserError, ValidateSettings, load_settings,
+    Settings, TrainSettings, UserError, ValidateSettings, load_settings, parse_settings,
 )
 
 STAGES = ["ingest", "validate", "preprocess", "train", "evaluate", "package", "promote"]
@@ -88,25 +89,26 @@ def training_pipeline(
 ) -> dict:
     """Validate, preprocess, train, evaluate and package a model; stages DVC finds up to date are skipped."""
     t0 = time.perf_counter()
-    settings = Settings(dataset=dataset, ingest=ingest, validate=validate, preprocess=preprocess, dask=dask, train=train,
-                        evaluate=evaluate, package=package, dvc=dvc)
     ws = Workspace(Path.cwd())
     if ws.root != Path.cwd().resolve():
         raise UserError(f"run the flow from the project root {ws.root}, not {Path.cwd()} (settings paths are relative to it)")
+    raw = {"dataset": dataset, "ingest": ingest, "validate": validate, "preprocess": preprocess, "dask": dask,
+           "train": train, "evaluate": evaluate, "package": package, "dvc": dvc}
+    settings = parse_settings({k: v.model_dump() for k, v in raw.items()}, "the run's parameters", root=ws.root)
     changed = changed_params(settings, load_settings(PARAMS))
     previous = _read_json(settings.evaluate.out_dir, "metrics.json")
     with ws.locked():
         if changed:
-            name = f"prefect-{runtime.flow_run.name or 'run'}"
+            run_id = runtime.flow_run.id or uuid.uuid4()
+            name = experiment_name(runtime.flow_run.name, run_id)
             get_run_logger().info("parameters differ from params.yaml (%s): running as DVC experiment %s",
                                   ", ".join(changed), name)
-            if not Path(settings.evaluate.champion).is_absolute():  # the workspace's champion, not the worktree's
-                champion = str(ws.root / settings.evaluate.champion)
-                settings = settings.model_copy(update={"evaluate": settings.evaluate.model_copy(update={"champion": champion})})
-            with ws.experiment(name, settings) as exp:
+            with ws.experiment(name, run_id, settings) as exp:
+                exp.check_graph()
                 stages, metrics, data_version, training, gate = _run_stages(settings, exp)
         else:
             name = None
+            ws.check_graph()
             stages, metrics, data_version, training, gate = _run_stages(settings, ws)
         if settings.dvc.push:
             ws.push()

@@ -12,15 +12,22 @@ workspace are never rewritten by them.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
+import uuid
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import yaml
 
-from tasks.settings import PARAMS, Settings, UserError, dump_settings
+from tasks.errors import UserError
+from tasks.settings import PARAMS, Settings, dump_settings
+
+BUSY = ("{root} is busy: another Trainflow run or DVC command holds its lock ({what}). Wait for it to finish and run "
+        "again (if no such process is running, delete {what})")
 
 
 class Workspace:
@@ -44,12 +51,36 @@ class Workspace:
         try:
             stack.enter_context(lock_repo(self.repo))
         except LockError:
-            raise UserError(
-                f"{self.root} is busy: another Trainflow run or DVC command holds its lock (.dvc/tmp/lock). "
-                "Wait for it to finish and run again (if no process is running, delete .dvc/tmp/lock)"
-            ) from None
+            raise UserError(BUSY.format(root=self.root, what=".dvc/tmp/lock")) from None
         with stack:
+            # `dvc repro` lets go of the repo lock while a stage command runs, holding only its stage's
+            # read/write locks: those count as busy too (else both would write the same outputs)
+            holders = self._rwlock_holders()
+            if holders:
+                raise UserError(BUSY.format(root=self.root, what=".dvc/tmp/rwlock") + f"; held by {holders}")
             yield self
+
+    def _rwlock_holders(self) -> list[str]:
+        import psutil  # a dependency of DVC
+
+        path = self.root / ".dvc" / "tmp" / "rwlock"
+        try:
+            lock = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return []
+        infos = [i for mode in ("read", "write") for v in (lock.get(mode) or {}).values() for i in (v if isinstance(v, list) else [v])]
+        return sorted({f"PID {i['pid']}: {i['cmd']}" for i in infos
+                       if int(i["pid"]) != os.getpid() and psutil.pid_exists(int(i["pid"]))})
+
+    def check_graph(self) -> None:
+        """DVC's checks of the whole pipeline (overlapping or duplicated outputs, cycles) before any stage runs:
+        the flow asks DVC about one stage at a time, which would skip them."""
+        from dvc.exceptions import DvcException
+
+        try:
+            self.repo.index.check_graph()
+        except DvcException as e:
+            raise UserError(f"dvc.yaml with these params: {e}") from None
 
     def changes(self, stage: str) -> list:
         """What DVC finds changed for one stage ([] when it is up to date)."""
@@ -79,15 +110,19 @@ class Workspace:
             raise UserError(f"dvc push failed: {e}; check the remote's address and credentials (dvc remote list)") from None
 
     @contextmanager
-    def experiment(self, name: str, settings: Settings):
+    def experiment(self, name: str, run_id: str, settings: Settings):
         """A temporary worktree of HEAD's code, with the workspace's dvc.lock and outputs and `settings` as
-        its params.yaml; saved as DVC experiment `name` (like `dvc exp run --temp`, stage by stage)."""
+        its params.yaml; saved as DVC experiment `name` (like `dvc exp run --temp`, stage by stage). The
+        worktree's directory is named by `run_id` (a UUID), never by anything a user typed."""
         from dvc.exceptions import CheckoutError
 
-        path, cwd = self.root / ".dvc" / "tmp" / "trainflow-exps" / name, os.getcwd()
+        run_id = uuid.UUID(str(run_id)).hex  # refuses anything but a UUID
+        path, cwd = self.root / ".dvc" / "tmp" / "trainflow-exps" / run_id, os.getcwd()
         if subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=self.root, capture_output=True).returncode:
             raise UserError(f"{self.root}: parameters that differ from params.yaml run as a DVC experiment, "
                             "which needs a git commit to start from; commit the project first")
+        if subprocess.run(["git", "check-ref-format", f"refs/exps/trainflow/{name}"], cwd=self.root).returncode or "/" in name:
+            raise UserError(f"experiment name {name!r} is not valid as a git ref; name the run with letters, digits and dashes")
         shutil.rmtree(path, ignore_errors=True)
         subprocess.run(["git", "worktree", "prune"], cwd=self.root, check=True)
         subprocess.run(["git", "worktree", "add", "-q", "--detach", str(path), "HEAD"], cwd=self.root, check=True)
@@ -135,3 +170,10 @@ def changed_params(settings: Settings, base: Settings) -> dict[str, tuple]:
 
     new, old = stage_params(settings), stage_params(base)
     return {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+
+
+def experiment_name(run_name: str | None, run_id: str) -> str:
+    """A DVC experiment name from a flow run: its name as a slug (letters, digits, dashes) and its id's first
+    8 hex digits, so two runs of the same name never overwrite each other's experiment."""
+    slug = re.sub(r"[^a-z0-9]+", "-", (run_name or "").lower()).strip("-")[:40].strip("-") or "run"
+    return f"prefect-{slug}-{uuid.UUID(str(run_id)).hex[:8]}"

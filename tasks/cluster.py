@@ -9,7 +9,8 @@ from contextlib import contextmanager
 
 import dask
 
-from tasks.settings import DaskSettings, UserError
+from tasks.errors import UserError
+from tasks.settings import DaskSettings
 
 log = logging.getLogger(__name__)
 
@@ -19,18 +20,11 @@ def dask_client(cfg: DaskSettings, stage: str):
     """A client of a local cluster (`dask.address: local`, bound to 127.0.0.1, sized to the machine unless
     dask.n_workers / threads_per_worker say otherwise) or of an existing scheduler: dask.address, or the
     standard DASK_SCHEDULER_ADDRESS when dask.address is local."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     address = cfg.address if cfg.address != "local" else dask.config.get("scheduler-address", None)
     if not address:
-        # its INFO lines drown the run's own log; the worker processes read the variable when they start
-        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
-        logging.getLogger("distributed").setLevel(logging.WARNING)
-        with LocalCluster(
-            n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker, processes=cfg.processes,
-            **({"host": "127.0.0.1"} if cfg.processes else {}), dashboard_address="127.0.0.1:0",
-            silence_logs=logging.WARNING,
-        ) as cluster, Client(cluster) as client:
+        with local_client(cfg.n_workers, cfg.threads_per_worker, cfg.processes) as client:
             _log_cluster(client, stage)
             yield client
         return
@@ -45,6 +39,22 @@ def dask_client(cfg: DaskSettings, stage: str):
         ) from None
     with client:
         _log_cluster(client, stage)
+        yield client
+
+
+@contextmanager
+def local_client(n_workers: int | None = None, threads_per_worker: int | None = None, processes: bool = False):
+    """A client of a local cluster that listens on 127.0.0.1 only: scheduler, workers, dashboards."""
+    from distributed import Client, LocalCluster
+
+    # its INFO lines drown the run's own log; the worker processes read the variable when they start
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    with LocalCluster(
+        n_workers=n_workers, threads_per_worker=threads_per_worker, processes=processes,
+        **({"host": "127.0.0.1"} if processes else {}),  # (threads talk in-process: no address at all)
+        dashboard_address="127.0.0.1:0", worker_dashboard_address="127.0.0.1:0", silence_logs=logging.WARNING,
+    ) as cluster, Client(cluster) as client:
         yield client
 
 

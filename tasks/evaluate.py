@@ -28,7 +28,9 @@ import torch
 
 from tasks.files import atomic_path, sha256_file, write_json
 from tasks.model import load_model
-from tasks.settings import Settings, UserError, cli
+from tasks.errors import UserError
+from tasks.paths import champion_path
+from tasks.settings import Settings, cli
 from tasks.train import EVAL_CHUNK, load_split
 
 LOWER_IS_BETTER = {"rmse": True, "mae": True, "mape": True, "r2": False}
@@ -85,13 +87,13 @@ def slice_metrics(raw: pd.DataFrame, actual: np.ndarray, predicted: np.ndarray, 
 
 def score_champion(s: Settings, raw: pd.DataFrame, actual: np.ndarray) -> dict | None:
     """The champion package's metrics and slices on the same test rows; None when there is no champion."""
-    from tasks.package import load_package
+    from tasks.modelpackage import ModelPackage, verified_champion
 
-    path = Path(s.evaluate.champion)
-    if not path.exists():
+    path = champion_path(s.evaluate.champion)
+    if not path.exists() and not path.is_symlink():
         return None
     try:
-        champion = load_package(path)
+        champion = ModelPackage(*verified_champion(path))
         predicted = champion.predict(raw)
     except UserError as e:
         raise UserError(f"evaluate: the champion at {path} cannot be scored: {e}. The gate does not promote over a model it "

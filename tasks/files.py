@@ -5,10 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from tasks.errors import UserError
+
+# Every directory a stage produces holds this file: a directory without it (and not empty) was not written by
+# Trainflow, and is never deleted or replaced. Its content is fixed, so it never changes a DVC hash.
+MARKER = ".trainflow-output"
+MARKER_TEXT = "written by Trainflow: this directory is replaced whole when its stage runs again\n"
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -24,7 +33,8 @@ def atomic_path(path: str | Path):
     """Yield a temp path beside `path`; on success rename it over `path`, on error delete it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    clear_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=_staging_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -53,7 +63,12 @@ def sha256_path(path: str | Path) -> str:
     path = Path(path)
     if not path.is_dir():
         return sha256_file(path)
-    return tree_digest((f.relative_to(path).as_posix(), sha256_file(f)) for f in sorted(p for p in path.rglob("*") if p.is_file()))
+    return tree_digest((f.relative_to(path).as_posix(), sha256_file(f)) for f in data_files(path))
+
+
+def data_files(directory: Path) -> list[Path]:
+    """The files of a directory, in name order, without Trainflow's marker."""
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MARKER)
 
 
 def copy_stream(src, dst: str | Path, chunk: int = 1 << 22) -> str:
@@ -74,7 +89,7 @@ def copy_and_hash(src: str | Path, dst: str | Path) -> str:
             return copy_stream(r, dst)
     dst.mkdir()
     entries = []
-    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+    for f in data_files(src):
         rel = f.relative_to(src)
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         entries.append((rel.as_posix(), copy_and_hash(f, dst / rel)))
@@ -88,9 +103,38 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def mark(directory: Path) -> None:
+    (directory / MARKER).write_text(MARKER_TEXT)
+
+
+def check_replaceable(dst: Path) -> None:
+    """Refuse to replace a directory Trainflow did not write: no marker, not empty, and not a stage output that
+    dvc.lock records (outputs written before markers existed, or checked out by DVC)."""
+    if dst.is_dir() and not dst.is_symlink() and not (dst / MARKER).exists() and any(dst.iterdir()) \
+            and not _recorded_by_dvc(dst):
+        example = next(iter(sorted(p for p in dst.rglob("*") if p.is_file())), None)
+        raise UserError(f"{dst} is a directory Trainflow did not write (it has no {MARKER}; e.g. {example}); it is never "
+                        "deleted or replaced. Move it away, or point the setting that names it at a path of its own")
+
+
+def _recorded_by_dvc(path: Path) -> bool:
+    import yaml
+
+    lock = Path("dvc.lock")  # stages run from the project root
+    if not lock.exists():
+        return False
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages") or {}
+    path = path.resolve()
+    return any(Path(o["path"]).resolve() == path for st in stages.values() for o in (st.get("outs") or []) if "path" in o)
+
+
 def replace_path(src: str | Path, dst: str | Path) -> None:
-    """Put finished file or directory `src` in place of `dst` (a file or a directory); never half-replaced."""
+    """Put finished file or directory `src` in place of `dst` (a file or a directory); never half-replaced.
+    A directory `src` gets the marker; a directory `dst` is replaced only if Trainflow wrote it."""
     src, dst = Path(src), Path(dst)
+    check_replaceable(dst)
+    if src.is_dir():
+        mark(src)
     old = dst.with_name(f".{dst.name}.old")
     remove(old)
     if dst.exists() or dst.is_symlink():
@@ -111,7 +155,9 @@ def staged_path(path: str | Path):
     replaces `path` (whichever kind that was); on error it is deleted and `path` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    holder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    check_replaceable(path)  # before any work
+    clear_stale(path)
+    holder = Path(tempfile.mkdtemp(prefix=_staging_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield holder / path.name
         replace_path(holder / path.name, path)
@@ -124,10 +170,37 @@ def atomic_dir(path: str | Path):
     """Yield an empty staging directory; on success swap it in for `path`, on error delete it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    check_replaceable(path)  # before any work
+    clear_stale(path)
+    stage = Path(tempfile.mkdtemp(prefix=_staging_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield stage
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     replace_dir(stage, path)
+
+
+def _staging_prefix(path: Path) -> str:
+    """Staging names carry the writer's host and pid, so a later run can tell an abandoned one (its process
+    gone) from one still being written (on a shared filesystem, only this host's are judged)."""
+    return f".{path.name}.{socket.gethostname()}-{os.getpid()}."
+
+
+def clear_stale(path: Path) -> None:
+    """Delete staging files and directories beside `path` left by killed processes of this host."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.{re.escape(socket.gethostname())}-(\d+)\..*\.tmp$")
+    for entry in path.parent.glob(f".{path.name}.*.tmp"):
+        found = pattern.match(entry.name)
+        if found and not _alive(int(found[1])):
+            remove(entry)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -113,7 +113,25 @@ def stacks_on_sigterm() -> None:
 
 def _spawned(rank: int, s: Settings, world: int, init_method: str) -> None:
     stacks_on_sigterm()
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):  # ranks of one host talk over loopback only
+        os.environ.setdefault(var, "lo")
     run_rank(s, rank, world, local_rank=rank, init_method=init_method)
+
+
+def loopback_store(timeout_s: float):
+    """A TCPStore for the ranks' rendezvous, hosted here and listening on 127.0.0.1 only (a store a rank
+    hosts listens on every interface). Returns the store (keep it alive) and its init_method."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    store = dist.TCPStore("127.0.0.1", port, None, True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False,
+                          master_listen_fd=sock.detach(), use_libuv=False)  # (only this backend takes a socket)
+    return store, f"store://127.0.0.1:{port}"
 
 
 def on_local(s: Settings, restart: bool = False) -> list[str]:
@@ -137,7 +155,7 @@ def on_local(s: Settings, restart: bool = False) -> list[str]:
         return ["this process"]
     import torch.multiprocessing as mp
 
-    init = f"tcp://127.0.0.1:{free_port()}"
+    store, init = loopback_store(cfg.step_timeout_s + 60)
     try:
         # when one rank fails, spawn terminates the others at once: no survivor waits on a collective
         mp.spawn(_spawned, args=(s, cfg.world_size, init), nprocs=cfg.world_size, join=True)
@@ -146,6 +164,8 @@ def on_local(s: Settings, restart: bool = False) -> list[str]:
         raise Failure("user", str(user), user) if user else Failure("bug", str(e).strip().splitlines()[-1], e) from None
     except mp.ProcessExitedException as e:
         raise Failure("infrastructure", exit_cause(f"rank {e.error_index}", e.exit_code, cfg.step_timeout_s), e) from None
+    finally:
+        del store
     return [f"local process {r}" for r in range(cfg.world_size)]
 
 

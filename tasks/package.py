@@ -11,7 +11,8 @@ The package directory holds:
   sha256 of every file.
 The same directory is also written as one reproducible .tar.gz (package.archive).
 
-`load_package` verifies every sha256 before it returns a predictor; a tampered package is refused.
+tasks/modelpackage.py reads packages: every file listed and checked, nothing unlisted, optionally signed
+(manifest.sig, an HMAC-SHA256 of manifest.json under TRAINFLOW_SIGNING_KEY).
 Before the new package replaces the old one, its predictions on the raw test rows must equal the
 evaluate stage's to 1e-5.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import warnings
@@ -31,12 +33,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from tasks.errors import UserError
 from tasks.files import atomic_dir, sha256_file, write_json
 from tasks.model import load_model
-from tasks.features import apply_transform
-from tasks.settings import Settings, UserError, cli, dump_settings
+from tasks.modelpackage import FORMAT_VERSION, SIGNING_ENV, ModelPackage, signature, verified
+from tasks.settings import Settings, cli, dump_settings
 
-FORMAT_VERSION = 2  # 2: transform v2 (categoricals, datetimes, imputation)
 PARITY_TOL = 1e-5  # in target standard deviations: float32 rounding of a prediction of ~1000 is ~1e-4
 
 
@@ -63,67 +65,6 @@ def export_onnx(model: torch.nn.Module, meta: dict, path: Path) -> None:
             input_names=["features"], output_names=["prediction"],
             dynamic_shapes=({0: torch.export.Dim("batch")},),
         )
-
-
-class ModelPackage:
-    """A verified package: `predict(frame)` maps raw feature columns to predictions."""
-
-    def __init__(self, directory: Path, manifest: dict):
-        import onnxruntime as ort
-
-        self.directory, self.manifest = directory, manifest
-        self.transform = json.loads((directory / "transform.json").read_text())
-        self.session = ort.InferenceSession(str(directory / "model.onnx"), providers=["CPUExecutionProvider"])
-
-    def predict(self, frame: pd.DataFrame) -> np.ndarray:
-        missing = [c for c in self.transform["inputs"] if c not in frame.columns]
-        if missing:
-            raise UserError(f"predict: input lacks columns {missing} that the model needs")
-        return self.run(apply_transform(self.transform, frame))
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        """The ONNX model on transformed features, in chunks of 65,536 rows (bounded memory)."""
-        if not len(x):
-            return np.empty(0, dtype=np.float32)
-        return np.concatenate([self.session.run(None, {"features": c})[0] for c in np.array_split(x, -(-len(x) // 65536))])
-
-
-def load_package(directory: str | Path) -> ModelPackage:
-    """A package directory, or its .tar.gz (unpacked into a temporary directory), with every file verified."""
-    directory = Path(directory)
-    if directory.is_file() and directory.name.endswith((".tar.gz", ".tgz")):
-        return load_package(unpack(directory))
-    if not directory.exists():
-        raise UserError(f"{directory}: no such package (a directory or a .tar.gz written by the package stage)")
-    try:
-        manifest = json.loads((directory / "manifest.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError) as e:
-        raise UserError(f"{directory}: not a Trainflow package (manifest.json unreadable: {e})") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{directory}: package format {manifest.get('format_version')} is not supported "
-                        f"(this Trainflow reads format {FORMAT_VERSION}); rebuild it with this version")
-    for name, digest in manifest["files"].items():
-        path = directory / name
-        if not path.exists():
-            raise UserError(f"{directory}: {name} is missing; the package is incomplete, rebuild or re-download it")
-        if sha256_file(path) != digest:
-            raise UserError(f"{directory}: {name} does not match its sha256 in manifest.json; the package was altered")
-    return ModelPackage(directory, manifest)
-
-
-def unpack(archive: Path) -> Path:
-    """Extract a package archive safely (no absolute paths, links or '..'): Python's 'data' filter."""
-    import tarfile
-    import tempfile
-
-    target = Path(tempfile.mkdtemp(prefix="trainflow-package-"))
-    try:
-        with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(target, filter="data")
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise UserError(f"{archive}: not a readable package archive ({e}); re-download or rebuild it") from None
-    inner = [p for p in target.iterdir()]
-    return inner[0] if len(inner) == 1 and inner[0].is_dir() else target
 
 
 def write_archive(directory: Path, archive: Path) -> None:
@@ -223,13 +164,13 @@ def package(s: Settings) -> dict:
             "training": training,
         }
         (stage / "MODEL_CARD.md").write_text(model_card(manifest, slices, s))
-        manifest["files"] = {name: sha256_file(stage / name)
-                             for name in ("model.onnx", "transform.json", "suite.yaml", "MODEL_CARD.md")}
-        files = manifest["files"]
+        manifest["files"] = files = {p.name: sha256_file(p) for p in sorted(stage.iterdir())}  # every file it holds
         write_json(stage / "manifest.json", manifest)
+        if os.environ.get(SIGNING_ENV):
+            (stage / "manifest.sig").write_text(signature((stage / "manifest.json").read_bytes(), os.environ[SIGNING_ENV]) + "\n")
 
         # the package must reproduce the evaluate stage before it replaces the previous one
-        predicted = load_package(stage).predict(pd.read_parquet(feat_dir / "test_raw"))
+        predicted = ModelPackage(*verified(stage)).predict(pd.read_parquet(feat_dir / "test_raw"))
         expected = pd.read_csv(eval_dir / "predictions.csv")["predicted"].to_numpy()
         gap = float(np.max(np.abs(predicted - expected))) if len(expected) else 0.0
         scale = json.loads((feat_dir / "transform.json").read_text())["target_std"]

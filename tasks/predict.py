@@ -27,8 +27,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.files import atomic_path
-from tasks.settings import UserError
+from tasks.errors import UserError
+from tasks.files import atomic_path, sha256_file
 
 PARTITION_ROWS = 500_000
 
@@ -97,13 +97,13 @@ def score(package, frame: pd.DataFrame, offset: int, suite: dict, key: list[str]
     return Scored(ids.assign(prediction=predicted.astype(np.float64)), rejects.reset_index(drop=True), unseen)
 
 
-def _score_piece(package_dir: str, piece, suite: dict, key: list[str], target: str, source: str) -> Scored:
-    from tasks.package import ModelPackage
+def _score_piece(package_dir: str, version: str, piece, suite: dict, key: list[str], target: str, source: str) -> Scored:
+    from tasks.modelpackage import ModelPackage
     from tasks.tables import read_piece
 
-    package = _packages.get(package_dir)
+    package = _packages.get((package_dir, version))
     if package is None:  # verified by predict_file before any partition is scored
-        package = _packages[package_dir] = ModelPackage(Path(package_dir), {})
+        package = _packages[(package_dir, version)] = ModelPackage(Path(package_dir), {})
     frame = read_piece(piece)
     return score(package, frame, piece.offset, suite, key, source)
 
@@ -139,12 +139,16 @@ def _is_parquet(path: Path) -> bool:
 
 def predict_file(package_path: str | Path, input_path: str | Path, output: str | Path, rejects: str | Path | None = None) -> dict:
     """Score INPUT with the package; write predictions to OUTPUT and rejected rows to REJECTS; return counts."""
-    from tasks.package import load_package
-    from tasks.validate import load_suite
+    from tasks.modelpackage import open_package
 
     t0 = time.perf_counter()
-    package = load_package(package_path)
-    output, input_path = Path(output), Path(input_path)
+    with open_package(package_path) as package:  # an archive's temporary copy is removed at the end
+        return _predict(package, Path(input_path), Path(output), rejects, t0)
+
+
+def _predict(package, input_path: Path, output: Path, rejects: str | Path | None, t0: float) -> dict:
+    from tasks.validate import load_suite
+
     rejects = Path(rejects) if rejects else output.with_name(f"{output.stem}.rejects{output.suffix}")
     if output.suffix not in (".parquet", ".csv"):
         raise UserError(f"predict: {output}: give an output file ending in .parquet or .csv")
@@ -162,7 +166,8 @@ def predict_file(package_path: str | Path, input_path: str | Path, output: str |
         results = [score(package, frame if frame is not None else read_piece(parts[0]), 0, suite, key, str(input_path))]
         mode = "in memory"
     else:
-        results = _on_dask(package.directory, parts, suite, key, target, str(input_path))
+        version = sha256_file(package.directory / "manifest.json")
+        results = _on_dask(package.directory, version, parts, suite, key, target, str(input_path))
         mode = f"{len(parts)} partitions on Dask"
     n_pred, n_rej = sum(len(r.predictions) for r in results), sum(len(r.rejects) for r in results)
     assert n_pred + n_rej == n_rows, (n_pred, n_rej, n_rows)  # every row is either scored or rejected
@@ -174,19 +179,15 @@ def predict_file(package_path: str | Path, input_path: str | Path, output: str |
             "rejects": str(rejects), "mode": mode, "seconds": round(seconds, 3), "rows_per_s": round(n_rows / seconds, 1)}
 
 
-def _on_dask(package_dir: Path, parts: list, suite: dict, key: list[str], target: str, source: str) -> list[Scored]:
+def _on_dask(package_dir: Path, version: str, parts: list, suite: dict, key: list[str], target: str, source: str) -> list[Scored]:
     import dask
-    from distributed import Client, LocalCluster
+    from distributed import Client
+
+    from tasks.cluster import local_client
 
     address = dask.config.get("scheduler-address", None)
-    if address:
-        with Client(address, timeout=10) as client:
-            return client.gather([client.submit(_score_piece, str(package_dir.resolve()), p, suite, key, target, source,
-                                                pure=False) for p in parts])
-    import logging
-
-    with LocalCluster(processes=False, dashboard_address=None, silence_logs=logging.WARNING) as cluster, Client(cluster) as client:
-        return client.gather([client.submit(_score_piece, str(package_dir.resolve()), p, suite, key, target, source,
+    with (Client(address, timeout=10) if address else local_client()) as client:
+        return client.gather([client.submit(_score_piece, str(package_dir.resolve()), version, p, suite, key, target, source,
                                             pure=False) for p in parts])
 
 

@@ -7,22 +7,30 @@ names the key and says how to fix it. Stages receive the whole `Settings` and re
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+from urllib.parse import parse_qsl, urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tasks.errors import UserError
 
 PARAMS = "params.yaml"
+MAX_WIDTH = 65536  # of a hidden layer
 
-
-class UserError(Exception):
-    """Bad input from the user (data, params, files). Reported as one message, without a traceback."""
+# A URL with credentials in it (user:password@host, or a token in the query) would be written to dvc.lock,
+# the Prefect database and the package. The same rule, for the Prefect server's check of UI/API parameters:
+SECRET_QUERY = r"(?:token|access_token|sig|signature|secret|password|passwd|key|apikey|api_key|x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|x-goog-credential)"
+_ANY_CASE = re.sub(r"[a-z]", lambda m: f"[{m[0]}{m[0].upper()}]", SECRET_QUERY)  # JSON Schema regexes have no flags
+NO_SECRETS = rf"^(?![A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@)(?![^#]*[?&]{_ANY_CASE}=)"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # hide_input_in_errors: a refused value (a URL with a secret) is not repeated in Prefect's logs
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 ColumnKind = Literal["numeric", "categorical", "datetime", "ignore"]
@@ -33,7 +41,8 @@ class DatasetSettings(Section):
     dataset is a new section like this (data/datasets/ holds the shipped ones) and a suite; no code."""
 
     name: str = Field(description="A short name for the dataset (shown in reports and the package manifest).")
-    source: str = Field(description="CSV or Parquet file, or a directory of Parquet files: a local path or an fsspec URL (s3://, gs://, https://).")
+    source: str = Field(description="CSV or Parquet file, or a directory of Parquet files: a local path or an fsspec URL (s3://, gs://, https://). Credentials come from the environment or fsspec config, never the URL.",
+                        json_schema_extra={"pattern": NO_SECRETS})
     sha256: str | None = Field(description="Expected sha256 of the source (of a directory: see tasks/files.sha256_path); null skips the check.", pattern=r"^[0-9a-f]{64}$")
     suite: str = Field(description="Expectation suite (YAML) the raw data must pass.")
     task: Literal["regression"] = Field(description="What is predicted: regression (classification is planned).")
@@ -41,6 +50,16 @@ class DatasetSettings(Section):
     key: list[str] = Field(description="Columns whose values identify a row: a hash of them assigns its split, so appended rows never move old ones. Empty: the whole row.")
     columns: dict[str, ColumnKind] = Field(description="Every other column of the data: numeric, categorical (a vocabulary with an out-of-vocabulary bucket), datetime (expanded to year, month, day, weekday, hour) or ignore.")
     slices: list[str] = Field(description="Columns the evaluation also scores separately: each category of a categorical column (the 20 most frequent; the rest as 'other'), or evaluate.slice_bins quantile bins of a numeric one.")
+
+    @field_validator("source")
+    @classmethod
+    def _no_credentials(cls, value: str) -> str:
+        found = credentials_in(value)
+        if found:
+            raise ValueError(f"{found}; it would be written to dvc.lock, the Prefect run and the package. Give credentials "
+                             "through the environment or fsspec/DVC config (AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, "
+                             "~/.netrc for https) and drop them from the URL")
+        return value
 
     @model_validator(mode="after")
     def _target_and_key(self) -> DatasetSettings:
@@ -127,7 +146,7 @@ class TrainSettings(Section):
     lr: float = Field(gt=0, le=10, description="Peak learning rate of AdamW (cosine decay).")
     weight_decay: float = Field(ge=0, le=1, description="AdamW weight decay.")
     model: Literal["mlp", "resmlp"] = Field(description="mlp: feed-forward layers; resmlp: residual blocks with layer norm (deeper models, categorical embeddings). Both embed categorical codes.")
-    hidden: list[int] = Field(min_length=1, description="mlp: width of each hidden layer; resmlp: the first entry is the width, each entry a block's inner width.")
+    hidden: list[Annotated[int, Field(ge=1, le=MAX_WIDTH)]] = Field(min_length=1, max_length=64, description="mlp: width of each hidden layer; resmlp: the first entry is the width, each entry a block's inner width.")
     dropout: float = Field(ge=0, lt=1, description="Dropout after each hidden layer.")
     patience: int = Field(ge=1, description="Stop after this many epochs without a better validation loss.")
     seed: int = Field(ge=0, description="Seed of weights and data order.")
@@ -146,8 +165,6 @@ class TrainSettings(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainSettings:
-        if any(h < 1 for h in self.hidden):
-            raise ValueError(f"hidden={self.hidden}: every layer width must be >= 1")
         if self.strategy == "fsdp" and self.grad_sync != "allreduce":
             raise ValueError(f"grad_sync={self.grad_sync} works with strategy ddp only (a DDP communication hook or "
                              "parameter averaging); FSDP reduce-scatters its sharded gradients: set grad_sync: allreduce "
@@ -196,7 +213,7 @@ class Settings(Section):
     package: PackageSettings
     dvc: DvcSettings
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, hide_input_in_errors=True)
 
     @model_validator(mode="after")
     def _cluster_for_dask_launcher(self) -> Settings:
@@ -206,6 +223,27 @@ class Settings(Section):
         return self
 
 
+def credentials_in(url: str) -> str | None:
+    """What in a URL is a credential (user:password@, or a token-like query parameter), or None."""
+    if "://" not in url:
+        return None
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        return "the URL holds credentials (user:password@…)"
+    secret = next((k for k, _ in parse_qsl(parts.query) if re.fullmatch(SECRET_QUERY, k, re.I)), None)
+    return f"the URL holds a credential in its query ({secret}=…)" if secret else None
+
+
+def redacted(value):
+    """A value safe to print: a URL with its credentials and query replaced by ***."""
+    if isinstance(value, str) and credentials_in(value):
+        parts = urlsplit(value)
+        host = parts.hostname or ""
+        return parts._replace(netloc=f"***@{host}" if parts.username or parts.password else parts.netloc,
+                              query="***" if parts.query else "").geturl()
+    return value
+
+
 def _fmt_error(err: dict, source: str) -> str:
     key = ".".join(str(p) for p in err["loc"] if p != "__root__") or "(top level)"
     key = key.replace("validate_", "validate")
@@ -213,15 +251,25 @@ def _fmt_error(err: dict, source: str) -> str:
         return f"{source}: unknown key '{key}'; remove it or fix its spelling"
     if err["type"] == "missing":
         return f"{source}: missing key '{key}'; add it (see the README's params table)"
-    value, msg = err.get("input"), err["msg"].removeprefix("Value error, ")
+    value, msg = redacted(err.get("input")), err["msg"].removeprefix("Value error, ")
     if key == "(top level)":  # a rule across sections names its keys itself
         return f"{source}: {msg}"
     shown = "" if isinstance(value, dict) else f" = {value!r}"
     return f"{source}: {key}{shown}: {msg}; fix it in {source}"
 
 
-def parse_settings(raw: dict, source: str = PARAMS) -> Settings:
-    """Validate a params mapping; raise UserError naming every bad key."""
+def parse_settings(raw: dict, source: str = PARAMS, root: str | Path | None = None) -> Settings:
+    """Validate a params mapping and the paths it writes (relative to `root`, default the working directory);
+    raise UserError naming every bad key."""
+    from tasks.paths import check_paths
+
+    settings = validated(raw, source)
+    check_paths(dump_settings(settings), Path(root) if root is not None else Path.cwd())
+    return settings
+
+
+def validated(raw: dict, source: str = PARAMS) -> Settings:
+    """Validate a params mapping (keys and values only: for settings already checked, e.g. in a rank)."""
     if not isinstance(raw, dict):
         raise UserError(f"{source}: expected a mapping of sections (ingest, validate, ...), got {type(raw).__name__}")
     try:
@@ -231,6 +279,7 @@ def parse_settings(raw: dict, source: str = PARAMS) -> Settings:
 
 
 def load_settings(path: str | Path = PARAMS) -> Settings:
+    """params.yaml as checked settings; its paths are relative to the directory it is in."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -238,7 +287,7 @@ def load_settings(path: str | Path = PARAMS) -> Settings:
         raise UserError(f"{path}: not found; run from the project root or pass the path of params.yaml") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML: {e}") from None
-    return parse_settings(raw, str(path))
+    return parse_settings(raw, str(path), root=path.resolve().parent)
 
 
 def dump_settings(s: Settings) -> dict:
@@ -277,7 +326,7 @@ def use_dataset(name_or_path: str, params: str | Path = PARAMS) -> DatasetSettin
         raise UserError(f"{params}: cannot find its `dataset:` section (ending with the line '{END_OF_DATASET}'); "
                         f"paste the section of {path} there instead")
     new = text[:start + 1] + block.rstrip("\n").split(END_OF_DATASET)[0].rstrip("\n") + "\n" + text[end:]
-    settings = parse_settings(yaml.safe_load(new), f"{path} in {params}")
+    settings = parse_settings(yaml.safe_load(new), f"{path} in {params}", root=Path(params).resolve().parent)
     Path(params).write_text(new)
     return settings.dataset
 
@@ -296,9 +345,11 @@ if __name__ == "__main__":
 def absolute_paths(s: Settings, root: str | Path | None = None) -> Settings:
     """`s` with every relative path made absolute against `root` (default: the working directory), for
     processes that run elsewhere (a Dask worker's working directory is its own)."""
+    from tasks.paths import champion_path
+
     raw, root = dump_settings(s), Path(root or Path.cwd()).resolve()
     for section, key in PATH_KEYS:
         value = raw[section].get(key)
         if value and "://" not in value and not Path(value).is_absolute():
-            raw[section][key] = str(root / value)
-    return parse_settings(raw)
+            raw[section][key] = str(champion_path(value, root) if (section, key) == ("evaluate", "champion") else root / value)
+    return validated(raw)

@@ -126,15 +126,21 @@ def check_features(schema: dict, x: torch.Tensor) -> None:
 
 def run_rank(s: Settings, rank: int, world: int, local_rank: int, init_method: str, local_world: int | None = None,
              log: bool = True) -> None:
-    """One rank of a training run. init_method "" means one process and no process group."""
+    """One rank of a training run. init_method "" means one process and no process group; "store://HOST:PORT" a
+    store the launcher hosts (this rank connects as a client and listens on nothing itself)."""
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
     if init_method:
         # a collective waits on a dead or hung peer a little longer than the watchdog (which logs the stacks)
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=rank, world_size=world,
-                                timeout=timedelta(seconds=s.train.step_timeout_s + 60), **({"device_id": device} if cuda else {}))
+        timeout = timedelta(seconds=s.train.step_timeout_s + 60)
+        where: dict = {"init_method": init_method}
+        if init_method.startswith("store://"):
+            host, port = init_method.removeprefix("store://").rsplit(":", 1)
+            where = {"store": dist.TCPStore(host, int(port), world, is_master=False, timeout=timeout)}
+        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world, timeout=timeout, **where,
+                                **({"device_id": device} if cuda else {}))
     try:
         _train(s, rank, world, device, grouped=bool(init_method), local_world=local_world or world, log=log)
     finally:
@@ -618,11 +624,36 @@ def check_inputs(s: Settings) -> dict:
     n_train = schema["rows"]["train"]
     if cfg.batch_size > n_train:
         raise UserError(f"train.batch_size={cfg.batch_size} exceeds the {n_train:,} training rows; lower train.batch_size")
+    check_model_fits(cfg, schema)
     if cfg.batch_size < cfg.world_size * cfg.grad_accum_steps:
         raise UserError(f"train.batch_size={cfg.batch_size} gives each of the {cfg.world_size} ranks fewer rows per step than "
                         f"train.grad_accum_steps={cfg.grad_accum_steps} micro-batches; raise train.batch_size or lower "
                         "train.grad_accum_steps")
     return schema
+
+
+def check_model_fits(cfg, schema: dict) -> None:
+    """Refuse a model whose training state cannot fit this machine (before any rank starts), rather than a
+    crash deep in a rank. The state is ~6 copies of the weights: weights, gradients, AdamW's two moments, the
+    best model kept for early stopping and a checkpoint snapshot; every local rank holds it (FSDP: a share)."""
+    if cfg.launcher != "local":
+        return  # the ranks run on other machines (dask) or were sized by whoever started torchrun
+    arch = {"model": cfg.model, "n_features": schema["n_features"], "hidden": list(cfg.hidden), "dropout": cfg.dropout,
+            "categorical": schema.get("categorical", [])}
+    with torch.device("meta"):
+        n = sum(p.numel() for p in build_model(arch).parameters())
+    need = 6 * 4 * n * (1 if cfg.strategy == "fsdp" else cfg.world_size)
+    if torch.cuda.is_available():
+        have, where = torch.cuda.get_device_properties(0).total_memory, "GPU memory per device"
+        need //= cfg.world_size
+    else:
+        import psutil  # a dependency of DVC
+
+        have, where = psutil.virtual_memory().available, "memory available here"
+    if need > have:
+        raise UserError(f"train.hidden={list(cfg.hidden)} makes a {cfg.model} of {n:,} parameters, about {need / 2**30:,.1f} GiB "
+                        f"to train ({cfg.world_size} rank(s): weights, gradients, AdamW state, copies), more than the "
+                        f"{have / 2**30:,.1f} GiB of {where}; lower train.hidden")
 
 
 def train(s: Settings) -> dict:

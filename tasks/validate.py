@@ -44,6 +44,9 @@ def load_suite(path: str | Path) -> dict:
         suite = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise UserError(f"dataset.suite: {path} does not exist; point dataset.suite at an expectation suite YAML") from None
+    except yaml.YAMLError as e:  # a syntax error, or a tag such as !!python/object that safe_load refuses
+        raise UserError(f"dataset.suite: {path} is not a plain YAML suite ({str(e).splitlines()[0]}); write it with plain "
+                        "mappings, lists and values only") from None
     if not isinstance(suite, dict) or not isinstance(suite.get("columns"), dict) or not suite["columns"]:
         raise UserError(f"dataset.suite: {path} must map 'columns' to {{name: {{type: ..., min: ..., max: ...}}}}")
     for name, spec in suite["columns"].items():

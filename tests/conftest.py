@@ -48,6 +48,35 @@ def small_params(root: Path, source: Path, **overrides) -> dict:
     return raw
 
 
+TEST_ROOT: Path | None = None  # pytest's temporary root: the "project" every test workspace lies in
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _test_root(tmp_path_factory):
+    global TEST_ROOT
+    TEST_ROOT = tmp_path_factory.getbasetemp()
+
+
+def parse(raw: dict) -> Settings:
+    """Settings whose output paths may lie anywhere under pytest's temporary root (as a project's would in it)."""
+    return parse_settings(raw, root=TEST_ROOT)
+
+
+def cli_root(s: Settings) -> Path:
+    """Where to run a stage's CLI with settings `s` whose paths span several test workspaces: pytest's
+    temporary root (their common project), with `s` as its params.yaml."""
+    (TEST_ROOT / "params.yaml").write_text(yaml.safe_dump(s.model_dump(by_alias=True), sort_keys=False))
+    return TEST_ROOT
+
+
+def load_package(path):
+    """A verified package (tasks.modelpackage.open_package), for assertions."""
+    from tasks.modelpackage import open_package
+
+    with open_package(path) as package:
+        return package
+
+
 def workspace(root: Path, frame: pd.DataFrame | None = None, **overrides) -> Settings:
     """A workspace with a source file (default: the real slice) and its settings (also written to params.yaml)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -55,7 +84,7 @@ def workspace(root: Path, frame: pd.DataFrame | None = None, **overrides) -> Set
     (real_slice() if frame is None else frame).to_parquet(source, index=False)
     raw = small_params(root, source, **overrides)
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    return parse_settings(raw)
+    return parse(raw)
 
 
 @pytest.fixture
@@ -109,7 +138,7 @@ def variant(s: Settings, root: Path, **train) -> Settings:
     raw = s.model_dump(by_alias=True)
     raw["train"].update(out_dir=str(root / "model"), log_dir=str(root / "live"), **train)
     raw["evaluate"]["out_dir"] = str(root / "eval")
-    return parse_settings(raw)
+    return parse(raw)
 
 
 def same_parameters(a: Path, b: Path, atol: float) -> None:

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from tasks.ingest import ingest
-from tasks.settings import UserError, parse_settings
+from tasks.settings import UserError
+from tests.conftest import parse
 from tasks.validate import validate
 from tests.conftest import ROOT, real_slice, small_params
 
@@ -79,7 +80,7 @@ def settings_for(root: Path, content: bytes | None, keyed_suite_file: bool = Fal
         raw["dataset"]["suite"] = str(keyed_suite(root))
     if raw_out:
         raw["ingest"]["out"] = raw_out
-    return parse_settings(raw)
+    return parse(raw)
 
 
 @pytest.mark.parametrize("name,content,stage,expected", CASES, ids=[c[0] for c in CASES])

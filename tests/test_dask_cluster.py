@@ -15,7 +15,7 @@ from distributed import Client
 
 from tasks.launch import free_port  # noqa: F401 - the other cluster tests take it from here
 from tasks.preprocess import preprocess
-from tasks.settings import parse_settings
+from tests.conftest import parse
 from tests.conftest import ROOT
 from tests.test_flights import flights_workspace, run
 
@@ -105,7 +105,7 @@ def test_an_existing_cluster_gives_the_local_output(tmp_path, cli_cluster, monke
 
     raw = s.model_dump(by_alias=True)
     raw["dask"]["address"] = address
-    preprocess(parse_settings(raw))
+    preprocess(parse(raw))
     assert_same(snapshot(Path(s.preprocess.out_dir)), local)
 
     def transitions() -> int:  # the scheduler's count of task state changes: grows when it runs work
@@ -135,6 +135,6 @@ def test_a_worker_killed_during_preprocessing_changes_nothing(tmp_path, cli_clus
     raw = s.model_dump(by_alias=True)
     raw["dask"]["address"] = address
     with killing_a_busy_worker(address) as killed:
-        preprocess(parse_settings(raw))
+        preprocess(parse(raw))
     assert killed, "no worker was busy to kill"
     assert_same(snapshot(Path(s.preprocess.out_dir)), reference)

@@ -8,7 +8,8 @@ import pytest
 
 from tasks.drift import psi
 from tasks.ingest import ingest
-from tasks.settings import UserError, parse_settings
+from tasks.settings import UserError
+from tests.conftest import parse
 from tasks.validate import validate
 from tests.conftest import real_slice, workspace
 
@@ -16,7 +17,7 @@ from tests.conftest import real_slice, workspace
 def with_policy(s, policy):
     raw = s.model_dump(by_alias=True)
     raw["validate"]["drift"] = policy
-    return parse_settings(raw)
+    return parse(raw)
 
 
 def feed(s, frame):

@@ -6,8 +6,9 @@ import pandas as pd
 import pytest
 
 from tasks.evaluate import evaluate
-from tasks.package import load_package
-from tasks.settings import UserError, parse_settings
+from tests.conftest import load_package
+from tasks.settings import UserError
+from tests.conftest import parse
 from tests.conftest import workspace
 
 
@@ -73,4 +74,4 @@ def test_a_foreign_model_file_is_never_unpickled(trained, tmp_path):
     raw["train"]["out_dir"] = str(tmp_path)
     (tmp_path / "model.pt").write_bytes(pickle.dumps(Path("/etc/passwd")))
     with pytest.raises(UserError, match="is not a Trainflow model file"):
-        evaluate(parse_settings(raw))
+        evaluate(parse(raw))

@@ -21,7 +21,7 @@ from tasks.checkpoint import listed
 from tasks.cluster import cluster_workers
 from tasks.settings import UserError
 from tasks.train import FAULT_ENV, staging_dir, train
-from tests.conftest import ROOT, same_parameters, variant
+from tests.conftest import ROOT, cli_root, same_parameters, variant
 from tests.test_launchers import dask_gpu_cluster, on_cluster
 
 RUN = dict(world_size=2, epochs=2, checkpoint_every="5 steps", keep_checkpoints=3)  # 11 steps an epoch
@@ -100,11 +100,11 @@ def test_a_killed_stage_process_resumes_from_its_checkpoint(features, tmp_path):
     one = dict(world_size=1, epochs=2, checkpoint_every="4 steps")
     reference = train(variant(features, ref, **one))
     s = variant(features, tmp_path / "run", **one)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(s.model_dump(by_alias=True), sort_keys=False))
+    cwd = cli_root(s)
     env = {**os.environ, "PYTHONPATH": str(ROOT), FAULT_ENV: f"kill:0:14:{tmp_path / 'fired'}"}
-    killed = subprocess.run([sys.executable, "-m", "tasks.train"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    killed = subprocess.run([sys.executable, "-m", "tasks.train"], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL and not (tmp_path / "run/model/model.pt").exists()
-    again = subprocess.run([sys.executable, "-m", "tasks.train"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run([sys.executable, "-m", "tasks.train"], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert "train: resuming from" in again.stdout
     summary = json.loads((tmp_path / "run/model/summary.json").read_text())

@@ -127,8 +127,8 @@ def validated(tmp_path_factory):
 def with_dataset(s, **changes):
     raw = s.model_dump(by_alias=True)
     raw["dataset"].update(changes)
-    from tasks.settings import parse_settings
-    return parse_settings(raw)
+    from tests.conftest import parse
+    return parse(raw)
 
 
 @pytest.mark.parametrize("change,expected", [
@@ -153,8 +153,8 @@ def test_bad_dataset_config_is_named_and_nothing_is_overwritten(validated, chang
     else:
         raw = validated.model_dump(by_alias=True)
         raw["preprocess"]["max_categories"] = value
-        from tasks.settings import parse_settings
-        s = parse_settings(raw)
+        from tests.conftest import parse
+        s = parse(raw)
     with pytest.raises(UserError) as e:
         preprocess(s)
     assert expected in str(e.value)
@@ -179,9 +179,9 @@ def test_a_target_missing_everywhere_is_refused(tmp_path):
 def test_an_unreachable_scheduler_is_named(validated):
     raw = validated.model_dump(by_alias=True)
     raw["dask"]["address"] = "tcp://127.0.0.1:9"
-    from tasks.settings import parse_settings
+    from tests.conftest import parse
     with pytest.raises(UserError, match="dask.address: no Dask scheduler answers at tcp://127.0.0.1:9"):
-        preprocess(parse_settings(raw))
+        preprocess(parse(raw))
 
 
 def test_the_cli_exits_2_naming_the_key(validated, tmp_path):
@@ -195,8 +195,8 @@ def test_the_cli_exits_2_naming_the_key(validated, tmp_path):
 
 def test_a_residual_mlp_with_embeddings_trains_on_two_ranks_and_packages(validated, tmp_path):
     from tasks.evaluate import evaluate
-    from tasks.package import load_package, package
-    from tasks.settings import parse_settings
+    from tasks.package import package
+    from tests.conftest import load_package, parse
     from tasks.train import train
 
     raw = validated.model_dump(by_alias=True)
@@ -204,7 +204,7 @@ def test_a_residual_mlp_with_embeddings_trains_on_two_ranks_and_packages(validat
     for section, key in (("train", "out_dir"), ("train", "log_dir"), ("evaluate", "out_dir"), ("package", "out_dir")):
         raw[section][key] = str(tmp_path / section / key)
     raw["train"].update(model="resmlp", hidden=[64, 64], world_size=2, epochs=6, lr=0.003, batch_size=256)
-    s = parse_settings(raw)
+    s = parse(raw)
     train(s)
     metrics = evaluate(s)
     test = out(s, "test")

@@ -11,7 +11,7 @@ import yaml
 from flows.pipeline import STAGES, training_pipeline
 from flows.workspace import Workspace
 from tasks.files import sha256_file
-from tasks.package import load_package
+from tests.conftest import load_package
 from tasks.settings import UserError, dump_settings, load_settings
 from tests.conftest import ROOT, make_repo, real_slice, sh
 
@@ -136,6 +136,30 @@ def test_train_param_from_the_ui_runs_as_a_dvc_experiment(in_repo):
     assert "`train.epochs`: 3 → 1" in artifacts(state)["training-summary"].data
 
 
+def test_a_run_named_like_a_path_is_never_used_as_one(in_repo):
+    """The audit's attack: a run named `x/../../../../data` used to rmtree data/ through its experiment path."""
+    data_before = {p: sha256_file(p) for p in (in_repo / "data").rglob("*") if p.is_file()}
+    params = dump_settings(load_settings(in_repo / "params.yaml"))
+    params["evaluate"]["min_improvement"] = 0.5  # differs from params.yaml: an experiment
+    state = training_pipeline.with_options(flow_run_name="x/../../../../data")(**params, return_state=True)
+    assert state.is_completed(), state.message
+    name = state.result()["experiment"]
+    assert name.startswith("prefect-x-data-") and len(name) == len("prefect-x-data-") + 8
+    assert {p: sha256_file(p) for p in (in_repo / "data").rglob("*") if p.is_file()} == data_before
+    shown = json.loads(sh(in_repo, "dvc", "exp", "show", "--json").stdout)
+    assert name in {e["name"] for base in shown for e in (base.get("experiments") or [])}
+    assert not any((in_repo / ".dvc/tmp/trainflow-exps").iterdir())  # its worktree (named by the run's id) is gone
+
+
+def test_output_paths_that_overlap_are_refused_before_anything_runs(in_repo):
+    before = {p: sha256_file(p) for p in (in_repo / "data").rglob("*") if p.is_file()}
+    state = run(in_repo, package={"out_dir": "data"})
+    assert state.is_failed()
+    assert "ingest.out and package.out_dir overlap" in str(state.result(raise_on_failure=False))
+    assert task_states(state) == {}  # no stage started
+    assert {p: sha256_file(p) for p in (in_repo / "data").rglob("*") if p.is_file()} == before
+
+
 def test_push_without_a_remote_names_the_fix(in_repo):
     state = run(in_repo, dvc={"push": True})
     assert state.is_failed()
@@ -210,9 +234,8 @@ def test_a_flow_killed_during_training_resumes_from_its_checkpoint(tmp_path):
     import signal
     import subprocess
 
-    from tasks.settings import parse_settings
     from tasks.train import FAULT_ENV, train
-    from tests.conftest import same_parameters
+    from tests.conftest import parse, same_parameters
 
     repo = make_repo(tmp_path / "repo", epochs=3, checkpoint_every="4 steps")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
@@ -241,7 +264,7 @@ def test_a_flow_killed_during_training_resumes_from_its_checkpoint(tmp_path):
     raw = load_settings(repo / "params.yaml").model_dump(by_alias=True)
     raw["preprocess"]["out_dir"] = str(repo / raw["preprocess"]["out_dir"])
     raw["train"].update(out_dir=str(tmp_path / "ref/model"), log_dir=str(tmp_path / "ref/live"))
-    train(parse_settings(raw))
+    train(parse(raw))
     same_parameters(tmp_path / "ref/model", repo / "models/train", atol=1e-6)
 
 

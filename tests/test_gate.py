@@ -3,27 +3,33 @@ candidate kept, a better one promoted atomically, a corrupt champion refused; pl
 model card and evaluation outputs."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from tasks.errors import UserError
 from tasks.evaluate import decide, evaluate
 from tasks.files import sha256_file
-from tasks.package import load_package, package
+from tasks.modelpackage import versions_dir
+from tasks.package import package
 from tasks.promote import promote
-from tasks.settings import UserError, parse_settings
 from tasks.train import train
-from tests.conftest import variant
+from tests import conftest
+from tests.conftest import ROOT, load_package, parse, variant
 
 
 def candidate(features, root: Path, champion: Path, **train_overrides):
     raw = variant(features, root, **train_overrides).model_dump(by_alias=True)
     raw["evaluate"]["champion"] = str(champion)
     raw["package"].update(out_dir=str(root / "package"), archive=str(root / "package.tar.gz"))
-    return parse_settings(raw)
+    return parse(raw)
 
 
 def run(s) -> dict:
@@ -46,6 +52,12 @@ def champion(features, tmp_path_factory):
     return root, s, result
 
 
+def copy_champion(src: Path, dst: Path) -> None:
+    """A copy of a promoted champion (its link and version directories) at `dst`."""
+    shutil.copytree(versions_dir(src), versions_dir(dst), symlinks=True)
+    os.symlink(os.readlink(src), dst)
+
+
 def test_first_model_is_promoted_when_it_beats_the_train_mean(champion):
     root, s, result = champion
     assert result["promoted"] and "vs the train-mean baseline" in result["message"]
@@ -54,7 +66,12 @@ def test_first_model_is_promoted_when_it_beats_the_train_mean(champion):
     assert gate["candidate"] < gate["reference"]  # RMSE of the model < RMSE of predicting the mean
     production = load_package(root / "production")  # a complete, verified package
     assert production.manifest["metrics"]["rmse"] == gate["candidate"]
-    assert json.loads((root / "production/promotion.json").read_text())["gate"]["message"].startswith("promote:")
+    # the champion is a link to a version named by its manifest's sha256, beside the promotion record
+    version = sha256_file(root / "production/manifest.json")
+    assert os.readlink(root / "production") == f".production.versions/{version}"
+    record = json.loads((root / f".production.versions/{version}.json").read_text())
+    assert record["gate"]["message"].startswith("promote:") and record["previous"] is None
+    assert version == sha256_file(Path(s.package.out_dir) / "manifest.json")
 
 
 def test_a_worse_candidate_is_not_promoted_and_production_is_untouched(features, champion):
@@ -77,23 +94,88 @@ def test_the_same_model_again_is_not_an_improvement(features, champion):
     assert not result["promoted"] and "(+0.00% better; needed > 0.00%)" in result["message"]
 
 
-def test_a_better_candidate_replaces_the_champion_and_the_previous_one_is_kept(features, champion, tmp_path):
-    root, _, _ = champion
+@pytest.fixture(scope="module")
+def better(features, champion, tmp_path_factory):
+    """A better candidate, evaluated and packaged against a copy of the champion, not yet promoted."""
+    root = tmp_path_factory.mktemp("better")
+    copy_champion(champion[0] / "production", root / "production")
+    s = candidate(features, root / "better", root / "production", epochs=40, lr=0.01, patience=40, hidden=[64, 64])
+    train(s)
+    evaluate(s)
+    package(s)
+    return root, s
+
+
+def test_a_better_candidate_replaces_the_champion_and_the_previous_one_is_kept(better, tmp_path):
+    root, s = better
     production = tmp_path / "production"
-    shutil.copytree(root / "production", production)
+    copy_champion(root / "production", production)
     old = sha256_file(production / "manifest.json")
-    s = candidate(features, tmp_path / "better", production, epochs=40, lr=0.01, patience=40, hidden=[64, 64])
-    result = run(s)
+    result = promote(s.model_copy(update={"evaluate": s.evaluate.model_copy(update={"champion": str(production)})}))
     assert result["promoted"], result["message"]
     assert sha256_file(production / "manifest.json") != old
-    assert sha256_file(tmp_path / "production.previous/manifest.json") == old  # for a rollback
+    assert os.readlink(tmp_path / "production.previous") == f".production.versions/{old}"  # for a rollback
     assert load_package(production).manifest["metrics"]["rmse"] < load_package(tmp_path / "production.previous").manifest["metrics"]["rmse"]
+    new = sha256_file(production / "manifest.json")
+    assert json.loads((tmp_path / f".production.versions/{new}.json").read_text())["previous"] == old
+
+
+KILLER = """
+import json, os, shutil, signal, sys
+from pathlib import Path
+budget = int(sys.argv[2])
+def killing(f):
+    def call(*a, **k):
+        global budget
+        budget -= 1
+        if budget < 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return f(*a, **k)
+    return call
+os.replace, os.symlink, os.unlink, shutil.copytree = (killing(f) for f in (os.replace, os.symlink, os.unlink, shutil.copytree))
+from tasks.promote import promote
+from tasks.settings import parse_settings
+promote(parse_settings(json.loads(Path(sys.argv[1]).read_text()), root=sys.argv[3]))
+"""
+
+
+def test_promotion_killed_at_any_step_leaves_the_old_or_the_new_champion(better, tmp_path):
+    """SIGKILL before each filesystem step of promote (copy, rename, link, unlink), then run it again: at every
+    point the champion is a whole, verified package, the old one or the new one, and the rerun completes."""
+    from tasks.modelpackage import verified_champion
+
+    root, s = better
+    new = sha256_file(Path(s.package.out_dir) / "manifest.json")
+    old = sha256_file(root / "production/manifest.json")
+    seen, k = set(), 0
+    while True:
+        case = tmp_path / f"k{k}"
+        copy_champion(root / "production", case / "production")
+        raw = s.model_dump(by_alias=True)
+        raw["evaluate"]["champion"] = str(case / "production")
+        (case / "settings.json").write_text(json.dumps(raw))
+        proc = subprocess.run([sys.executable, "-c", KILLER, str(case / "settings.json"), str(k), str(conftest.TEST_ROOT)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        verified_champion(case / "production")  # whole and verified after the kill
+        now = sha256_file(case / "production/manifest.json")
+        assert now in (old, new), k
+        seen.add(now)
+        if proc.returncode == 0:
+            assert now == new and k > 3, proc.stdout
+            break
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        again = subprocess.run([sys.executable, "-c", KILLER, str(case / "settings.json"), "1000", str(conftest.TEST_ROOT)],
+                               cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0 and "promoted:" in again.stdout, again.stderr
+        assert sha256_file(case / "production/manifest.json") == new
+        k += 1
+    assert seen == {old, new}  # killed before the switch and after it
 
 
 def test_a_corrupt_champion_stops_the_gate_instead_of_being_replaced(features, champion, tmp_path):
     root, _, _ = champion
     production = tmp_path / "production"
-    shutil.copytree(root / "production", production)
+    copy_champion(root / "production", production)
     with open(production / "model.onnx", "r+b") as f:
         f.seek(100)
         f.write(b"\0\0\0\0")
@@ -104,6 +186,17 @@ def test_a_corrupt_champion_stops_the_gate_instead_of_being_replaced(features, c
                                         r"sha256 .*The gate does not promote over a model it cannot check"):
         evaluate(s)
     assert sha256_file(production / "model.onnx") == before and not (tmp_path / "c/eval/gate.json").exists()
+    # altered files with a manifest rewritten to match: the promotion's record (the link's target) no longer does
+    manifest = json.loads((production / "manifest.json").read_text())
+    manifest["files"]["model.onnx"] = before
+    (production / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="but the promotion recorded .*the champion was altered after it was promoted"):
+        evaluate(s)
+    # a plain directory is no promoted champion: where it came from cannot be checked
+    plain = tmp_path / "plain"
+    shutil.copytree(root / "production", plain)
+    with pytest.raises(UserError, match=r"plain is a plain directory, not a promoted champion .*Move it away"):
+        evaluate(s.model_copy(update={"evaluate": s.evaluate.model_copy(update={"champion": str(plain)})}))
 
 
 def test_promote_refuses_when_the_champion_changed_after_the_gate(features, champion, tmp_path):
@@ -113,13 +206,13 @@ def test_promote_refuses_when_the_champion_changed_after_the_gate(features, cham
     train(s)
     evaluate(s)
     package(s)
-    shutil.copytree(root / "production", production)  # someone promoted meanwhile
+    copy_champion(root / "production", production)  # someone promoted meanwhile
     with pytest.raises(UserError, match="changed since the gate compared against it; rerun the evaluate stage"):
         promote(s)
 
 
 def test_a_slice_that_gets_worse_blocks_promotion():
-    cfg = parse_settings(json.loads(json.dumps(variant.__globals__["project_params"]()))).evaluate
+    cfg = parse(json.loads(json.dumps(variant.__globals__["project_params"]()))).evaluate
     cand = {"rmse": 0.9, "mae": 0.5, "r2": 0.8, "mape": 0.1, "n": 1000}
     champ = {"rmse": 1.0, "mae": 0.6, "r2": 0.7, "mape": 0.2, "n": 1000}
     slices_c = {"region": {"north": {**cand, "rmse": 1.3, "n": 200}, "south": {**cand, "rmse": 0.8, "n": 800}}}

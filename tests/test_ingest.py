@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from tasks.ingest import ingest
-from tasks.settings import parse_settings
+from tests.conftest import parse
 from tasks.settings import UserError
 from tests.conftest import ROOT, project_params, real_slice, small_params
 
@@ -13,7 +13,7 @@ def test_default_source_is_the_real_dataset(tmp_path):
     raw = project_params()
     raw["dataset"]["source"] = str(ROOT / raw["dataset"]["source"])
     raw["ingest"]["out"] = str(tmp_path / "raw.parquet")
-    out = ingest(parse_settings(raw))
+    out = ingest(parse(raw))
     assert out["rows"] == 20_640
     assert out["sha256"] == raw["dataset"]["sha256"]
     frame = pd.read_parquet(tmp_path / "raw.parquet")
@@ -25,7 +25,7 @@ def test_default_source_is_the_real_dataset(tmp_path):
 def test_csv_source_reads_like_parquet(tmp_path, url):
     csv = tmp_path / "slice.csv"
     real_slice().to_csv(csv, index=False)
-    s = parse_settings(small_params(tmp_path, f"file://{csv}" if url else csv))
+    s = parse(small_params(tmp_path, f"file://{csv}" if url else csv))
     assert ingest(s)["rows"] == 2064
     pd.testing.assert_frame_equal(pd.read_parquet(s.ingest.out), real_slice(), check_exact=False, rtol=1e-12)
 
@@ -36,5 +36,5 @@ def test_sha256_mismatch_stops_and_keeps_previous_output(ws):
     raw = ws.model_dump(by_alias=True)
     raw["dataset"]["sha256"] = "0" * 64
     with pytest.raises(UserError, match="dataset.sha256: .* has sha256 [0-9a-f]{64}, expected 0000"):
-        ingest(parse_settings(raw))
+        ingest(parse(raw))
     assert Path(ws.ingest.out).read_bytes() == before

@@ -16,9 +16,10 @@ from distributed import Client
 from tasks.cluster import cluster_workers
 from tasks.launch import gpu_workers
 from tasks.model import load_model
-from tasks.settings import UserError, parse_settings
+from tasks.settings import UserError
+from tests.conftest import parse
 from tasks.train import train
-from tests.conftest import ROOT, same_parameters, variant
+from tests.conftest import ROOT, cli_root, same_parameters, variant
 from tests.test_dask_cluster import DASK, free_port, wait_for_workers
 
 
@@ -67,7 +68,7 @@ def gpu_cluster(tmp_path_factory):
 def on_cluster(s, root: Path, address: str, **train_overrides):
     raw = variant(s, root, **train_overrides).model_dump(by_alias=True)
     raw["dask"]["address"], raw["train"]["launcher"] = address, "dask"
-    return parse_settings(raw)
+    return parse(raw)
 
 
 def test_dask_launcher_trains_on_the_gpu_workers_to_the_local_parameters(features, local_two, gpu_cluster, tmp_path):
@@ -99,9 +100,8 @@ def test_torchrun_launcher_trains_to_the_local_parameters(features, local_two, t
 
 def test_torchrun_by_hand_with_another_world_size_is_refused(features, tmp_path):
     s = variant(features, tmp_path, launcher="torchrun", world_size=2, epochs=1)
-    (tmp_path / "params.yaml").write_text(json.dumps(s.model_dump(by_alias=True)))  # JSON is YAML
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", "-m",
-                           "tasks.train"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                           "tasks.train"], cwd=cli_root(s), env={**os.environ, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "torchrun started 1 ranks but train.world_size is 2; set train.world_size to nnodes × nproc-per-node" in proc.stderr

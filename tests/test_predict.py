@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.package import load_package
+from tests.conftest import load_package
 from tasks.predict import predict_file
 from tasks.settings import UserError
 from tests.conftest import ROOT

@@ -150,6 +150,11 @@ def test_served_deployment_runs_ui_triggered_runs(server, repo):
         with pytest.raises(urllib.error.HTTPError) as e:
             server.trigger(dep, {"train": dict(params["train"], lr=-1)})
         assert e.value.code == 409 and "train.lr" in e.value.read().decode()
+        # so is a source URL with credentials in it: refused before a run (and its parameters) is stored
+        secret = "hunter2-s3cr3t"
+        with pytest.raises(urllib.error.HTTPError) as e:
+            server.trigger(dep, {"dataset": dict(params["dataset"], source=f"https://alice:{secret}@example.com/x.csv")})
+        assert e.value.code == 409 and "dataset.source" in e.value.read().decode()
 
         # a run with the defaults runs every stage; the same run again skips them all
         first = server.wait(server.trigger(dep, {}))
@@ -175,6 +180,9 @@ def test_served_deployment_runs_ui_triggered_runs(server, repo):
         assert (repo / "params.yaml").read_text() == yaml.safe_dump(params, sort_keys=False)  # untouched
     finally:
         stop(serve)
+    # the secret is nowhere: not in the server's database (runs, logs, parameters), not in the workspace
+    assert not [p for p in server.home.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert not [p for p in repo.rglob("*") if p.is_file() and ".git" not in p.parts and secret.encode() in p.read_bytes()]
 
     # stopping serve pauses the deployment and keeps its schedule; so does restarting the server
     assert server.deployment(paused=True)["schedules"][0]["schedule"]["cron"] == cron

@@ -62,7 +62,7 @@ def test_features_that_disagree_with_their_metadata_are_refused(features, tmp_pa
     """A categorical column whose codes do not fit the embedding the metadata sizes: a message, not a device assert."""
     import shutil
 
-    from tasks.settings import parse_settings
+    from tests.conftest import parse
 
     feat = tmp_path / "features"
     shutil.copytree(features.preprocess.out_dir, feat)
@@ -73,7 +73,7 @@ def test_features_that_disagree_with_their_metadata_are_refused(features, tmp_pa
     raw["preprocess"]["out_dir"] = str(feat)
     with pytest.raises(UserError, match=r"feature 'HouseAge' holds code .* but schema.json gives it 3 categories .* the "
                                         r"features and their metadata disagree; rerun the preprocess stage"):
-        train(parse_settings(raw))
+        train(parse(raw))
     assert not (tmp_path / "model").exists()
 
 

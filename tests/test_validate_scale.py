@@ -137,7 +137,7 @@ def test_a_clean_partitioned_input_is_copied_as_it_is(tmp_path):
     assert ingest(s)["rows"] == len(frame)
     out = validate(s)
     assert out["success"] and out["checked"] == {"mode": "partitioned", "partitions": 2}
-    assert sorted(p.name for p in Path(s.validate_.out).iterdir()) == ["part-0.parquet", "part-1.parquet"]
+    assert sorted(p.name for p in Path(s.validate_.out).iterdir()) == [".trainflow-output", "part-0.parquet", "part-1.parquet"]
     assert sha256_path(s.validate_.out) == sha256_path(s.ingest.out)
     assert len(pd.read_parquet(s.validate_.quarantine)) == 0
 
