@@ -24,7 +24,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.test_server import Server, stop  # noqa: E402  (the same real-server harness the tests use)
+from tests.harness import Server, stop  # noqa: E402  (the same real-server harness the tests use)
 
 
 def flow_cli(repo: Path, env: dict) -> tuple[float, dict]:

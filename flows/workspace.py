@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from tasks.errors import UserError
-from tasks.settings import PARAMS, Settings, dump_settings
+from tasks.settings import PARAMS, Settings, dump_settings, edit_params
 
 BUSY = ("{root} is busy: another Trainflow run or DVC command holds its lock ({what}). Wait for it to finish and run "
         "again (if no such process is running, delete {what})")
@@ -110,7 +110,7 @@ class Workspace:
             raise UserError(f"dvc push failed: {e}; check the remote's address and credentials (dvc remote list)") from None
 
     @contextmanager
-    def experiment(self, name: str, run_id: str, settings: Settings):
+    def experiment(self, name: str, run_id: str, settings: Settings, changed: dict):
         """A temporary worktree of HEAD's code, with the workspace's dvc.lock and outputs and `settings` as
         its params.yaml; saved as DVC experiment `name` (like `dvc exp run --temp`, stage by stage). The
         worktree's directory is named by `run_id` (a UUID), never by anything a user typed."""
@@ -136,7 +136,8 @@ class Workspace:
                 elif (self.root / rel).exists():
                     (path / rel).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(self.root / rel, path / rel)
-            (path / PARAMS).write_text(yaml.safe_dump(dump_settings(settings), sort_keys=False))
+            # the workspace's params.yaml with the run's values: comments, order and everything else as the user wrote it
+            (path / PARAMS).write_text(edit_params((self.root / PARAMS).read_text(), {k: new for k, (_, new) in changed.items()}))
             exp = Workspace(path)
             os.chdir(path)  # DVC's experiment code works on the cwd; we hold the workspace lock meanwhile
             try:
@@ -158,15 +159,17 @@ RUNTIME_SECTIONS = ("dask", "dvc")  # where and how a run executes; no stage out
 
 
 def changed_params(settings: Settings, base: Settings) -> dict[str, tuple]:
-    """Dotted keys of stage params whose value differs: {key: (params.yaml value, run value)}."""
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
+    """Dotted keys of stage params whose value differs: {key: (params.yaml value, run value)}. A mapping value
+    (dataset.columns) is one value; a nested section (preprocess.split) is its keys."""
     def stage_params(s: Settings) -> dict:
-        return flat({k: v for k, v in dump_settings(s).items() if k not in RUNTIME_SECTIONS})
+        out = {}
+        for section, values in dump_settings(s).items():
+            if section in RUNTIME_SECTIONS:
+                continue
+            for key, value in values.items():
+                nested = isinstance(value, dict) and key == "split"
+                out.update({f"{section}.{key}.{k}": v for k, v in value.items()} if nested else {f"{section}.{key}": value})
+        return out
 
     new, old = stage_params(settings), stage_params(base)
     return {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}

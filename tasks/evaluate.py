@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 from tasks.files import atomic_path, sha256_file, write_json
+from tasks.metrics import LOWER_IS_BETTER, NAMES, compared, improvement, regression_metrics
 from tasks.model import load_model
 from tasks.errors import UserError
 from tasks.paths import champion_path
@@ -37,19 +38,6 @@ LOWER_IS_BETTER = {"rmse": True, "mae": True, "mape": True, "r2": False}
 MIN_SLICE_ROWS = 30  # smaller slices are reported but not gated: their metrics are mostly noise
 TOP_CATEGORIES = 20
 ROUNDING = 1e-6  # a smaller relative difference is float rounding (the same model scored by torch and by ONNX)
-
-
-def regression_metrics(actual: np.ndarray, predicted: np.ndarray) -> dict:
-    err = predicted - actual
-    nonzero = np.abs(actual) > 1e-12
-    spread = np.sum((actual - actual.mean()) ** 2) if len(actual) else 0.0
-    return {  # None where a metric is undefined (no rows; R² of a constant target; MAPE with every actual 0)
-        "rmse": float(np.sqrt(np.mean(err**2))) if len(err) else None,
-        "mae": float(np.mean(np.abs(err))) if len(err) else None,
-        "r2": float(1 - np.sum(err**2) / spread) if spread > 0 else None,
-        "mape": float(np.mean(np.abs(err[nonzero] / actual[nonzero]))) if nonzero.any() else None,  # rows with actual 0 left out
-        "n": int(len(actual)),
-    }
 
 
 def predict(model: torch.nn.Module, meta: dict, x: torch.Tensor) -> np.ndarray:
@@ -105,36 +93,36 @@ def score_champion(s: Settings, raw: pd.DataFrame, actual: np.ndarray) -> dict |
 
 def decide(cfg, candidate: dict, reference: dict, against: str, cand_slices: dict, ref_slices: dict | None) -> dict:
     """Promote only a candidate better than the reference by min_improvement, with no slice regressed too far."""
-    metric, lower = cfg.primary, LOWER_IS_BETTER[cfg.primary]
+    metric = cfg.primary
     c, r = candidate[metric], reference[metric]
     if c is None:
         raise UserError(f"evaluate: the candidate's {metric} is undefined on this test split; choose another evaluate.primary")
-    improvement = ((r - c) if lower else (c - r)) / abs(r) if r else float("inf")
+    gain = improvement(metric, c, r) if r is not None else float("inf")
     worse = []
     for col, slices in (ref_slices or {}).items():
         for name, ref in slices.items():
             cand = cand_slices.get(col, {}).get(name)
             if cand is None or ref["n"] < MIN_SLICE_ROWS or not ref[metric] or cand[metric] is None:
                 continue
-            regression = ((cand[metric] - ref[metric]) if lower else (ref[metric] - cand[metric])) / abs(ref[metric])
+            regression = -improvement(metric, cand[metric], ref[metric])
             if regression > cfg.max_slice_regression:
                 worse.append({"slice": f"{col}={name}", "n": ref["n"], "candidate": cand[metric], "champion": ref[metric],
                               "regression": regression})
-    name = metric.upper() if metric != "r2" else "R²"
+    name = NAMES[metric]
     shown = "n/a" if r is None else f"{r:.4f}"
-    compared = f"test {name} {c:.4f} vs {against} {shown} ({improvement:+.2%} better; needed > {cfg.min_improvement:.2%})"
-    if not improvement > max(cfg.min_improvement, ROUNDING):
-        decision, message = "keep", f"not promoted: {compared}"
+    verdict = f"test {name} {c:.4f} vs {against} {shown}: {compared(metric, c, r)} (needs more than {cfg.min_improvement:.2%} better)"
+    if not gain > max(cfg.min_improvement, ROUNDING):
+        decision, message = "keep", f"not promoted: {verdict}"
     elif worse:
         w = max(worse, key=lambda x: x["regression"])
         decision = "keep"
-        message = (f"not promoted: {compared}, but {len(worse)} slice(s) got worse by more than "
+        message = (f"not promoted: {verdict}, but {len(worse)} slice(s) got worse by more than "
                    f"{cfg.max_slice_regression:.0%}, e.g. {w['slice']} (n={w['n']:,}): {name} {w['candidate']:.4f} vs "
-                   f"{w['champion']:.4f} ({w['regression']:+.1%})")
+                   f"{w['champion']:.4f}, {w['regression']:.1%} worse")
     else:
-        decision, message = "promote", f"promote: {compared}"
+        decision, message = "promote", f"promote: {verdict}"
     return {"decision": decision, "message": message, "against": against, "primary": metric, "candidate": c,
-            "reference": r, "improvement": improvement, "min_improvement": cfg.min_improvement,
+            "reference": r, "improvement": gain, "min_improvement": cfg.min_improvement,
             "max_slice_regression": cfg.max_slice_regression, "slices_worse": worse}
 
 
@@ -160,18 +148,16 @@ def evaluate(s: Settings) -> dict:
                                     slice_metrics(raw, actual, champion["predicted"], s), f"champion {champion['path']}")
     gate = decide(s.evaluate, metrics, ref, against, slices, ref_slices)
     gate["champion"] = None if champion is None else {k: champion[k] for k in ("path", "manifest_sha256", "created")}
+    gate["compared"] = {"baseline": regression_metrics(actual, baseline), "champion": ref if champion is not None else None}
 
-    figures = dict(metrics)
-    figures["baseline"] = regression_metrics(actual, baseline)
-    if champion is not None:
-        figures["champion"] = ref
-    figures["promote"] = int(gate["decision"] == "promote")
+    # the DVC metric: the figures a person compares across runs (the details are in gate.json and slices.json)
+    figures = dict(metrics, promote=int(gate["decision"] == "promote"), improvement=round(gate["improvement"], 6))
     with atomic_path(out / "predictions.csv") as tmp:
         pd.DataFrame({"actual": actual, "predicted": predicted}).to_csv(tmp, index=False, float_format="%.9g")
     residuals = predicted - actual
     counts, edges = np.histogram(residuals, bins=50) if len(residuals) else (np.zeros(0), np.zeros(1))
-    with atomic_path(out / "residuals.csv") as tmp:
-        pd.DataFrame({"residual": (edges[:-1] + edges[1:]) / 2, "count": counts}).to_csv(tmp, index=False, float_format="%.6g")
+    with atomic_path(out / "residuals.csv") as tmp:  # bins as [residual, residual_to): the histogram plot template
+        pd.DataFrame({"residual": edges[:-1], "residual_to": edges[1:], "rows": counts}).to_csv(tmp, index=False, float_format="%.6g")
     plots(actual, predicted, meta["target"], metrics, Path(s.train.out_dir) / "summary.json", out)
     write_json(out / "slices.json", {"primary": s.evaluate.primary, "candidate": slices, "champion": ref_slices})
     write_json(out / "gate.json", gate)

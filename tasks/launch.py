@@ -23,6 +23,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -31,21 +32,35 @@ import torch
 from tasks.cluster import cluster_workers
 from tasks.files import replace_dir, write_json
 from tasks.settings import Settings, UserError, absolute_paths
-from tasks.train import Watchdog, check_inputs, run_rank, staging_dir
+from tasks.progress import Progress
+from tasks.train import PROGRESS, Watchdog, check_inputs, run_rank, staging_dir
 
 SETTINGS_ENV = "TRAINFLOW_SETTINGS"  # settings of ranks started by the stage's own torchrun (JSON file)
 ERROR_ENV = "TRAINFLOW_ERROR_FILE"   # where such a rank leaves a user error for the stage to report
 
 
-def launch(s: Settings) -> dict:
-    """Run the ranks where train.launcher says; relaunch the whole group from the last checkpoint after an
-    infrastructure failure (a rank killed, a hang), up to train.max_restarts; publish the model."""
+def launch(s: Settings, on_epoch=None) -> dict:
+    """Run the ranks where train.launcher says, reporting their progress; relaunch the whole group from the last
+    checkpoint after an infrastructure failure (a rank killed, a hang), up to train.max_restarts; publish the model."""
     cfg = s.train
     out = staging_dir(cfg.out_dir)  # kept between runs: an interrupted run resumes from its checkpoints
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").unlink(missing_ok=True)
+    with Progress(out / PROGRESS, cfg.epochs, on_epoch):
+        placement, failures = attempts(s, out)
+    summary = json.loads((out / "summary.json").read_text())
+    summary["launcher"], summary["placement"], summary["restarts"] = cfg.launcher, placement, failures
+    write_json(out / "summary.json", summary)
+    (out / PROGRESS).unlink(missing_ok=True)  # reported; the epochs are in summary.json
+    replace_dir(out, cfg.out_dir)
+    return summary
+
+
+def attempts(s: Settings, out: Path) -> tuple[list[str], list[dict]]:
+    """Launch the group until it finishes; the infrastructure failures it recovered from."""
+    cfg = s.train
     run = {"dask": on_dask, "torchrun": on_torchrun, "local": on_local}[cfg.launcher]
-    failures = []
+    failures: list[dict] = []
     while True:
         t0 = time.monotonic()
         try:
@@ -62,11 +77,7 @@ def launch(s: Settings) -> dict:
                 raise f.error from None  # user errors and bugs are not retried
             print(f"train: {f.kind} failure ({f.cause}); restarting the {cfg.world_size} rank(s) from the last checkpoint "
                   f"(restart {len(failures)} of at most {cfg.max_restarts})", file=sys.stderr, flush=True)
-    summary = json.loads((out / "summary.json").read_text())
-    summary["launcher"], summary["placement"], summary["restarts"] = cfg.launcher, placement, failures
-    write_json(out / "summary.json", summary)
-    replace_dir(out, cfg.out_dir)
-    return summary
+    return placement, failures
 
 
 class Failure(Exception):
@@ -349,8 +360,11 @@ def torchrun_rank(s: Settings) -> None:
         if not by_stage and rank == 0:
             check_inputs(s)
             staging_dir(s.train.out_dir).mkdir(parents=True, exist_ok=True)  # checkpoints of an interrupted run stay
-        run_rank(s, rank, world, local, init_method="env://", local_world=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-        if not by_stage and rank == 0:
+        reporting = not by_stage and rank == 0  # (started by the stage, the stage reports)
+        with Progress(staging_dir(s.train.out_dir) / PROGRESS, s.train.epochs) if reporting else nullcontext():
+            run_rank(s, rank, world, local, init_method="env://", local_world=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        if reporting:
+            (staging_dir(s.train.out_dir) / PROGRESS).unlink(missing_ok=True)
             replace_dir(staging_dir(s.train.out_dir), s.train.out_dir)
     except UserError as e:
         if ERROR_ENV in os.environ and not Path(os.environ[ERROR_ENV]).exists():  # the first rank's error

@@ -144,6 +144,7 @@ def package(s: Settings) -> dict:
         shutil.copyfile(feat_dir / "transform.json", stage / "transform.json")
         shutil.copyfile(s.dataset.suite, stage / "suite.yaml")
         metrics = json.loads((eval_dir / "metrics.json").read_text())
+        gate = json.loads((eval_dir / "gate.json").read_text()) if (eval_dir / "gate.json").exists() else {}
         slices = json.loads((eval_dir / "slices.json").read_text()) if (eval_dir / "slices.json").exists() else {}
         training = json.loads((train_dir / "summary.json").read_text())
         schema = json.loads((feat_dir / "schema.json").read_text())
@@ -163,7 +164,7 @@ def package(s: Settings) -> dict:
             "metrics": metrics,
             "training": training,
         }
-        (stage / "MODEL_CARD.md").write_text(model_card(manifest, slices, s))
+        (stage / "MODEL_CARD.md").write_text(model_card(manifest, slices, gate.get("compared") or {}, s))
         manifest["files"] = files = {p.name: sha256_file(p) for p in sorted(stage.iterdir())}  # every file it holds
         write_json(stage / "manifest.json", manifest)
         if os.environ.get(SIGNING_ENV):
@@ -181,7 +182,7 @@ def package(s: Settings) -> dict:
     return {"out_dir": s.package.out_dir, "archive": s.package.archive, "parity_max_abs_diff": gap, "files": files}
 
 
-def model_card(m: dict, slices: dict, s: Settings) -> str:
+def model_card(m: dict, slices: dict, compared: dict, s: Settings) -> str:
     """The package's model card (markdown): data, metrics with slices, use, limits, training."""
     met, tr, rows = m["metrics"], m["training"], m["data"]["rows"]
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
@@ -199,8 +200,8 @@ def model_card(m: dict, slices: dict, s: Settings) -> str:
              "| | RMSE | MAE | R² | MAPE | rows |", "|---|---|---|---|---|---|",
              f"| this model | {fmt(met['rmse'])} | {fmt(met['mae'])} | {fmt(met['r2'])} | {fmt(met.get('mape'))} | {met['n']:,} |"]
     for name in ("champion", "baseline"):
-        if isinstance(met.get(name), dict):
-            o = met[name]
+        if isinstance(compared.get(name), dict):
+            o = compared[name]
             label = "the champion it was compared with" if name == "champion" else "predicting the train mean"
             lines.append(f"| {label} | {fmt(o['rmse'])} | {fmt(o['mae'])} | {fmt(o['r2'])} | {fmt(o.get('mape'))} | {o['n']:,} |")
     for col, by in (slices.get("candidate") or {}).items():

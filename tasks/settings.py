@@ -295,13 +295,50 @@ def dump_settings(s: Settings) -> dict:
     return s.model_dump(by_alias=True)
 
 
-def cli(stage) -> None:
-    """The `python -m tasks.<stage>` edge: run a stage on params.yaml; user errors exit 2 with one message."""
+def cli(stage, argv: list[str] | None = None) -> None:
+    """The `python -m tasks.<stage>` edge: run a stage on params.yaml (the stage takes no arguments: its settings
+    are there); `--help` says so and runs nothing; user errors exit 2 with one message."""
+    import argparse
+
+    module = sys.modules[stage.__module__]
+    name = module.__spec__.name if module.__spec__ else stage.__module__  # (__main__ under python -m)
+    doc = (module.__doc__ or "").strip()
+    argparse.ArgumentParser(prog=f"python -m {name}", description=doc.split("\n")[0],
+                            epilog="Settings come from params.yaml in the working directory (the project root). The same stage: "
+                                   f"`trainflow stage {name.rsplit('.', 1)[-1]}`, or `dvc repro`.").parse_args(argv)
     try:
         stage(load_settings())
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def edit_params(text: str, changes: dict) -> str:
+    """params.yaml's text with the values of dotted keys changed, and nothing else: comments, order, quoting,
+    flow-style lists and the other values stay as the user wrote them (a round trip with ruamel.yaml, the YAML
+    library DVC itself uses)."""
+    import io
+
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    rt = YAML()
+    rt.preserve_quotes, rt.width = True, 4096
+    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    data = rt.load(text)
+    for dotted, value in changes.items():
+        *path, last = dotted.split(".")
+        node = data
+        for part in path:
+            node = node[part]
+        old = node.get(last)
+        if isinstance(value, list | dict) and isinstance(old, CommentedSeq | CommentedMap) and old.fa.flow_style():
+            value = (CommentedSeq if isinstance(value, list) else CommentedMap)(value)
+            value.fa.set_flow_style()
+        node[last] = value
+    out = io.StringIO()
+    rt.dump(data, out)
+    return out.getvalue()
 
 
 DATASETS = Path(__file__).resolve().parents[1] / "data" / "datasets"  # the shipped dataset sections
@@ -331,15 +368,22 @@ def use_dataset(name_or_path: str, params: str | Path = PARAMS) -> DatasetSettin
     return settings.dataset
 
 
-if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "use":
-        sys.exit("usage: python -m tasks.settings use <dataset name in data/datasets/ | dataset file>")
+def main(argv: list[str] | None = None) -> None:
+    """python -m tasks.settings use DATASET (the same as `trainflow use DATASET`)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m tasks.settings", description="Switch params.yaml to another dataset.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    use = sub.add_parser("use", help="make a shipped dataset (data/datasets/NAME.yaml) or a dataset file the one params.yaml trains on")
+    use.add_argument("dataset", help="a name in data/datasets/ (california_housing, flights, ...) or a dataset YAML file")
+    a = ap.parse_args(argv)
     try:
-        d = use_dataset(sys.argv[2])
+        d = use_dataset(a.dataset)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"params.yaml now trains on {d.name} ({d.source}, target {d.target}); run `dvc repro` or the flow")
+
 
 
 def absolute_paths(s: Settings, root: str | Path | None = None) -> Settings:
@@ -353,3 +397,7 @@ def absolute_paths(s: Settings, root: str | Path | None = None) -> Settings:
         if value and "://" not in value and not Path(value).is_absolute():
             raw[section][key] = str(champion_path(value, root) if (section, key) == ("evaluate", "champion") else root / value)
     return validated(raw)
+
+
+if __name__ == "__main__":
+    main()

@@ -244,8 +244,6 @@ def _train(s: Settings, rank: int, world: int, device: torch.device, grouped: bo
         live = Live(dir=cfg.log_dir, dvcyaml=False, save_dvc_exp=False, resume=state is not None)
     if state is None and master:
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # another run's checkpoints (other settings or features)
-    if state is not None and live is not None:
-        live.step = len(history)  # dvclive continues at the checkpoint's epoch
     if grouped:
         dist.barrier()  # every rank has read the checkpoints before any is removed or written
     watchdog = Watchdog(cfg.step_timeout_s, rank, in_process=not grouped and not os.environ.get("RANK"),
@@ -259,6 +257,7 @@ def _train(s: Settings, rank: int, world: int, device: torch.device, grouped: bo
         epoch = first_epoch - 1
         for epoch in range(first_epoch, cfg.epochs + 1):
             # one pass over the train set: rank r takes the r-th slice of every global batch
+            epoch_t0 = time.perf_counter()
             model.train()
             epoch_order = order.get_state()  # with the position in the epoch, the data-order state
             perm = torch.randperm(n_train, generator=order).to(device)
@@ -342,10 +341,11 @@ def _train(s: Settings, rank: int, world: int, device: torch.device, grouped: bo
             step_s = totals[5].item()
             record = {"epoch": epoch, "train_loss": train_mse, "val_loss": val_mse, "val_rmse": float(np.sqrt(val_mse)) * t_std,
                       "lr": sched.get_last_lr()[0], "samples_per_s": n_train / step_s if step_s > 0 else None,
-                      "data_s": totals[2].item(), "compute_s": totals[3].item(), "sync_s": totals[4].item() if grouped and not fsdp else None}
+                      "data_s": totals[2].item(), "compute_s": totals[3].item(), "sync_s": totals[4].item() if grouped and not fsdp else None,
+                      "seconds": time.perf_counter() - epoch_t0}
             history.append(record)
             if master:
-                writes.append(writer.submit(log_epoch, live, record))
+                writes.append(writer.submit(log_epoch, live, record, out / PROGRESS))
             if unit == "step" or epoch % every == 0 or stale >= cfg.patience or epoch == cfg.epochs:
                 snap = snapshot(epoch + 1, 0, order.get_state(), None)  # (a copy: training goes on while it is written)
                 if master:
@@ -399,15 +399,19 @@ def trim_live(log_dir: Path, epochs: int) -> None:
 def _logged_before(row: str, fields: int, column: int, epochs: int) -> bool:
     values = row.split("\t")
     try:
-        return len(values) == fields and int(values[column]) < epochs and all(v != "" for v in values)
+        return len(values) == fields and int(values[column]) <= epochs and all(v != "" for v in values)
     except ValueError:
         return False
 
 
-def log_epoch(live, record: dict) -> None:
-    """Rank 0's dvclive metrics of an epoch (in the writer thread)."""
+def log_epoch(live, record: dict, progress: Path) -> None:
+    """Rank 0's record of an epoch (in the writer thread): a line for the launcher's progress report
+    (tasks/progress.py, whichever machine the rank runs on), and the dvclive metrics."""
+    with open(progress, "a") as f:
+        f.write(json.dumps(record) + "\n")
     if live is None:
         return
+    live.step = record["epoch"]  # the plots' x axis is the epoch, counted from 1 as everywhere else
     for key, value in LIVE_KEYS:
         if record[value] is not None:
             live.log_metric(key, record[value])
@@ -611,9 +615,11 @@ def grad_sync(model: DDP, cfg, timer: SyncTimer):
     return None
 
 
+# what dvclive logs (dvc metrics show / plots): losses, the validation metric, the LR and speed; the step time's
+# split per epoch is in summary.json and the flow's training-epochs artifact
 LIVE_KEYS = (("train/loss", "train_loss"), ("val/loss", "val_loss"), ("val/rmse", "val_rmse"), ("lr", "lr"),
-             ("perf/samples_per_s", "samples_per_s"), ("time/data_s", "data_s"), ("time/compute_s", "compute_s"),
-             ("time/sync_s", "sync_s"))
+             ("perf/samples_per_s", "samples_per_s"))
+PROGRESS = "progress.jsonl"
 
 
 def check_inputs(s: Settings) -> dict:
@@ -656,12 +662,13 @@ def check_model_fits(cfg, schema: dict) -> None:
                         f"{have / 2**30:,.1f} GiB of {where}; lower train.hidden")
 
 
-def train(s: Settings) -> dict:
-    """Train on the features of the preprocess stage; returns the run's summary."""
+def train(s: Settings, on_epoch=None) -> dict:
+    """Train on the features of the preprocess stage, reporting each epoch (and to `on_epoch(record)`); returns
+    the run's summary."""
     from tasks import launch
 
     check_inputs(s)
-    return launch.launch(s)
+    return launch.launch(s, on_epoch)
 
 
 if __name__ == "__main__":

@@ -124,9 +124,30 @@ def _json_value(v):
     return str(v) if isinstance(v, float) and not math.isfinite(v) else v  # nan, inf are not JSON
 
 
+def bound(kind: str, kwargs: dict) -> str:
+    """What an expectation requires, in words, for the report."""
+    if "min_value" in kwargs or "max_value" in kwargs:
+        lo, hi = kwargs.get("min_value"), kwargs.get("max_value")
+        return f"between {lo} and {hi}" if lo is not None and hi is not None else f"≥ {lo}" if lo is not None else f"≤ {hi}"
+    if "value_set" in kwargs:
+        values = list(kwargs["value_set"])
+        return f"one of {values[:8]}" + (f" (+{len(values) - 8} more)" if len(values) > 8 else "")
+    if "type_list" in kwargs:
+        return f"type in {kwargs['type_list']}"
+    if "column_list" in kwargs:
+        return f"the suite's {len(kwargs['column_list'])} columns, in order"
+    if kind == "expect_column_values_to_not_be_null":
+        mostly = kwargs.get("mostly")
+        return "no nulls" if mostly in (None, 1, 1.0) else f"at most {1 - mostly:.1%} nulls"
+    if kind == "expect_column_values_to_be_unique":
+        return "unique"
+    return ""
+
+
 def _summarize(r) -> dict:
     cfg, res = r.expectation_config, r.result or {}
-    out = {"expectation": cfg.type, "column": cfg.kwargs.get("column"), "success": bool(r.success)}
+    out = {"expectation": cfg.type, "column": cfg.kwargs.get("column"), "success": bool(r.success),
+           "bound": bound(cfg.type, cfg.kwargs)}
     if "unexpected_count" in res:
         out["unexpected_count"] = int(res["unexpected_count"])
         out["unexpected_percent"] = round(float(res.get("unexpected_percent") or 0.0), 4)
@@ -198,21 +219,30 @@ def markdown_report(report: dict) -> str:
     verdict = "PASSED" if report["success"] else "FAILED"
     rows = []
     for r in report["results"]:
-        detail = ""
-        if r.get("unexpected_count"):
+        if "error" in r:
+            observed = f"not evaluated: {r['error']}"
+        elif "unexpected_count" in r:
             samples = ", ".join(f"row {i}: `{v!r}`" for i, v in zip(r["sample_rows"], r["sample_values"]))
-            detail = f"{r['unexpected_count']:,} rows ({r['unexpected_percent']:.2f}%); {samples}"
-        elif "error" in r:
-            detail = f"not evaluated: {r['error']}"
-        elif not r["success"] and "observed" in r:
-            detail = f"observed `{r['observed']}`"
-        rows.append(f"| {'✅' if r['success'] else '❌'} | {r['expectation']} | {r['column'] or '(table)'} | {detail} |")
+            observed = f"{r['unexpected_count']:,} rows unexpected ({r['unexpected_percent']:.2f}%)" + (f"; {samples}" if samples else "")
+        else:
+            observed = _short(r.get("observed"))
+        rows.append(f"| {'PASS' if r['success'] else 'FAIL'} | {r['expectation']} | {r['column'] or '(table)'} | {r.get('bound', '')} "
+                    f"| {observed} |")
     return (f"# Validation {verdict}: {report['passed']} of {report['evaluated']} expectations "
             f"({report['pass_rate']:.1%})\n\n"
             f"- data: `{d['path']}`, {d['rows']:,} rows, sha256 `{d['sha256']}`\n- suite: `{report['suite']}`\n"
             f"- checked: {_checked(report['checked'])}\n"
             f"- rows: {report['rows']['clean']:,} clean + {report['rows']['quarantined']:,} quarantined = {report['rows']['input']:,}\n\n"
-            "| | expectation | column | unexpected |\n|---|---|---|---|\n" + "\n".join(rows) + "\n" + _drift_md(report["drift"]))
+            "| result | expectation | column | required | observed |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+            + _drift_md(report["drift"]))
+
+
+def _short(value) -> str:
+    """An observed value for a table cell (a column list is long)."""
+    if value is None:
+        return ""
+    text = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+    return f"`{text[:80]}{'…' if len(text) > 80 else ''}`"
 
 
 def _checked(c: dict) -> str:
@@ -221,7 +251,7 @@ def _checked(c: dict) -> str:
 
 def _drift_md(drift: dict) -> str:
     if not drift["checked"]:
-        return "\n## Drift\nNot checked (no reference yet, validation failed, or validate.drift: off).\n"
+        return f"\n## Drift\nNot checked: {drift.get('reason', 'validation failed')}.\n"
     if not drift["columns"]:
         return f"\n## Drift\nNone beyond the bounds, against `{drift['reference']}`.\n"
     rows = "\n".join(f"| {c} | {d.get('mean_shift_std', '')} | {d.get('psi', '')} | {d.get('new_categories', '')} | "
@@ -334,7 +364,8 @@ def check_and_write(cfg, suite_path: str, suite: dict, raw: Path, n_rows: int, o
         "passed": len(results) - len(failed),
         "pass_rate": round((len(results) - len(failed)) / len(results), 6),
         "results": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
-        "drift": {"checked": check_drift, "policy": cfg.drift, "reference": str(reference), "columns": {}},
+        "drift": {"checked": check_drift, "policy": cfg.drift, "reference": str(reference), "columns": {},
+                  "reason": None if check_drift else drift_skipped(cfg, success, reference)},
     }
     if failed and not success:
         write_reports(cfg, report)
@@ -371,6 +402,14 @@ def check_and_write(cfg, suite_path: str, suite: dict, raw: Path, n_rows: int, o
     if len(reasons):
         log.warning("validate: quarantined %d of %d rows (%s)", len(reasons), n_rows, cfg.quarantine)
     return {k: report[k] for k in ("success", "evaluated", "passed", "pass_rate", "rows", "checked")} | {"drift": drifted}
+
+
+def drift_skipped(cfg, success: bool, reference: Path) -> str:
+    if cfg.drift == "off":
+        return "validate.drift is off"
+    if not success:
+        return "the data failed validation, so there is nothing accepted to compare"
+    return f"no reference yet ({reference} is written from this run's data, the first accepted)"
 
 
 def write_reports(cfg, report: dict) -> None:

@@ -13,10 +13,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from tasks.settings import PATH_KEYS, Settings, parse_settings
+from tasks.settings import PATH_KEYS, Settings, edit_params, parse_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "data/sources/california_housing.parquet"
+STAGES = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])  # in pipeline order
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
@@ -165,18 +166,17 @@ def sh(cwd: Path, *cmd: str, check: bool = True, timeout: int = 600, env: dict |
 
 def make_repo(repo: Path, **train) -> Path:
     """A git + DVC copy of the project whose default source is the real slice, with a small fast training."""
-    for name in ("tasks", "flows", "data/suites"):
+    for name in ("tasks", "flows", "data/suites", ".dvc/plots"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore", "pyproject.toml", "prefect.yaml"):
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, repo / name)
     (repo / "data/sources").mkdir(parents=True)
     real_slice().to_parquet(repo / "data/sources/slice.parquet", index=False)
-    params = project_params()
-    params["dataset"].update(source="data/sources/slice.parquet", sha256=None)
-    params["dask"]["n_workers"] = 1
-    params["train"].update(dict(world_size=1, epochs=3, hidden=[32, 32], batch_size=128, lr=0.01), **train)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changes = {"dataset.source": "data/sources/slice.parquet", "dataset.sha256": None, "dask.n_workers": 1}
+    changes.update({f"train.{k}": v for k, v in dict(dict(world_size=1, epochs=3, hidden=[32, 32], batch_size=128, lr=0.01),
+                                                    **train).items()})
+    (repo / "params.yaml").write_text(edit_params((ROOT / "params.yaml").read_text(), changes))  # comments kept
     sh(repo, "git", "init", "-q")
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")

@@ -6,9 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import make_repo, sh
+from tests.conftest import STAGES, make_repo, sh
 
-STAGES = ["ingest", "validate", "preprocess", "train", "evaluate", "package", "promote"]
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +47,44 @@ def test_changing_a_train_param_reruns_only_downstream_stages(repo):
     diff = json.loads(sh(repo, "dvc", "metrics", "diff", "--json").stdout)["reports/evaluate/metrics.json"]
     assert diff["rmse"]["diff"] > 0 and diff["promote"] == {"old": 1, "new": 0, "diff": -1}
     plots = json.loads(sh(repo, "dvc", "plots", "diff", "--json").stdout)["data"]
-    assert {"reports/evaluate/predictions.csv", "reports/evaluate/residuals.csv", "reports/evaluate/residuals.png",
-            "reports/evaluate/learning_curve.png", "reports/train/plots/metrics/val/rmse.tsv"} <= set(plots)
-    assert set(plots["reports/evaluate/residuals.csv"][0]["revisions"]) == {"HEAD", "workspace"}  # side by side
+    assert list(plots)[:4] == ["Predicted vs actual (test split)", "Residuals, predicted - actual (test split)",
+                               "Loss per epoch, train and validation (standardised target)", "Validation RMSE per epoch"]
+    assert list(plots)[-1] == "Training speed per epoch (samples/s)"  # quality first, speed last
+    assert set(plots["Residuals, predicted - actual (test split)"][0]["revisions"]) == {"HEAD", "workspace"}  # side by side
+
+
+def test_dvc_views_are_readable(repo, tmp_path):
+    """`dvc metrics show` holds the numbers a person compares; `dvc plots show` renders offline, every chart
+    (checked in headless Chromium with the network cut); the residuals are a histogram on a numeric axis."""
+    from tests.harness import browser
+
+    shown = sh(repo, "dvc", "metrics", "show", "--json").stdout
+    files = json.loads(shown)[""]["data"]
+    assert set(files) == {"reports/train/metrics.json", "reports/evaluate/metrics.json"}  # not the validation report
+    columns = {k for f in files.values() for k in f["data"]}
+    assert columns == {"train", "val", "lr", "perf", "step", "rmse", "mae", "r2", "mape", "n", "promote", "improvement"}
+    width = max(len(line) for line in sh(repo, "dvc", "metrics", "show").stdout.splitlines())
+    assert width < 220, width
+    sh(repo, "dvc", "plots", "show", "-o", str(tmp_path / "plots"))
+    html = (tmp_path / "plots/index.html").read_text()
+    assert "cdn.jsdelivr" not in html and "vegaEmbed" in html
+    pw, chromium = browser()
+    try:
+        context = chromium.new_context()
+        requested = []
+        context.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file:")
+                      else (requested.append(route.request.url), route.abort()))
+        page = context.new_page()
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"file://{tmp_path / 'plots/index.html'}")
+        page.wait_for_timeout(2000)
+        charts = page.locator("svg.marks, canvas.marks").count()
+        images = page.locator("img").count()
+        page.screenshot(path=tmp_path / "plots.png", full_page=True)
+    finally:
+        chromium.close()
+        pw.stop()
+    assert (charts, images, requested, errors) == (6, 3, [], [])
+    template = json.loads((repo / ".dvc/plots/histogram.json").read_text())
+    assert template["encoding"]["x"]["type"] == "quantitative" and template["encoding"]["x2"]["field"] == "<DVC_METRIC_X>_to"

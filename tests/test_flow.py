@@ -1,6 +1,7 @@
 """The training-pipeline flow as real Prefect flow runs (temporary Prefect server) in a git + DVC workspace."""
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -8,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.pipeline import STAGES, training_pipeline
+from flows.pipeline import training_pipeline
 from flows.workspace import Workspace
 from tasks.files import sha256_file
-from tests.conftest import load_package
+from tests.conftest import STAGES, load_package
 from tasks.settings import UserError, dump_settings, load_settings
 from tests.conftest import ROOT, make_repo, real_slice, sh
 
@@ -35,11 +36,9 @@ def in_repo(repo, monkeypatch, prefect_server):
     return repo
 
 
-def run(repo: Path, **override):
-    params = dump_settings(load_settings(repo / "params.yaml"))
-    for section, values in override.items():
-        params[section].update(values)
-    return training_pipeline(**params, return_state=True)
+def run(repo: Path, **parameters):
+    """A flow run with these form parameters (partial sections: every omitted key is params.yaml's)."""
+    return training_pipeline(**parameters, return_state=True)
 
 
 def load_settings_text(text: str):
@@ -55,6 +54,15 @@ def task_states(state) -> dict:
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
     return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+
+
+def logs(state) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    return [entry.message for entry in found]
 
 
 def artifacts(state) -> dict:
@@ -82,17 +90,24 @@ def test_first_run_runs_every_stage_and_leaves_dvc_clean(in_repo):
     assert "Data and pipelines are up to date." in sh(in_repo, "dvc", "repro").stdout
     # artifacts for the UI
     arts = artifacts(state)
-    assert set(arts) == {"training-summary", "metrics", "validation-report", "training-epochs"}
+    assert set(arts) == {"training-summary", "metrics", "validation-report", "training-epochs", "training-progress"}
     epochs = json.loads(arts["training-epochs"].data)  # one run's epochs, reduced over its 2 ranks
     assert [e["epoch"] for e in epochs] == list(range(1, out["training"]["epochs_run"] + 1))
     assert all(e["sync_s"] > 0 and e["compute_s"] > 0 and e["samples_per_s"] > 0 for e in epochs)
+    assert float(arts["training-progress"].data) == 100.0  # followed epoch by epoch, ended full
     assert out["training"]["world_size"] == 2 and set(out["training"]["time_split_s"]) == {"data", "compute", "sync"}
     assert arts["validation-report"].data.startswith("# Validation PASSED: 29 of 29")
-    assert "2 rank(s) (local, ddp, fp32 on cpu)" in arts["training-summary"].data
-    assert "| train | ran |" in arts["training-summary"].data and out["data_version"] in arts["training-summary"].data
-    assert {row["metric"] for row in json.loads(arts["metrics"].data)} == {"rmse", "mae", "r2", "mape"}
+    summary = arts["training-summary"].data
+    assert summary.startswith("# Trainflow run: promoted\n") and "2 rank(s) (local, ddp, fp32 on cpu)" in summary
+    assert re.search(r"Time per step: [\d.]+ ms data · [\d.]+ ms compute · [\d.]+ ms sync \(whole run: ", summary)
+    assert re.search(r"\| train +\| ran +\|", summary) and out["data_version"] in summary
+    assert "![learning curves](data:image/png;base64,iVBOR" in summary  # the PNG, inline
+    assert [row["metric"] for row in json.loads(arts["metrics"].data)] == ["RMSE", "MAE", "R²", "MAPE"]
     # the first model beat the train-mean baseline: promoted to evaluate.champion, and the flow says so
-    assert out["gate"]["decision"] == "promote" and "Gate:** promote: test RMSE" in arts["training-summary"].data
+    assert out["gate"]["decision"] == "promote" and "**Gate:** promote: test RMSE" in summary
+    # live progress: a line per epoch in the train task's log
+    lines = [m for m in logs(state) if m.startswith("train: epoch ")]
+    assert len(lines) == out["training"]["epochs_run"] and all("val RMSE" in m and "ETA" in m for m in lines), lines
     assert load_package(in_repo / "models/production").manifest == load_package(in_repo / "models/package").manifest
 
 
@@ -104,6 +119,12 @@ def test_rerun_with_nothing_changed_skips_every_stage(in_repo):
     assert task_states(state) == {s: "Cached" for s in STAGES}
     assert sha256_file(in_repo / "models/train/model.pt") == before
     assert out["metrics"] == out["previous_metrics"]
+    # an honest summary: nothing ran, the outputs are the first run's, and no stale training figures or gate
+    assert state.name == "Completed"
+    arts = artifacts(state)
+    made_by = load_package(in_repo / "models/package").manifest["prefect_flow_run_id"]
+    assert arts["training-summary"].data.startswith(f"# Nothing changed: reused Prefect flow run `{made_by}`")
+    assert "training-epochs" not in arts and "**Gate:**" not in arts["training-summary"].data
 
 
 def test_train_param_from_the_ui_runs_as_a_dvc_experiment(in_repo):
@@ -134,14 +155,20 @@ def test_train_param_from_the_ui_runs_as_a_dvc_experiment(in_repo):
     assert data["params"]["params.yaml"]["data"]["train"]["epochs"] == 1
     assert data["metrics"]["reports/evaluate/metrics.json"]["data"]["rmse"] == pytest.approx(out["metrics"]["rmse"])
     assert "`train.epochs`: 3 → 1" in artifacts(state)["training-summary"].data
+    # the experiment's params.yaml is the user's file with that one value changed: comments, ints, relative paths kept
+    theirs = sh(in_repo, "git", "show", f"{exps[exp]['revs'][0]['rev']}:params.yaml").stdout
+    assert theirs == (in_repo / "params.yaml").read_text().replace("epochs: 3", "epochs: 1", 1)
+    assert "# Trainflow's one config file" in theirs and re.search(r"step_timeout_s: 600 ", theirs) and "600.0" not in theirs
+    assert "champion: models/production " in theirs  # relative, as the user wrote it (no path of this machine)
+    diff = json.loads(sh(in_repo, "dvc", "exp", "diff", exp, "--json").stdout)["params"]["params.yaml"]
+    assert diff == {"train.epochs": {"old": 3, "new": 1}} or set(diff) == {"train.epochs"}
 
 
 def test_a_run_named_like_a_path_is_never_used_as_one(in_repo):
     """The audit's attack: a run named `x/../../../../data` used to rmtree data/ through its experiment path."""
     data_before = {p: sha256_file(p) for p in (in_repo / "data").rglob("*") if p.is_file()}
-    params = dump_settings(load_settings(in_repo / "params.yaml"))
-    params["evaluate"]["min_improvement"] = 0.5  # differs from params.yaml: an experiment
-    state = training_pipeline.with_options(flow_run_name="x/../../../../data")(**params, return_state=True)
+    state = training_pipeline.with_options(flow_run_name="x/../../../../data")(
+        evaluate={"min_improvement": 0.5}, return_state=True)  # differs from params.yaml: an experiment
     assert state.is_completed(), state.message
     name = state.result()["experiment"]
     assert name.startswith("prefect-x-data-") and len(name) == len("prefect-x-data-") + 8
@@ -152,8 +179,18 @@ def test_a_run_named_like_a_path_is_never_used_as_one(in_repo):
 
 
 def test_output_paths_that_overlap_are_refused_before_anything_runs(in_repo):
+    """Output paths are not run parameters at all; in params.yaml they are checked before any stage runs."""
+    from prefect.exceptions import ParameterBindError
+
+    with pytest.raises(ParameterBindError, match="unexpected keyword argument 'package'"):
+        run(in_repo, package={"out_dir": "data"})
+    good = (in_repo / "params.yaml").read_text()
     before = {p: sha256_file(p) for p in (in_repo / "data").rglob("*") if p.is_file()}
-    state = run(in_repo, package={"out_dir": "data"})
+    (in_repo / "params.yaml").write_text(good.replace("out_dir: models/package", "out_dir: data"))
+    try:
+        state = run(in_repo)
+    finally:
+        (in_repo / "params.yaml").write_text(good)
     assert state.is_failed()
     assert "ingest.out and package.out_dir overlap" in str(state.result(raise_on_failure=False))
     assert task_states(state) == {}  # no stage started
@@ -161,7 +198,7 @@ def test_output_paths_that_overlap_are_refused_before_anything_runs(in_repo):
 
 
 def test_push_without_a_remote_names_the_fix(in_repo):
-    state = run(in_repo, dvc={"push": True})
+    state = run(in_repo, advanced={"dvc": {"push": True}})
     assert state.is_failed()
     assert "no default DVC remote; add one with `dvc remote add -d" in str(state.result(raise_on_failure=False))
     assert json.loads(sh(in_repo, "dvc", "status", "--json").stdout) == {}  # the run itself is recorded
@@ -170,7 +207,7 @@ def test_push_without_a_remote_names_the_fix(in_repo):
 def test_push_sends_data_and_models_to_the_remote(in_repo, tmp_path):
     sh(in_repo, "dvc", "remote", "add", "--local", "-d", "storage", str(tmp_path / "remote"))
     try:
-        out = run(in_repo, dvc={"push": True}).result()
+        out = run(in_repo, advanced={"dvc": {"push": True}}).result()
         assert out["experiment"] is None  # dvc.* and dask.* choose how a run executes, not what it computes
         assert json.loads(sh(in_repo, "dvc", "status", "--cloud", "--json").stdout) == {}
         assert sum(1 for p in (tmp_path / "remote").rglob("*") if p.is_file()) > 10
@@ -182,7 +219,7 @@ def test_params_yaml_made_invalid_between_runs_is_named(in_repo):
     good = (in_repo / "params.yaml").read_text()
     (in_repo / "params.yaml").write_text(good.replace("lr: 0.01", "lr: -0.01"))
     try:
-        state = training_pipeline(**dump_settings(load_settings_text(good)), return_state=True)  # the UI sends valid values
+        state = run(in_repo)  # an unchanged form: params.yaml as it is now
         assert state.is_failed()
         assert "params.yaml: train.lr = -0.01: Input should be greater than 0" in str(state.result(raise_on_failure=False))
     finally:
@@ -210,7 +247,7 @@ def test_bad_data_stops_before_preprocess_and_keeps_the_last_model(in_repo):
     assert task_states(state) == {"ingest": "Completed", "validate": "Failed"}
     assert {p: sha256_file(p) for p in kept} == kept
     report = artifacts(state)["validation-report"].data
-    assert report.startswith("# Validation FAILED: 28 of 29") and "| ❌ | expect_column_values_to_be_between | AveRooms | 3 rows" in report
+    assert report.startswith("# Validation FAILED: 28 of 29") and "| FAIL | expect_column_values_to_be_between | AveRooms | between 0.0 and 1000.0 | 3 rows unexpected" in report
 
 
 def test_unreachable_prefect_api_is_named_with_the_fix(tmp_path):

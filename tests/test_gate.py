@@ -4,6 +4,7 @@ model card and evaluation outputs."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -81,9 +82,10 @@ def test_a_worse_candidate_is_not_promoted_and_production_is_untouched(features,
     result = run(s)
     assert not result["promoted"]
     assert result["message"].startswith("not promoted: test RMSE ") and f"vs champion {root / 'production'} " in result["message"]
-    assert "better; needed > 0.00%" in result["message"] and "(-" in result["message"]  # a negative margin, named
+    assert re.search(r": \d+\.\d\d% worse \(needs more than 0.00% better\)$", result["message"])  # the margin, in words
     metrics = json.loads((Path(s.evaluate.out_dir) / "metrics.json").read_text())
-    assert metrics["promote"] == 0 and metrics["champion"]["rmse"] < metrics["rmse"]
+    gate = json.loads((Path(s.evaluate.out_dir) / "gate.json").read_text())
+    assert metrics["promote"] == 0 and metrics["improvement"] < 0 and gate["compared"]["champion"]["rmse"] < metrics["rmse"]
     assert {p.name: sha256_file(p) for p in (root / "production").iterdir()} == before
 
 
@@ -91,7 +93,7 @@ def test_the_same_model_again_is_not_an_improvement(features, champion):
     root, _, _ = champion
     s = candidate(features, root / "same", root / "production", **STRONG)  # same data, seed, params: same model
     result = run(s)
-    assert not result["promoted"] and "(+0.00% better; needed > 0.00%)" in result["message"]
+    assert not result["promoted"] and ": no better (needs more than 0.00% better)" in result["message"]
 
 
 @pytest.fixture(scope="module")
@@ -219,8 +221,8 @@ def test_a_slice_that_gets_worse_blocks_promotion():
     slices_r = {"region": {"north": {**champ, "rmse": 1.1, "n": 200}, "south": {**champ, "rmse": 0.98, "n": 800}}}
     gate = decide(cfg, cand, champ, "champion P", slices_c, slices_r)
     assert gate["decision"] == "keep"
-    assert gate["message"] == ("not promoted: test RMSE 0.9000 vs champion P 1.0000 (+10.00% better; needed > 0.00%), but 1 "
-                               "slice(s) got worse by more than 5%, e.g. region=north (n=200): RMSE 1.3000 vs 1.1000 (+18.2%)")
+    assert gate["message"] == ("not promoted: test RMSE 0.9000 vs champion P 1.0000: 10.00% better (needs more than 0.00% better), "
+                               "but 1 slice(s) got worse by more than 5%, e.g. region=north (n=200): RMSE 1.3000 vs 1.1000, 18.2% worse")
     slices_r["region"]["north"]["n"] = 10  # too few rows to judge
     assert decide(cfg, cand, champ, "champion P", slices_c, slices_r)["decision"] == "promote"
 
@@ -229,13 +231,14 @@ def test_evaluation_outputs_slices_plots_and_the_archive(champion):
     _, s, _ = champion
     out = Path(s.evaluate.out_dir)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) >= {"rmse", "mae", "r2", "mape", "n", "baseline", "promote"} and 0 < metrics["mape"] < 1
+    assert set(metrics) == {"rmse", "mae", "r2", "mape", "n", "promote", "improvement"} and 0 < metrics["mape"] < 1
     slices = json.loads((out / "slices.json").read_text())["candidate"]
     assert set(slices) == {"MedInc", "Latitude"}
     for by in slices.values():  # quantile bins: every test row in exactly one
         assert len(by) == 4 and sum(v["n"] for v in by.values()) == metrics["n"]
     residuals = pd.read_csv(out / "residuals.csv")
-    assert list(residuals.columns) == ["residual", "count"] and residuals["count"].sum() == metrics["n"]
+    assert list(residuals.columns) == ["residual", "residual_to", "rows"] and residuals["rows"].sum() == metrics["n"]
+    assert (residuals["residual"].iloc[1:].to_numpy() == residuals["residual_to"].iloc[:-1].to_numpy()).all()  # adjacent bins
     for png in ("pred_vs_actual.png", "residuals.png", "learning_curve.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     # the archive is the same package: same files, same predictions

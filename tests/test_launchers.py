@@ -129,7 +129,7 @@ def test_steps_report_where_time_goes_reduced_over_ranks(features, local_two):
         assert e["data_s"] > 0 and e["compute_s"] > 0 and e["sync_s"] > 0 and e["samples_per_s"] > 0
         # the split covers the training steps: data + compute + sync = the epoch's step time
         assert e["data_s"] + e["compute_s"] + e["sync_s"] == pytest.approx(n_train / e["samples_per_s"], rel=0.05)
-    live = json.loads((root / "live/metrics.json").read_text())
-    assert set(live["time"]) == {"data_s", "compute_s", "sync_s"} and live["perf"]["samples_per_s"] > 0
-    rows = (root / "live/plots/metrics/time/sync_s.tsv").read_text().splitlines()
-    assert len(rows) == 3  # header + one row per epoch, one run (rank 0 alone logs)
+    live = json.loads((root / "live/metrics.json").read_text())  # dvclive: what a person compares across runs
+    assert set(live) == {"train", "val", "lr", "perf", "step"} and live["perf"]["samples_per_s"] > 0
+    rows = (root / "live/plots/metrics/perf/samples_per_s.tsv").read_text().splitlines()
+    assert [r.split("\t")[0] for r in rows] == ["step", "1", "2"]  # one row per epoch, one run (rank 0 alone logs)

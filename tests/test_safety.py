@@ -25,12 +25,7 @@ from tasks.files import atomic_dir, sha256_file
 from tasks.modelpackage import MAX_MEMBERS, open_package
 from tasks.settings import dump_settings, load_settings, parse_settings
 from tests.conftest import ROOT, make_repo, parse, sh
-
-
-def snapshot(root: Path) -> dict:
-    """Every file under root with its sha256: what must not change (but .git, and DVC's lock files in .dvc/tmp)."""
-    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*"))
-            if p.is_file() and ".git" not in p.relative_to(root).parts and not p.relative_to(root).as_posix().startswith(".dvc/tmp/")}
+from tests.harness import snapshot
 
 
 @pytest.fixture(scope="module")
@@ -337,7 +332,7 @@ def test_local_dask_clusters_listen_on_loopback_only(processes):
 
 
 def test_local_ddp_ranks_listen_on_loopback_only(features, tmp_path):
-    from tasks.launch import on_local
+    from tasks.train import train
     from tests.conftest import variant
 
     s = variant(features, tmp_path, world_size=2, epochs=3)
@@ -351,7 +346,7 @@ def test_local_ddp_ranks_listen_on_loopback_only(features, tmp_path):
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        on_local(s)
+        train(s)  # the local launcher: 2 rank processes
     finally:
         done.set()
         watcher.join()

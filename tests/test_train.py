@@ -21,7 +21,7 @@ def test_two_rank_gloo_ddp_matches_one_process(features, tmp_path):
     # rank 0 alone wrote: one model, the last checkpoint kept, dvclive metrics for 2 epochs
     assert sorted(p.name for p in (tmp_path / "two/model/checkpoints").iterdir()) == ["step-00000022.pt", "step-00000022.sha256"]
     live = json.loads((tmp_path / "two/live/metrics.json").read_text())
-    assert live["step"] == 1 and live["val"]["rmse"] > 0
+    assert live["step"] == 2 and live["val"]["rmse"] > 0  # epoch 2 of 2
 
 
 def test_training_learns_and_stops_early(features, tmp_path):

@@ -19,7 +19,14 @@ def test_real_slice_passes(ws):
     report = json.loads(Path(ws.validate_.report).read_text())
     assert report["pass_rate"] == 1.0
     assert report["evaluated"] == 2 + 3 * 9  # table-level + (type, nulls, range) per column
-    assert Path(ws.validate_.report_md).read_text().startswith("# Validation PASSED: 29 of 29 expectations (100.0%)")
+    md = Path(ws.validate_.report_md).read_text()
+    assert md.startswith("# Validation PASSED: 29 of 29 expectations (100.0%)")
+    # plain text marks, and each expectation's bound and observed value
+    assert "| PASS | expect_column_values_to_be_between | Latitude | between 32.0 and 42.5 | 0 rows unexpected (0.00%) |" in md
+    assert "| PASS | expect_table_row_count_to_be_between | (table) | between 1000 and 100000000 | `2064` |" in md
+    assert "| PASS | expect_column_values_to_be_in_type_list | MedInc | type in ['float64', 'float32', 'Float64', 'Float32'] |" in md
+    assert md.isascii() or not any(ch in md for ch in "✅❌")
+    assert "Not checked: no reference yet (" in md and "the first accepted" in md  # why drift was not checked
 
 
 def test_bad_values_are_listed_with_column_count_and_rows(tmp_path):

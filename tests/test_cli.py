@@ -1,0 +1,118 @@
+"""The command line as a person uses it, through real subprocesses: `trainflow` and every `python -m` edge.
+`--help` prints help and touches nothing; a wrong option or command is a usage error (exit 2) that runs nothing."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import STAGES, make_repo, sh
+from tests.harness import snapshot
+
+TRAINFLOW = str(Path(sys.executable).with_name("trainflow"))
+EDGES = [[sys.executable, "-m", m] for m in ["flows.pipeline", "flows.serve", "flows.predict", "tasks.settings", "tasks.predict"]
+         + [f"tasks.{s}" for s in STAGES]]
+COMMANDS = [[TRAINFLOW]] + [[TRAINFLOW, c] for c in ("run", "serve", "stage", "predict", "use", "status", "ui")]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    return make_repo(tmp_path_factory.mktemp("cli"))
+
+
+def run(repo: Path, *cmd: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return sh(repo, *cmd, check=False, timeout=timeout)
+
+
+@pytest.mark.parametrize("cmd", EDGES + COMMANDS, ids=lambda c: " ".join(Path(c[0]).name if i == 0 else x for i, x in enumerate(c)))
+def test_help_prints_help_and_touches_nothing(repo, cmd):
+    before = snapshot(repo)
+    t0 = time.perf_counter()
+    proc = run(repo, *cmd, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.lower().startswith("usage:") and "--help" in proc.stdout
+    assert time.perf_counter() - t0 < 30  # it printed help; it did not run a stage
+    assert snapshot(repo) == before
+
+
+@pytest.mark.parametrize("cmd", [[sys.executable, "-m", "tasks.train", "--epochs", "3"], [sys.executable, "-m", "flows.pipeline", "now"],
+                                 [TRAINFLOW, "run", "--fast"], [TRAINFLOW, "frobnicate"], [TRAINFLOW, "stage", "trian"]],
+                         ids=lambda c: " ".join(c[1:]))
+def test_a_wrong_option_or_command_is_a_usage_error_and_runs_nothing(repo, cmd):
+    before = snapshot(repo)
+    proc = run(repo, *cmd)
+    assert proc.returncode == 2 and "usage:" in proc.stderr.lower(), proc.stderr
+    assert snapshot(repo) == before
+
+
+def test_stage_use_and_status(repo):
+    """`trainflow stage` runs one stage as `dvc repro` would; `use` switches the dataset; `status` says what
+    would rerun and why."""
+    out = run(repo, TRAINFLOW, "stage", "ingest")
+    assert out.returncode == 0 and (repo / "data/raw/data.parquet").exists()
+    status = run(repo, TRAINFLOW, "status")
+    assert status.returncode == 0
+    text = " ".join(status.stdout.split())
+    assert "ingest │ reruns: never run (dvc.lock has no record of it)" in text  # it ran outside DVC
+    assert "Champion:" in text and "none yet" in text and "no run yet" in text
+    sh(repo, "dvc", "repro")
+    text = " ".join(run(repo, TRAINFLOW, "status").stdout.split())
+    assert all(f"{s} │ up to date" in text for s in STAGES), text
+    assert "Champion:" in text and "version" in text and "Last run:" in text and "gate: promote" in text
+    params = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(params.replace("lr: 0.01", "lr: 0.02"))
+    try:
+        text = " ".join(run(repo, TRAINFLOW, "status").stdout.split())
+        assert "train │ reruns: params changed: train.lr" in text and "evaluate │ reruns after train" in text, text
+    finally:
+        (repo / "params.yaml").write_text(params)
+    switched = run(repo, TRAINFLOW, "use", "flights")
+    try:
+        assert switched.returncode == 0 and "params.yaml now trains on flights" in switched.stdout
+        assert "name: flights" in (repo / "params.yaml").read_text()
+        assert "# Trainflow's one config file" in (repo / "params.yaml").read_text()  # the rest of the file kept
+    finally:
+        (repo / "params.yaml").write_text(params)
+
+
+def test_predict_from_the_command_line(repo, packaged, tmp_path):
+    import pandas as pd
+
+    s = packaged[2]
+    pd.read_parquet(Path(s.preprocess.out_dir) / "test_raw").head(100).to_csv(tmp_path / "rows.csv", index=False)
+    proc = run(repo, TRAINFLOW, "predict", s.package.archive, str(tmp_path / "rows.csv"), str(tmp_path / "out.parquet"))
+    assert proc.returncode == 0, proc.stderr
+    assert "100 rows: 100 predicted" in proc.stdout and len(pd.read_parquet(tmp_path / "out.parquet")) == 100
+
+
+def test_ui_starts_a_prefect_server_on_loopback_and_says_where(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    proc = subprocess.Popen([TRAINFLOW, "ui", "--port", str(port)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == f"Prefect UI: http://127.0.0.1:{port}"
+        assert f"export PREFECT_API_URL=http://127.0.0.1:{port}/api" in proc.stdout.readline()
+        import urllib.request
+
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not answer in 90 s"
+                time.sleep(0.5)
+        tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+        listening = {c.laddr.ip for p in tree for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+        assert listening == {"127.0.0.1"}, listening
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=60)
