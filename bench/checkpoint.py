@@ -25,7 +25,7 @@ def write(work: str) -> dict:
     import torch
     from train import settings
 
-    from tasks.checkpoint import save
+    from tasks.training.checkpoint import save
     from tasks.train import train
 
     s = settings(work, epochs=1)

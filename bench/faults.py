@@ -4,7 +4,7 @@ final model against an uninterrupted run.
 Run: .venv/bin/python bench/faults.py   (about 5 minutes on 2 cores)
 
 2 gloo ranks (1 for the killed stage process), default model, 4 epochs of 52 steps, a checkpoint every 20
-steps. Faults (tasks.train.FAULT_ENV, real signals): rank 1 SIGKILLed at step 70; rank 0 hung at step 30
+steps. Faults (tests/faults/fault_hook.py, real signals): rank 1 SIGKILLed at step 70; rank 0 hung at step 30
 (train.step_timeout_s 5); rank 0 SIGKILLed at step 90 with no restarts allowed, the newest checkpoint then
 truncated and the run started again; the stage process SIGKILLed at step 110 and started again. Under
 torchrun, rank 1 SIGKILLed at step 70. Under the Dask launcher (a local `dask scheduler` and two
@@ -31,10 +31,12 @@ RUN = dict(world_size=2, epochs=4, checkpoint_every="20 steps", patience=100)
 def main() -> None:
     import yaml
 
-    from tasks.checkpoint import listed
-    from tasks.model import load_model
+    from tasks.training.checkpoint import listed
+    from tasks.training.model import load_model
     from tasks.settings import UserError, parse_settings
-    from tasks.train import FAULT_ENV, staging_dir, train
+    from tasks.train import train
+    from tasks.training.checkpoint import staging_dir
+    from tests.harness import FAULT_ENV, fault
     from tests.test_launchers import dask_gpu_cluster
     from train import prepare, settings
 
@@ -61,13 +63,13 @@ def main() -> None:
         for name, spec, extra in (("rank 1 SIGKILLed at step 70", "kill:1:70", {}),
                                   ("rank 0 hung at step 30 (timeout 5 s)", "hang:0:30", {"step_timeout_s": 5})):
             marker = Path(work) / f"fired-{spec.replace(':', '-')}"
-            os.environ[FAULT_ENV] = f"{spec}:{marker}"
+            os.environ.update(fault(f"{spec}:{marker}"))
             t0 = time.perf_counter()
             summary = train(settings(work, **RUN, **extra))
             report(name, marker, summary, int(spec.split(":")[2]), time.perf_counter() - t0)
 
         marker = Path(work) / "fired-torchrun"
-        os.environ[FAULT_ENV] = f"kill:1:70:{marker}"
+        os.environ.update(fault(f"kill:1:70:{marker}"))
         t0 = time.perf_counter()
         summary = train(settings(work, **RUN, launcher="torchrun"))
         report("torchrun: rank 1 SIGKILLed at step 70", marker, summary, 70, time.perf_counter() - t0)
@@ -77,7 +79,7 @@ def main() -> None:
         for name, nanny, extra in (("dask: rank 1's worker lost, replaced", True, {}),
                                    ("dask: rank 1's worker lost, elastic 2->1", False, {"elastic": True, "rejoin_timeout_s": 2})):
             marker = Path(work) / f"fired-dask-{nanny}"
-            with dask_gpu_cluster(Path(work), gpu=2, nanny=nanny, **{FAULT_ENV: f"kill:1:70:{marker}"}) as address:
+            with dask_gpu_cluster(Path(work), gpu=2, nanny=nanny, **fault(f"kill:1:70:{marker}")) as address:
                 raw = settings(work, **RUN, **extra).model_dump(by_alias=True)
                 raw["dask"]["address"], raw["train"]["launcher"] = address, "dask"
                 t0 = time.perf_counter()
@@ -85,7 +87,7 @@ def main() -> None:
                 report(name, marker, summary, 70, time.perf_counter() - t0)
 
         marker = Path(work) / "fired-corrupt"
-        os.environ[FAULT_ENV] = f"kill:0:90:{marker}"
+        os.environ.update(fault(f"kill:0:90:{marker}"))
         t0 = time.perf_counter()
         try:
             train(settings(work, **RUN, max_restarts=0))
@@ -103,7 +105,7 @@ def main() -> None:
         os.replace(one.train.out_dir, ref_dir)
         (Path(work) / "params.yaml").write_text(yaml.safe_dump(one.model_dump(by_alias=True), sort_keys=False))
         marker = Path(work) / "fired-stage"
-        env = {**os.environ, "PYTHONPATH": str(ROOT), FAULT_ENV: f"kill:0:110:{marker}"}
+        env = {**os.environ, **fault(f"kill:0:110:{marker}")}
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "tasks.train"], cwd=work, env=env, capture_output=True)
         subprocess.run([sys.executable, "-m", "tasks.train"], cwd=work, env=env, capture_output=True, check=True)

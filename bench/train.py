@@ -64,8 +64,8 @@ def bare(work: str, epochs: str) -> dict:
 
     import torch
 
-    from tasks.model import build_model
-    from tasks.train import load_split
+    from tasks.training.model import build_model
+    from tasks.training.data import load_split
 
     s = settings(work, epochs=int(epochs))
     cfg, feat = s.train, Path(s.preprocess.out_dir)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -67,11 +68,13 @@ def one_run(work: Path, rank: int = 0, world: int = 1, init: str = "", **train) 
     """The stage's loop for one configuration; its summary (last epoch's figures) and peak GPU memory."""
     import torch
 
-    from tasks.train import fresh_staging_dir, run_rank, staging_dir
+    from tasks.training.checkpoint import staging_dir
+    from tasks.training.loop import run_rank
 
     s = settings(work, **train)
-    if rank == 0:
-        fresh_staging_dir(s.train.out_dir)
+    if rank == 0:  # a fresh run directory
+        shutil.rmtree(staging_dir(s.train.out_dir), ignore_errors=True)
+        staging_dir(s.train.out_dir).mkdir(parents=True)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     run_rank(s, rank, world, int(os.environ.get("LOCAL_RANK", 0)), init, log=False)
@@ -89,8 +92,8 @@ def bare(work: Path, batch_size: int, epochs: int, precision: str, hidden: list[
 
     import torch
 
-    from tasks.model import build_model
-    from tasks.train import load_split
+    from tasks.training.model import build_model
+    from tasks.training.data import load_split
 
     feat = work / "features"
     schema = json.loads((feat / "schema.json").read_text())

@@ -15,17 +15,16 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import Callable
 
-from prefect import flow, get_run_logger, runtime, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger, runtime
 from prefect.states import Completed
 
 from flows import report
 from flows.params import forms, settings_for
 from flows.server import check_api, telemetry_off
+from flows.stages import Stages
 from flows.workspace import Workspace, changed_params, experiment_name
-from tasks.errors import UserError
+from tasks.errors import TrainflowError, UserError
 from tasks.evaluate import evaluate
 from tasks.ingest import ingest
 from tasks.package import package
@@ -35,50 +34,6 @@ from tasks.settings import PARAMS, Settings, load_settings
 from tasks.train import train
 from tasks.validate import validate
 
-ROOT = Path(__file__).resolve().parents[1]
-STAGE_RETRIES = 2
-
-
-def infrastructure_failure(_task, _task_run, state) -> bool:
-    """Prefect retries a stage only after an infrastructure failure (a lost Dask worker or connection, a
-    timeout, training ranks that kept dying after their own restarts); never after bad data or params
-    (UserError) or a bug in our code (any other traceback): those would fail the same way again."""
-    from distributed import KilledWorker
-
-    try:
-        error = state.result(raise_on_failure=False)
-    except Exception as e:  # noqa: BLE001 - the result of a crashed task is the error itself
-        error = e
-    if isinstance(error, UserError):
-        return str(error).startswith("train: gave up after")  # the training group's own restarts ran out
-    return isinstance(error, (KilledWorker, ConnectionError, TimeoutError))
-
-
-class Stages:
-    """Runs each stage as a Prefect task named after it: skipped when DVC finds it up to date, recorded in
-    dvc.lock and the DVC cache when it ran. A stage's error stops the run (later stages do not run)."""
-
-    def __init__(self, settings: Settings, ws: Workspace):
-        self.settings, self.ws, self.done = settings, ws, {}
-
-    def __call__(self, stage: Callable, then: Callable | None = None, **kwargs) -> None:
-        name = stage.__name__
-        state = task(self._run, name=name, cache_policy=NO_CACHE, retries=STAGE_RETRIES, retry_delay_seconds=5,
-                     retry_condition_fn=infrastructure_failure)(name, stage, kwargs, return_state=True)
-        if then is not None:
-            then()  # also when the stage failed (the validation report says why)
-        self.done[name] = state.result()
-
-    def _run(self, name: str, stage: Callable, kwargs: dict):
-        t0 = time.perf_counter()
-        changes = self.ws.changes(name)
-        if not changes:
-            return Completed(name="Cached", message="up to date in DVC",
-                             data={"status": "cached", "seconds": round(time.perf_counter() - t0, 3)})
-        get_run_logger().info("%s: %s", name, changes)
-        stage(self.settings, **kwargs)  # the cwd is the workspace root (or the experiment's worktree)
-        self.ws.commit(name)
-        return {"status": "ran", "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def run_stages(s: Settings, ws: Workspace) -> dict:
@@ -175,9 +130,9 @@ def main(argv: list[str] | None = None) -> None:
         load_settings()  # bad params stop here, before a Prefect server is started
         check_api()
         out = build(Path(PARAMS).resolve())(return_state=True).result()
-    except UserError as e:
+    except TrainflowError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.exit_code)
     m = out["metrics"]
     print("\nstages: " + ", ".join(f"{k} {v['status']} {v['seconds']:.1f}s" for k, v in out["stages"].items()))
     print(f"test metrics:  RMSE {m['rmse']:.4f}  MAE {m['mae']:.4f}  R² {m['r2']:.4f}  (n={m['n']:,})")

@@ -28,11 +28,11 @@ import torch
 
 from tasks.files import atomic_path, sha256_file, write_json
 from tasks.metrics import LOWER_IS_BETTER, NAMES, compared, improvement, regression_metrics
-from tasks.model import load_model
+from tasks.training.model import load_model
 from tasks.errors import UserError
 from tasks.paths import champion_path
 from tasks.settings import Settings, cli
-from tasks.train import EVAL_CHUNK, load_split
+from tasks.training.data import EVAL_CHUNK, load_split
 
 LOWER_IS_BETTER = {"rmse": True, "mae": True, "mape": True, "r2": False}
 MIN_SLICE_ROWS = 30  # smaller slices are reported but not gated: their metrics are mostly noise

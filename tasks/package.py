@@ -35,7 +35,7 @@ import torch
 
 from tasks.errors import UserError
 from tasks.files import atomic_dir, sha256_file, write_json
-from tasks.model import load_model
+from tasks.training.model import load_model
 from tasks.modelpackage import FORMAT_VERSION, SIGNING_ENV, ModelPackage, signature, verified
 from tasks.settings import Settings, cli, dump_settings
 

@@ -67,7 +67,8 @@ class Scored:
 def score(package, frame: pd.DataFrame, offset: int, suite: dict, key: list[str], source: str) -> Scored:
     """One partition: validate its rows, predict the good ones, set the others aside with reasons."""
     from tasks.features import apply_transform
-    from tasks.validate import describe_non_numbers, non_numbers, row_reasons, run_suite
+    from tasks.validation.report import describe_non_numbers, non_numbers, row_reasons
+    from tasks.validation.suite import run_suite
 
     rows = frame.reset_index(drop=True)
     checked = rows[list(suite["columns"])]
@@ -147,7 +148,7 @@ def predict_file(package_path: str | Path, input_path: str | Path, output: str |
 
 
 def _predict(package, input_path: Path, output: Path, rejects: str | Path | None, t0: float) -> dict:
-    from tasks.validate import load_suite
+    from tasks.validation.suite import load_suite
 
     rejects = Path(rejects) if rejects else output.with_name(f"{output.stem}.rejects{output.suffix}")
     if output.suffix not in (".parquet", ".csv"):

@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.errors import UserError
+from tasks.errors import TrainflowError, UserError
 
 PARAMS = "params.yaml"
 MAX_WIDTH = 65536  # of a hidden layer
@@ -308,9 +308,9 @@ def cli(stage, argv: list[str] | None = None) -> None:
                                    f"`trainflow stage {name.rsplit('.', 1)[-1]}`, or `dvc repro`.").parse_args(argv)
     try:
         stage(load_settings())
-    except UserError as e:
+    except TrainflowError as e:  # classified: one message (a bug keeps its traceback)
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.exit_code)
 
 
 def edit_params(text: str, changes: dict) -> str:

@@ -146,7 +146,7 @@ def same_parameters(a: Path, b: Path, atol: float) -> None:
     """The model files a/model.pt and b/model.pt hold the same parameters, to atol."""
     import torch
 
-    from tasks.model import load_model
+    from tasks.training.model import load_model
 
     m1, _ = load_model(Path(a) / "model.pt")
     m2, _ = load_model(Path(b) / "model.pt")

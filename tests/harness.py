@@ -13,6 +13,21 @@ import urllib.request
 from pathlib import Path
 
 DEPLOYMENT = "training-pipeline/training-pipeline"
+ROOT = Path(__file__).resolve().parents[1]
+FAULTS = Path(__file__).resolve().parent / "faults"
+FAULT_ENV = "TRAINFLOW_INJECT_FAULT"
+
+
+def fault(spec: str) -> dict:
+    """The environment that makes a rank fail on cue ("kill|hang:RANK:STEP:MARKER", tests/faults/fault_hook.py)
+    in every process started with it, and the hook installed in this one (a rank in the test's own process)."""
+    import sys
+
+    sys.path.insert(0, str(FAULTS))
+    import fault_hook
+
+    fault_hook.install()
+    return {FAULT_ENV: spec, "PYTHONPATH": os.pathsep.join([str(FAULTS), str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
 def snapshot(root: Path) -> dict:

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from distributed import Client
 
-from tasks.launch import free_port  # noqa: F401 - the other cluster tests take it from here
+from tasks.training.launch_dask import free_port  # noqa: F401 - the other cluster tests take it from here
 from tasks.preprocess import preprocess
 from tests.conftest import parse
 from tests.conftest import ROOT

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.drift import psi
+from tasks.validation.drift import psi
 from tasks.ingest import ingest
 from tasks.settings import UserError
 from tests.conftest import parse

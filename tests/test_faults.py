@@ -17,14 +17,22 @@ import torch
 import yaml
 from distributed import Client
 
-from tasks.checkpoint import listed
+from tasks.training.checkpoint import listed
 from tasks.cluster import cluster_workers
-from tasks.settings import UserError
-from tasks.train import FAULT_ENV, staging_dir, train
+from tasks.errors import InfrastructureError, RestartsExhausted, UserError
+from tasks.train import train
+from tasks.training.checkpoint import staging_dir
+from tests.harness import FAULT_ENV, fault
 from tests.conftest import ROOT, cli_root, same_parameters, variant
 from tests.test_launchers import dask_gpu_cluster, on_cluster
 
 RUN = dict(world_size=2, epochs=2, checkpoint_every="5 steps", keep_checkpoints=3)  # 11 steps an epoch
+
+
+def inject(monkeypatch, spec: str) -> None:
+    """A rank of this test's training fails on cue (tests/faults/fault_hook.py), in this process or its children."""
+    for key, value in fault(spec).items():
+        monkeypatch.setenv(key, value)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +44,7 @@ def uninterrupted(features, tmp_path_factory):
 def test_a_sigkilled_rank_restarts_the_group_from_its_checkpoint_to_the_same_parameters(features, uninterrupted, tmp_path,
                                                                                         monkeypatch):
     ref, ref_summary = uninterrupted
-    monkeypatch.setenv(FAULT_ENV, f"kill:1:18:{tmp_path / 'fired'}")  # rank 1, mid-epoch 2 (steps 12-22)
+    inject(monkeypatch, f"kill:1:18:{tmp_path / 'fired'}")  # rank 1, mid-epoch 2 (steps 12-22)
     t0 = time.perf_counter()
     summary = train(variant(features, tmp_path, **RUN))
     assert (tmp_path / "fired").exists()
@@ -51,7 +59,7 @@ def test_a_sigkilled_rank_restarts_the_group_from_its_checkpoint_to_the_same_par
 def test_a_hung_rank_is_detected_its_stacks_logged_and_the_group_restarted(features, uninterrupted, tmp_path, monkeypatch,
                                                                            capfd):
     ref, _ = uninterrupted
-    monkeypatch.setenv(FAULT_ENV, f"hang:0:7:{tmp_path / 'fired'}")
+    inject(monkeypatch, f"hang:0:7:{tmp_path / 'fired'}")
     summary = train(variant(features, tmp_path, step_timeout_s=3, **RUN))
     assert [r["kind"] for r in summary["restarts"]] == ["infrastructure"]
     # rank 0 hangs before its step; rank 1 waits for it in the gradient all-reduce: either one's watchdog fires first
@@ -67,9 +75,9 @@ def test_a_hung_rank_is_detected_its_stacks_logged_and_the_group_restarted(featu
 
 def test_corrupt_latest_checkpoints_fall_back_to_the_newest_valid_one(features, uninterrupted, tmp_path, monkeypatch, capfd):
     ref, _ = uninterrupted
-    monkeypatch.setenv(FAULT_ENV, f"kill:0:18:{tmp_path / 'fired'}")
+    inject(monkeypatch, f"kill:0:18:{tmp_path / 'fired'}")
     s = variant(features, tmp_path, max_restarts=0, **RUN)
-    with pytest.raises(UserError, match=r"train: gave up after 0 restart\(s\) \(train.max_restarts\): #1 infrastructure: rank 0 "
+    with pytest.raises(RestartsExhausted, match=r"train: gave up after 0 restart\(s\) \(train.max_restarts\): #1 infrastructure: rank 0 "
                                         r"killed by SIGKILL .* The checkpoints are kept in .*checkpoints"):
         train(s)
     ckpts = listed(staging_dir(s.train.out_dir) / "checkpoints")
@@ -102,7 +110,7 @@ def test_a_killed_stage_process_resumes_from_its_checkpoint(features, tmp_path):
     reference = train(variant(features, ref, **one))
     s = variant(features, tmp_path / "run", **one)
     cwd = cli_root(s)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), FAULT_ENV: f"kill:0:14:{tmp_path / 'fired'}"}
+    env = {**os.environ, **fault(f"kill:0:14:{tmp_path / 'fired'}")}
     killed = subprocess.run([sys.executable, "-m", "tasks.train"], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL and not (tmp_path / "run/model/model.pt").exists()
     again = subprocess.run([sys.executable, "-m", "tasks.train"], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
@@ -141,13 +149,15 @@ def test_prefect_retries_a_stage_only_after_an_infrastructure_failure():
     from distributed import KilledWorker
     from prefect.states import Failed
 
-    from flows.pipeline import infrastructure_failure
+    from flows.stages import infrastructure_failure
 
     def retried(error):
         return infrastructure_failure(None, None, Failed(data=error))
 
     assert retried(KilledWorker("task", "worker", 3)) and retried(ConnectionResetError()) and retried(TimeoutError())
-    assert retried(UserError("train: gave up after 3 restart(s) (train.max_restarts): #1 infrastructure: rank 1 killed"))
+    assert retried(InfrastructureError("Dask worker tcp://10.0.0.7:40000 running rank 1 was lost"))
+    # training relaunched its ranks itself, up to train.max_restarts: Prefect does not multiply those attempts
+    assert not retried(RestartsExhausted("train: gave up after 3 restart(s) (train.max_restarts): #1 infrastructure: rank 1 killed"))
     assert not retried(UserError("validate: data/raw/data.parquet failed 2 of 29 expectations"))  # bad data
     assert not retried(ZeroDivisionError("division by zero"))  # a bug: the same again
 
@@ -160,7 +170,7 @@ def test_a_lost_dask_worker_is_replaced_and_its_group_resumes_to_the_same_parame
     """The worker process running rank 1 SIGKILLs itself mid-epoch; its nanny starts a replacement, and the group is
     relaunched on it from the last checkpoint."""
     ref, ref_summary = uninterrupted
-    with dask_gpu_cluster(tmp_path, gpu=2, **{FAULT_ENV: f"kill:1:18:{tmp_path / 'fired'}"}) as address:
+    with dask_gpu_cluster(tmp_path, gpu=2, **fault(f"kill:1:18:{tmp_path / 'fired'}")) as address:
         with Client(address, timeout=10) as c:
             before = set(cluster_workers(c))
         summary = train(on_dask(features, tmp_path, address, rejoin_timeout_s=60))
@@ -178,7 +188,7 @@ def test_a_hung_rank_on_a_dask_worker_ends_its_worker_leaves_its_stacks_and_the_
     """The hang watchdog of a rank on a Dask worker ends the worker process (a thread cannot be stopped); its
     nanny restarts it, the launcher names the hang and where the stacks are, and the group resumes."""
     ref, _ = uninterrupted
-    with dask_gpu_cluster(tmp_path, gpu=2, **{FAULT_ENV: f"hang:0:7:{tmp_path / 'fired'}"}) as address:
+    with dask_gpu_cluster(tmp_path, gpu=2, **fault(f"hang:0:7:{tmp_path / 'fired'}")) as address:
         summary = train(on_dask(features, tmp_path, address, step_timeout_s=3))
     (failure,) = summary["restarts"]
     # rank 0 hangs before its step, rank 1 waits for it in the all-reduce: either watchdog may end its worker first
@@ -193,9 +203,9 @@ def test_without_a_replacement_the_group_goes_on_with_fewer_workers_only_when_el
     """Workers without a nanny: the one running rank 1 dies for good. Not elastic, the relaunch finds 1 of 2 GPU
     workers and the run stops with its failures, checkpoints kept; elastic, it resumes on the one left."""
     ref, ref_summary = uninterrupted
-    with dask_gpu_cluster(tmp_path, gpu=2, nanny=False, **{FAULT_ENV: f"kill:1:18:{tmp_path / 'fired'}"}) as address:
+    with dask_gpu_cluster(tmp_path, gpu=2, nanny=False, **fault(f"kill:1:18:{tmp_path / 'fired'}")) as address:
         s = on_dask(features, tmp_path, address, rejoin_timeout_s=1, max_restarts=1)
-        with pytest.raises(UserError, match=r"train: gave up after 1 restart\(s\) \(train.max_restarts\): #1 infrastructure: "
+        with pytest.raises(RestartsExhausted, match=r"train: gave up after 1 restart\(s\) \(train.max_restarts\): #1 infrastructure: "
                                             r"Dask worker \S+ running rank 1 was lost .*; #2 infrastructure: 1 of the 2 GPU "
                                             r"workers after waiting train.rejoin_timeout_s=1 s for replacements; train.elastic: "
                                             r"true would go on with fewer\. The checkpoints are kept"):
@@ -212,7 +222,7 @@ def test_without_a_replacement_the_group_goes_on_with_fewer_workers_only_when_el
 def test_under_torchrun_a_sigkilled_rank_restarts_the_group_to_the_same_parameters(features, uninterrupted, tmp_path,
                                                                                    monkeypatch):
     ref, ref_summary = uninterrupted
-    monkeypatch.setenv(FAULT_ENV, f"kill:1:18:{tmp_path / 'fired'}")
+    inject(monkeypatch, f"kill:1:18:{tmp_path / 'fired'}")
     summary = train(variant(features, tmp_path, launcher="torchrun", **RUN))
     assert (tmp_path / "fired").exists()
     assert [(r["kind"], r["cause"]) for r in summary["restarts"]] == [("infrastructure", "torchrun rank 1 killed by SIGKILL (out of memory?)")]
@@ -221,7 +231,7 @@ def test_under_torchrun_a_sigkilled_rank_restarts_the_group_to_the_same_paramete
 
 
 def test_resuming_cuts_the_dvclive_log_back_to_the_checkpoint_and_drops_what_a_kill_left_half_written(tmp_path):
-    from tasks.train import trim_live
+    from tasks.training.live import trim_live
 
     metrics = tmp_path / "plots/metrics"
     (metrics / "train").mkdir(parents=True)

@@ -271,12 +271,12 @@ def test_a_flow_killed_during_training_resumes_from_its_checkpoint(tmp_path):
     import signal
     import subprocess
 
-    from tasks.train import FAULT_ENV, train
+    from tasks.train import train
+    from tests.harness import fault
     from tests.conftest import parse, same_parameters
 
     repo = make_repo(tmp_path / "repo", epochs=3, checkpoint_every="4 steps")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           FAULT_ENV: f"kill:0:25:{tmp_path / 'fired'}"}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **fault(f"kill:0:25:{tmp_path / 'fired'}")}
     with open(tmp_path / "killed.log", "w") as log:  # a file, not a pipe: the dead flow's server child keeps its pipes
         flow = subprocess.Popen([sys.executable, "-m", "flows.pipeline"], cwd=repo, env=env, stdout=log, stderr=log,
                                 start_new_session=True)

@@ -14,8 +14,8 @@ import torch
 from distributed import Client
 
 from tasks.cluster import cluster_workers
-from tasks.launch import gpu_workers
-from tasks.model import load_model
+from tasks.training.launch_dask import gpu_workers
+from tasks.training.model import load_model
 from tasks.settings import UserError
 from tests.conftest import parse
 from tasks.train import train

@@ -368,7 +368,7 @@ def test_the_temporary_prefect_server_listens_on_loopback_only():
 # smaller -----------------------------------------------------------------------------------------------
 
 def test_a_model_too_large_for_the_machine_is_refused_before_training(features):
-    from tasks.train import check_inputs
+    from tasks.training.data import check_inputs
     from tests.conftest import variant
 
     s = variant(features, Path(tempfile.mkdtemp(dir=Path(features.ingest.out).parents[2])), hidden=[65536, 65536, 65536])
@@ -382,7 +382,7 @@ def test_a_model_too_large_for_the_machine_is_refused_before_training(features):
 
 
 def test_a_suite_with_a_python_tag_is_refused_not_run(tmp_path):
-    from tasks.validate import load_suite
+    from tasks.validation.suite import load_suite
 
     suite = tmp_path / "suite.yaml"
     suite.write_text("columns: !!python/object/apply:os.system ['echo pwned > %s']\n" % (tmp_path / "pwned"))

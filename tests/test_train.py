@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from tasks.settings import UserError
-from tasks.train import rank_slice, train
+from tasks.train import train
+from tasks.training.data import rank_slice
 from tests.conftest import same_parameters, variant
 
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from distributed import LocalCluster
 
-from tasks.drift import column_stats
+from tasks.validation.drift import column_stats
 from tasks.ingest import ingest
 from tasks.settings import UserError
 from tasks.validate import validate

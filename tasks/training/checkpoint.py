@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
+from tasks.errors import UserError
 from tasks.files import atomic_path, sha256_file
-from tasks.settings import UserError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,13 @@ def fingerprint(train: dict, features: dict) -> str:
         "out_dir", "log_dir", "keep_checkpoints", "checkpoint_every", "max_restarts", "step_timeout_s", "launcher",
         "elastic", "rejoin_timeout_s")}
     return hashlib.sha256(json.dumps({"train": keep, "features": features}, sort_keys=True).encode()).hexdigest()
+
+
+def staging_dir(out_dir: str) -> Path:
+    """Where a training run works (checkpoints, progress, logs) until its model replaces train.out_dir; it outlives
+    a killed run, which therefore resumes."""
+    out = Path(out_dir)
+    return out.with_name(f".{out.name}.partial")
 
 
 def path_for(directory: Path, steps: int) -> Path:

@@ -22,9 +22,10 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
-from tasks.drift import column_drift, column_stat
 from tasks.tables import Piece, as_validated, pieces, read_column, read_piece
-from tasks.validate import SAMPLES, _json_value, non_numbers, quarantine_frame, run_suite
+from tasks.validation.drift import column_drift, column_stat
+from tasks.validation.report import non_numbers, quarantine_frame
+from tasks.validation.suite import SAMPLES, json_value, run_suite
 
 UNIQUE = "expect_column_values_to_be_unique"
 
@@ -44,7 +45,7 @@ def unique_rows(col: pd.Series, duplicates: list) -> dict:
     bad = col[present & col.isin(duplicates)]
     return {"unexpected_count": len(bad), "_rows": [int(i) for i in bad.index], "_n": len(col),
             "_missing": int((~present).sum()), "sample_rows": [int(i) for i in bad.index[:SAMPLES]],
-            "sample_values": [_json_value(v) for v in bad.head(SAMPLES)]}
+            "sample_values": [json_value(v) for v in bad.head(SAMPLES)]}
 
 
 def merge(parts: list[dict], offsets: list[int], total_rows: int) -> list[dict]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tasks.settings import UserError
+from tasks.errors import UserError
 
 
 def embedding_dim(cardinality: int) -> int:
@@ -79,6 +79,12 @@ class ResMLP(nn.Module):
 
 
 MODELS = {"mlp": MLP, "resmlp": ResMLP}
+
+
+def architecture(cfg, schema: dict) -> dict:
+    """What the model file records of the model: enough to build it again (train settings + feature metadata)."""
+    return {"model": cfg.model, "n_features": len(schema["features"]), "hidden": list(cfg.hidden), "dropout": cfg.dropout,
+            "categorical": schema.get("categorical", [])}
 
 
 def build_model(arch: dict) -> nn.Module:

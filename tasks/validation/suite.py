@@ -1,0 +1,150 @@
+"""The expectation suite: a small reviewed YAML file (data/suites/*.yaml) built into a Great Expectations suite,
+run on a pandas frame, one plain dict per expectation."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from tasks.errors import UserError
+
+DTYPES = {
+    "float": ["float64", "float32", "Float64", "Float32"],
+    "int": ["int64", "int32", "Int64", "Int32"],
+    "str": ["object", "str", "string", "StringDtype", "str_"],
+}
+SAMPLES = 5
+
+
+def load_suite(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        suite = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"dataset.suite: {path} does not exist; point dataset.suite at an expectation suite YAML") from None
+    except yaml.YAMLError as e:  # a syntax error, or a tag such as !!python/object that safe_load refuses
+        raise UserError(f"dataset.suite: {path} is not a plain YAML suite ({str(e).splitlines()[0]}); write it with plain "
+                        "mappings, lists and values only") from None
+    if not isinstance(suite, dict) or not isinstance(suite.get("columns"), dict) or not suite["columns"]:
+        raise UserError(f"dataset.suite: {path} must map 'columns' to {{name: {{type: ..., min: ..., max: ...}}}}")
+    for name, spec in suite["columns"].items():
+        spec = spec or {}
+        unknown = set(spec) - {"type", "min", "max", "nulls", "values", "unique"}
+        if unknown or spec.get("type") not in DTYPES:
+            raise UserError(
+                f"dataset.suite: {path}: column {name}: type must be one of {sorted(DTYPES)} "
+                f"and keys among type, min, max, nulls, values, unique (got {spec})"
+            )
+    return suite
+
+
+def build_expectations(suite: dict) -> list:
+    import great_expectations.expectations as gxe
+
+    cols = suite["columns"]
+    exps = [gxe.ExpectTableColumnsToMatchOrderedList(column_list=list(cols))]
+    if "row_count" in suite:
+        rc = suite["row_count"]
+        exps.append(gxe.ExpectTableRowCountToBeBetween(min_value=rc.get("min"), max_value=rc.get("max")))
+    for name, spec in cols.items():
+        exps.append(gxe.ExpectColumnValuesToBeInTypeList(column=name, type_list=DTYPES[spec["type"]]))
+        exps.append(gxe.ExpectColumnValuesToNotBeNull(column=name, mostly=1 - spec.get("nulls", 0)))
+        if "min" in spec or "max" in spec:
+            exps.append(gxe.ExpectColumnValuesToBeBetween(column=name, min_value=spec.get("min"), max_value=spec.get("max")))
+        if "values" in spec:
+            exps.append(gxe.ExpectColumnValuesToBeInSet(column=name, value_set=list(spec["values"])))
+        if spec.get("unique"):
+            exps.append(gxe.ExpectColumnValuesToBeUnique(column=name))
+    return exps
+
+
+def import_gx() -> None:
+    """GX takes seconds to import: started early, beside reading the data, it is ready when needed."""
+    import great_expectations  # noqa: F401
+    import great_expectations.expectations  # noqa: F401
+
+
+_gx = threading.local()  # per thread: a GX context and the built suite, reused by every partition it checks
+
+
+def _gx_validator(suite: dict):
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    key = json.dumps(suite, sort_keys=True, default=str)
+    if getattr(_gx, "key", None) != key:
+        ctx = gx.get_context(mode="ephemeral")
+        ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+        batch_def = ctx.data_sources.add_pandas("raw").add_dataframe_asset("raw").add_batch_definition_whole_dataframe("all")
+        _gx.key, _gx.batch_def = key, batch_def
+        _gx.suite = gx.ExpectationSuite(name="trainflow", expectations=build_expectations(suite))
+    return _gx.batch_def, _gx.suite
+
+
+def run_suite(frame: pd.DataFrame, suite: dict) -> list[dict]:
+    """Run the suite on a frame with GX; one plain dict per expectation."""
+    batch_def, gx_suite = _gx_validator(suite)
+    batch = batch_def.get_batch(batch_parameters={"dataframe": frame})
+    result = batch.validate(gx_suite, result_format={"result_format": "COMPLETE", "partial_unexpected_count": SAMPLES})
+    return [_summarize(r) for r in result.results]
+
+
+def _exception_messages(info) -> list[str]:
+    if isinstance(info, dict):
+        if info.get("raised_exception"):
+            return [str(info.get("exception_message"))]
+        return [m for v in info.values() for m in _exception_messages(v)]
+    return []
+
+
+def json_value(v):
+    v = v.item() if hasattr(v, "item") else v  # numpy scalars
+    return str(v) if isinstance(v, float) and not math.isfinite(v) else v  # nan, inf are not JSON
+
+
+def bound(kind: str, kwargs: dict) -> str:
+    """What an expectation requires, in words, for the report."""
+    if "min_value" in kwargs or "max_value" in kwargs:
+        lo, hi = kwargs.get("min_value"), kwargs.get("max_value")
+        return f"between {lo} and {hi}" if lo is not None and hi is not None else f"≥ {lo}" if lo is not None else f"≤ {hi}"
+    if "value_set" in kwargs:
+        values = list(kwargs["value_set"])
+        return f"one of {values[:8]}" + (f" (+{len(values) - 8} more)" if len(values) > 8 else "")
+    if "type_list" in kwargs:
+        return f"type in {kwargs['type_list']}"
+    if "column_list" in kwargs:
+        return f"the suite's {len(kwargs['column_list'])} columns, in order"
+    if kind == "expect_column_values_to_not_be_null":
+        mostly = kwargs.get("mostly")
+        return "no nulls" if mostly in (None, 1, 1.0) else f"at most {1 - mostly:.1%} nulls"
+    if kind == "expect_column_values_to_be_unique":
+        return "unique"
+    return ""
+
+
+def _summarize(r) -> dict:
+    cfg, res = r.expectation_config, r.result or {}
+    out = {"expectation": cfg.type, "column": cfg.kwargs.get("column"), "success": bool(r.success),
+           "bound": bound(cfg.type, cfg.kwargs)}
+    if "unexpected_count" in res:
+        out["unexpected_count"] = int(res["unexpected_count"])
+        out["unexpected_percent"] = round(float(res.get("unexpected_percent") or 0.0), 4)
+        out["sample_values"] = [json_value(v) for v in res.get("partial_unexpected_list", [])[:SAMPLES]]
+        out["sample_rows"] = [int(i) for i in res.get("partial_unexpected_index_list", [])[:SAMPLES]]
+        # not reported ("_"): the failing rows (for quarantine) and the counts that partitions add up
+        out["_rows"] = [int(i) for i in res.get("unexpected_index_list") or []]
+        out["_n"], out["_missing"] = int(res.get("element_count") or 0), int(res.get("missing_count") or 0)
+        out["_mostly"] = cfg.kwargs.get("mostly")
+    if cfg.type == "expect_table_row_count_to_be_between":
+        out["_bounds"] = [cfg.kwargs.get("min_value"), cfg.kwargs.get("max_value")]
+    if "observed_value" in res:
+        out["observed"] = res["observed_value"]
+    errors = _exception_messages(r.exception_info)
+    if errors:
+        out["error"] = errors[0]
+    return out
