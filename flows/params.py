@@ -17,13 +17,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, get_args
 
-import annotated_types as at
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from pydantic.fields import FieldInfo
 
 from tasks.settings import (
     PARAMS, DaskSettings, DatasetSettings, DvcSettings, EvaluateSettings, PreprocessSettings, Settings, TrainSettings,
-    ValidateSettings, dump_settings, load_settings, parse_settings,
+    ValidateSettings, bounds, dump_settings, load_settings, parse_settings,
 )
 
 SECTIONS = {"dataset": DatasetSettings, "train": TrainSettings, "evaluate": EvaluateSettings,
@@ -44,25 +43,8 @@ ADVANCED = {
     "dask": ["address", "processes"],
     "dvc": ["push"],
 }
-BOUNDS = {at.Gt: ("> {}", "gt"), at.Ge: ("≥ {}", "ge"), at.Lt: ("< {}", "lt"), at.Le: ("≤ {}", "le"),
-          at.MinLen: ("at least {} item(s)", "min_length"), at.MaxLen: ("at most {} item(s)", "max_length")}
-
-
 class Form(BaseModel):
     model_config = ConfigDict(extra="forbid", field_title_generator=lambda name, _: name)
-
-
-def _bound(m) -> str | None:
-    template, attr = BOUNDS.get(type(m), (None, None))
-    return template.format(getattr(m, attr)) if template else None
-
-
-def _bounds(info: FieldInfo) -> str:
-    """The field's bounds in words (the form does not show JSON Schema's minimum/maximum)."""
-    words = [w for w in map(_bound, info.metadata) if w]
-    items = [m for a in get_args(info.annotation) for meta in getattr(a, "__metadata__", ()) for m in getattr(meta, "metadata", [meta])]
-    words += [f"each {w}" for w in map(_bound, items) if w]
-    return f" Allowed: {', '.join(words)}." if words else ""
 
 
 def _optional(annotation) -> Any:
@@ -74,7 +56,8 @@ def _optional(annotation) -> Any:
 def form_field(info: FieldInfo, default: Any) -> tuple[Any, FieldInfo]:
     """The form's version of a settings field: params.yaml's value as default, bounds in words. `str | None`
     becomes str with "" for None (the UI renders a null branch as 'Property is type None')."""
-    description = (info.description or "") + _bounds(info)
+    allowed = bounds(info)
+    description = (info.description or "") + (f" Allowed: {allowed}." if allowed else "")
     if _optional(info.annotation) is str:
         pattern = next((m.pattern for m in info.metadata if getattr(m, "pattern", None)), None)
         return str, Field(default="" if default is None else default, description=description + " Empty: none.",

@@ -65,6 +65,22 @@ def export_onnx(model: torch.nn.Module, meta: dict, path: Path) -> None:
             input_names=["features"], output_names=["prediction"],
             dynamic_shapes=({0: torch.export.Dim("batch")},),
         )
+    reproducible(path)
+
+
+def reproducible(path: Path) -> None:
+    """Drop the exporter's per-node debug metadata (Python stack traces with this machine's absolute paths): the
+    same model then exports to the same bytes anywhere, and a package reveals nothing of where it was built."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            del node.metadata_props[:]
+            graphs += [a.g for a in node.attribute if a.HasField("g")] + [g for a in node.attribute for g in a.graphs]
+    onnx.save(model, str(path))
 
 
 def write_archive(directory: Path, archive: Path) -> None:

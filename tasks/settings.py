@@ -313,6 +313,66 @@ def cli(stage, argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
 
 
+def bounds(info) -> str:
+    """A field's bounds in words ("> 0, ≤ 10"; items of a list: "each ≥ 1"), for the docs and the UI form."""
+    import annotated_types as at
+    from typing import get_args
+
+    words = {at.Gt: "> {}", at.Ge: "≥ {}", at.Lt: "< {}", at.Le: "≤ {}", at.MinLen: "at least {} item(s)",
+             at.MaxLen: "at most {} item(s)"}
+    values = {at.Gt: "gt", at.Ge: "ge", at.Lt: "lt", at.Le: "le", at.MinLen: "min_length", at.MaxLen: "max_length"}
+
+    def word(m) -> str | None:
+        return words[type(m)].format(getattr(m, values[type(m)])) if type(m) in words else None
+
+    out = [w for w in map(word, info.metadata) if w]
+    items = [m for a in get_args(info.annotation) for meta in getattr(a, "__metadata__", ()) for m in getattr(meta, "metadata", [meta])]
+    return ", ".join(out + [f"each {w}" for w in map(word, items) if w])
+
+
+def _kind(annotation) -> str:
+    """A field's type in words: the values of a Literal, list/dict shapes, `or null`."""
+    from typing import Literal, get_args, get_origin
+
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return " \\| ".join(f"`{a}`" for a in args)
+    if type(None) in args:
+        return " or ".join(_kind(a) for a in args if a is not type(None)) + " or `null`"
+    if origin is list:
+        return f"list of {_kind(args[0])}"
+    if origin is dict:
+        return f"mapping of {_kind(args[0])} to {_kind(args[1])}"
+    if hasattr(annotation, "__metadata__"):
+        return _kind(args[0])
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def reference(params: str | Path = PARAMS) -> str:
+    """docs/settings.md, generated from the settings' own descriptions and bounds and params.yaml's values
+    (`python -m tasks.settings reference > docs/settings.md`; a test fails when the file is stale)."""
+    values = dump_settings(load_settings(params))
+    lines = ["# Settings reference", "", "Every key of `params.yaml`, generated from `tasks/settings.py` (`python -m tasks.settings "
+             "reference > docs/settings.md`). An unknown key or a value out of bounds stops every entry point with a message "
+             "naming the key. Change values in params.yaml, with `dvc exp run -S section.key=value`, or in the Prefect UI's "
+             "Custom run form (docs/running.md).", ""]
+    for name, field in Settings.model_fields.items():
+        section, key = field.annotation, field.alias or name
+        lines += [f"## `{key}`", "", " ".join((section.__doc__ or "").strip().split("\n\n")[0].split()), "",
+                  "| key | type | allowed | shipped value | meaning |", "|---|---|---|---|---|"]
+        for sub, info in section.model_fields.items():
+            if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+                for inner, i2 in info.annotation.model_fields.items():
+                    lines.append(f"| `{key}.{sub}.{inner}` | {_kind(i2.annotation)} | {bounds(i2)} | "
+                                 f"`{values[key][sub][inner]}` | {i2.description} |")
+                continue
+            value = values[key][sub]
+            shown = "(one per column)" if isinstance(value, dict) else f"`{value if value is not None else 'null'}`"
+            lines.append(f"| `{key}.{sub}` | {_kind(info.annotation)} | {bounds(info)} | {shown} | {info.description} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def edit_params(text: str, changes: dict) -> str:
     """params.yaml's text with the values of dotted keys changed, and nothing else: comments, order, quoting,
     flow-style lists and the other values stay as the user wrote them (a round trip with ruamel.yaml, the YAML
@@ -372,11 +432,16 @@ def main(argv: list[str] | None = None) -> None:
     """python -m tasks.settings use DATASET (the same as `trainflow use DATASET`)."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m tasks.settings", description="Switch params.yaml to another dataset.")
+    ap = argparse.ArgumentParser(prog="python -m tasks.settings", description="Switch params.yaml to another dataset, or print "
+                                 "the settings reference.")
     sub = ap.add_subparsers(dest="command", required=True)
     use = sub.add_parser("use", help="make a shipped dataset (data/datasets/NAME.yaml) or a dataset file the one params.yaml trains on")
     use.add_argument("dataset", help="a name in data/datasets/ (california_housing, flights, ...) or a dataset YAML file")
+    sub.add_parser("reference", help="print the settings reference (docs/settings.md) generated from the settings' descriptions")
     a = ap.parse_args(argv)
+    if a.command == "reference":
+        print(reference(), end="")
+        return
     try:
         d = use_dataset(a.dataset)
     except UserError as e:

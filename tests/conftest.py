@@ -126,7 +126,7 @@ def run_until_preprocess(s: Settings) -> dict:
     return preprocess(s)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def features(tmp_path_factory) -> Settings:
     """The real slice through ingest, validate and preprocess: the input of the train tests."""
     s = workspace(tmp_path_factory.mktemp("features"))
@@ -181,3 +181,18 @@ def make_repo(repo: Path, **train) -> Path:
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
     return repo
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory) -> Path:
+    """make_repo run once through `dvc repro` (every output there, the first model promoted): copy it with
+    `copy_repo` rather than reproducing it again."""
+    repo = make_repo(tmp_path_factory.mktemp("reproduced"))
+    sh(repo, "dvc", "repro")
+    return repo
+
+
+def copy_repo(template: Path, dest: Path) -> Path:
+    """A copy of a git + DVC workspace: history, DVC cache, outputs and the champion's links, as they are."""
+    shutil.copytree(template, dest, symlinks=True)
+    return dest

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import STAGES, make_repo, sh
+from tests.conftest import STAGES, copy_repo, make_repo, sh
 from tests.harness import snapshot
 
 TRAINFLOW = str(Path(sys.executable).with_name("trainflow"))
@@ -50,7 +50,8 @@ def test_a_wrong_option_or_command_is_a_usage_error_and_runs_nothing(repo, cmd):
     assert snapshot(repo) == before
 
 
-def test_stage_use_and_status(repo):
+@pytest.mark.slow
+def test_stage_use_and_status(repo, reproduced, tmp_path):
     """`trainflow stage` runs one stage as `dvc repro` would; `use` switches the dataset; `status` says what
     would rerun and why."""
     out = run(repo, TRAINFLOW, "stage", "ingest")
@@ -60,7 +61,7 @@ def test_stage_use_and_status(repo):
     text = " ".join(status.stdout.split())
     assert "ingest │ reruns: never run (dvc.lock has no record of it)" in text  # it ran outside DVC
     assert "Champion:" in text and "none yet" in text and "no run yet" in text
-    sh(repo, "dvc", "repro")
+    repo = copy_repo(reproduced, tmp_path / "repo")  # after `dvc repro`
     text = " ".join(run(repo, TRAINFLOW, "status").stdout.split())
     assert all(f"{s} │ up to date" in text for s in STAGES), text
     assert "Champion:" in text and "version" in text and "Last run:" in text and "gate: promote" in text
@@ -90,6 +91,7 @@ def test_predict_from_the_command_line(repo, packaged, tmp_path):
     assert "100 rows: 100 predicted" in proc.stdout and len(pd.read_parquet(tmp_path / "out.parquet")) == 100
 
 
+@pytest.mark.slow
 def test_ui_starts_a_prefect_server_on_loopback_and_says_where(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

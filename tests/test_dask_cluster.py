@@ -19,6 +19,8 @@ from tests.conftest import parse
 from tests.conftest import ROOT
 from tests.test_flights import flights_workspace, run
 
+pytestmark = pytest.mark.slow  # real clusters, servers, flows or several ranks: `make test-fast` skips them
+
 DASK = str(Path(sys.executable).parent / "dask")
 
 

@@ -10,6 +10,8 @@ from tests.conftest import STAGES, make_repo, sh
 
 
 
+pytestmark = pytest.mark.slow  # real clusters, servers, flows or several ranks: `make test-fast` skips them
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     return make_repo(tmp_path_factory.mktemp("repo"))

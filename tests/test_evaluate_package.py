@@ -9,7 +9,7 @@ from tasks.evaluate import evaluate
 from tests.conftest import load_package
 from tasks.settings import UserError
 from tests.conftest import parse
-from tests.conftest import workspace
+from tests.conftest import ROOT, workspace
 
 
 def test_evaluate_writes_metrics_predictions_and_plot(packaged):
@@ -39,6 +39,8 @@ def test_package_reproduces_evaluate_from_raw_rows(packaged):
     assert manifest["metrics"]["rmse"] == packaged[0]["rmse"]
     assert manifest["params"]["train"]["hidden"] == [32, 32]
     assert len(manifest["data"]["raw"]["sha256"]) == 64 and manifest["torch_version"]
+    onnx_bytes = (Path(s.package.out_dir) / "model.onnx").read_bytes()  # reproducible: no stack traces, no paths of this machine
+    assert b"stack_trace" not in onnx_bytes and str(ROOT).encode() not in onnx_bytes and b"/tmp/" not in onnx_bytes
 
 
 def test_tampered_package_is_refused(packaged, tmp_path):

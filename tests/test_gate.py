@@ -141,6 +141,7 @@ promote(parse_settings(json.loads(Path(sys.argv[1]).read_text()), root=sys.argv[
 """
 
 
+@pytest.mark.slow
 def test_promotion_killed_at_any_step_leaves_the_old_or_the_new_champion(better, tmp_path):
     """SIGKILL before each filesystem step of promote (copy, rename, link, unlink), then run it again: at every
     point the champion is a whole, verified package, the old one or the new one, and the rerun completes."""

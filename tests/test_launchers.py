@@ -23,6 +23,8 @@ from tests.conftest import ROOT, cli_root, same_parameters, variant
 from tests.test_dask_cluster import DASK, free_port, wait_for_workers
 
 
+pytestmark = pytest.mark.slow  # real clusters, servers, flows or several ranks: `make test-fast` skips them
+
 @pytest.fixture(scope="module")
 def local_two(features, tmp_path_factory):
     """The reference: 2 local ranks, 2 epochs."""

@@ -24,16 +24,14 @@ from tasks.errors import UserError
 from tasks.files import atomic_dir, sha256_file
 from tasks.modelpackage import MAX_MEMBERS, open_package
 from tasks.settings import dump_settings, load_settings, parse_settings
-from tests.conftest import ROOT, make_repo, parse, sh
+from tests.conftest import ROOT, copy_repo, parse, sh
 from tests.harness import snapshot
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
+def repo(reproduced, tmp_path_factory) -> Path:
     """A git + DVC copy of the project, run once through `dvc repro` (so every output exists)."""
-    repo = make_repo(tmp_path_factory.mktemp("safety"))
-    sh(repo, "dvc", "repro")
-    return repo
+    return copy_repo(reproduced, tmp_path_factory.mktemp("safety") / "repo")
 
 
 def with_params(repo: Path, **changes) -> dict:
@@ -58,6 +56,7 @@ ATTACKS = [  # (changes, the stage whose CLI is run, what the message must name)
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("changes,stage,named", ATTACKS, ids=[next(iter(a[0].items()))[0] + "=" + str(next(iter(a[0].values())))[-24:] for a in ATTACKS])
 def test_output_paths_that_would_destroy_data_are_refused(repo, changes, stage, named):
     OUTSIDE.mkdir(exist_ok=True)
@@ -74,6 +73,7 @@ def test_output_paths_that_would_destroy_data_are_refused(repo, changes, stage, 
     assert (OUTSIDE / "keep.txt").read_text() == "not Trainflow's"
 
 
+@pytest.mark.slow
 def test_a_directory_trainflow_did_not_write_is_never_replaced(repo, tmp_path):
     """An untracked folder of the user's at an output path: the stage refuses before any work."""
     good = (repo / "params.yaml").read_text()
@@ -106,6 +106,7 @@ def test_staging_left_by_a_killed_process_is_cleared_and_a_live_ones_kept(tmp_pa
     assert (out / "x").read_text() == "x" and (out / ".trainflow-output").exists()
 
 
+@pytest.mark.slow
 def test_bad_params_under_dvc_repro_leave_every_output_in_place(repo):
     """DVC used to delete a stage's outputs before running it; they are persist outputs now, replaced only by
     a stage that succeeds."""
@@ -122,6 +123,7 @@ def test_bad_params_under_dvc_repro_leave_every_output_in_place(repo):
     assert json.loads(sh(repo, "dvc", "status", "--json").stdout) == {}
 
 
+@pytest.mark.slow
 def test_a_new_source_of_the_same_data_is_recorded_in_the_package(repo):
     good = (repo / "params.yaml").read_text()
     shutil.copy(repo / "data/sources/slice.parquet", repo / "data/sources/copy.parquet")
@@ -138,6 +140,7 @@ def test_a_new_source_of_the_same_data_is_recorded_in_the_package(repo):
         (repo / "data/sources/copy.parquet").unlink()
 
 
+@pytest.mark.slow
 def test_a_flow_cannot_start_while_dvc_repro_runs_a_stage(repo):
     """`dvc repro` lets go of the repo lock while a stage command runs (holding its read/write locks): a flow
     starting then is told the workspace is busy, not given DVC's LockError traceback."""
@@ -271,6 +274,7 @@ CREDENTIALED = [f"https://alice:{SECRET}@data.example.com/housing.csv", f"s3://b
                 f"https://data.example.com/housing.parquet?token={SECRET}"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("url", CREDENTIALED)
 def test_credentials_in_a_source_url_are_refused_and_never_printed(repo, url):
     good = (repo / "params.yaml").read_text()
@@ -331,6 +335,7 @@ def test_local_dask_clusters_listen_on_loopback_only(processes):
     assert found and {ip for ip, _ in found} == {"127.0.0.1"}, found
 
 
+@pytest.mark.slow
 def test_local_ddp_ranks_listen_on_loopback_only(features, tmp_path):
     from tasks.train import train
     from tests.conftest import variant
@@ -353,6 +358,7 @@ def test_local_ddp_ranks_listen_on_loopback_only(features, tmp_path):
     assert len(seen) >= 2 and {ip for ip, _ in seen} == {"127.0.0.1"}, seen  # the rendezvous store and gloo's pairs
 
 
+@pytest.mark.slow
 def test_the_temporary_prefect_server_listens_on_loopback_only():
     from prefect.server.api.server import SubprocessASGIServer
 

@@ -113,3 +113,11 @@ def test_functions_are_short():
                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
                     long.append(f"{path.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert long == []
+
+
+def test_the_settings_reference_is_generated_and_current():
+    """docs/settings.md is generated from the settings' descriptions: regenerate it when they change
+    (python -m tasks.settings reference > docs/settings.md)."""
+    from tasks.settings import reference
+
+    assert (ROOT / "docs/settings.md").read_text() == reference(ROOT / "params.yaml"), "docs/settings.md is stale"

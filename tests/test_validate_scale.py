@@ -18,6 +18,8 @@ from tasks.validate import validate
 from tests.conftest import ROOT, real_slice, workspace
 
 
+pytestmark = pytest.mark.slow  # real clusters, servers, flows or several ranks: `make test-fast` skips them
+
 @pytest.fixture(scope="module")
 def scheduler():
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as c:
