@@ -25,8 +25,8 @@ def write(work: str) -> dict:
     import torch
     from train import settings
 
-    from tasks.training.checkpoint import save
     from tasks.train import train
+    from tasks.training.checkpoint import save
 
     s = settings(work, epochs=1)
     train(s)
@@ -53,15 +53,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as work:
         run("prepare", work)
         w = measured("import json, sys, checkpoint as b; print(json.dumps(b.write(sys.argv[1])))", work)
-        print(f"checkpoint of the default model (weights, AdamW state, best weights, RNG, history): "
-              f"{w['bytes'] / 1e6:.2f} MB, written in {w['write_ms']:.1f} ms (temp file + rename + sha256)")
+        print(
+            f"checkpoint of the default model (weights, AdamW state, best weights, RNG, history): "
+            f"{w['bytes'] / 1e6:.2f} MB, written in {w['write_ms']:.1f} ms (temp file + rename + sha256)"
+        )
         rows = {}
         for every in ("1000 epochs", "5 epochs", "1 epoch", "10 steps") * 2:  # twice, interleaved
             r = measured("import json, sys, checkpoint as b; print(json.dumps(b.stage(*sys.argv[1:])))", work, every)
             rows.setdefault(every, []).append(r["samples_per_s"])
         base = max(rows["1000 epochs"])
         for every, v in rows.items():
-            print(f"checkpoint every {every:<12} {max(v):>10,.0f} samples/s   {max(v) / base:.3f} of checkpointing only at the end")
+            print(
+                f"checkpoint every {every:<12} {max(v):>10,.0f} samples/s   {max(v) / base:.3f} of checkpointing only at the end"
+            )
 
 
 if __name__ == "__main__":

@@ -30,15 +30,14 @@ RUN = dict(world_size=2, epochs=4, checkpoint_every="20 steps", patience=100)
 
 def main() -> None:
     import yaml
+    from train import prepare, settings
 
-    from tasks.training.checkpoint import listed
-    from tasks.training.model import load_model
     from tasks.settings import UserError, parse_settings
     from tasks.train import train
-    from tasks.training.checkpoint import staging_dir
+    from tasks.training.checkpoint import listed, staging_dir
+    from tasks.training.model import load_model
     from tests.harness import FAULT_ENV, fault
     from tests.test_launchers import dask_gpu_cluster
-    from train import prepare, settings
 
     def params_gap(a, b) -> float:
         m1, m2 = load_model(Path(a) / "model.pt")[0].state_dict(), load_model(Path(b) / "model.pt")[0].state_dict()
@@ -57,11 +56,16 @@ def main() -> None:
         def report(name: str, marker: Path, summary: dict, killed_at: int, wall: float) -> None:
             r = summary["resumed_from"]
             lost = killed_at - r["steps"]
-            print(f"{name:<42}{r['at'] - marker.stat().st_mtime:>11.1f} s{lost:>11}{wall:>7.1f}s{summary['best_val_rmse']:>11.6f}"
-                  f"{params_gap(ref_dir, s.train.out_dir):>14.1e}", flush=True)
+            print(
+                f"{name:<42}{r['at'] - marker.stat().st_mtime:>11.1f} s{lost:>11}{wall:>7.1f}s{summary['best_val_rmse']:>11.6f}"
+                f"{params_gap(ref_dir, s.train.out_dir):>14.1e}",
+                flush=True,
+            )
 
-        for name, spec, extra in (("rank 1 SIGKILLed at step 70", "kill:1:70", {}),
-                                  ("rank 0 hung at step 30 (timeout 5 s)", "hang:0:30", {"step_timeout_s": 5})):
+        for name, spec, extra in (
+            ("rank 1 SIGKILLed at step 70", "kill:1:70", {}),
+            ("rank 0 hung at step 30 (timeout 5 s)", "hang:0:30", {"step_timeout_s": 5}),
+        ):
             marker = Path(work) / f"fired-{spec.replace(':', '-')}"
             os.environ.update(fault(f"{spec}:{marker}"))
             t0 = time.perf_counter()
@@ -76,8 +80,10 @@ def main() -> None:
         del os.environ[FAULT_ENV]
 
         # Dask: the worker running rank 1 SIGKILLs itself at step 70; a nanny replaces it, or (no nanny) elastic
-        for name, nanny, extra in (("dask: rank 1's worker lost, replaced", True, {}),
-                                   ("dask: rank 1's worker lost, elastic 2->1", False, {"elastic": True, "rejoin_timeout_s": 2})):
+        for name, nanny, extra in (
+            ("dask: rank 1's worker lost, replaced", True, {}),
+            ("dask: rank 1's worker lost, elastic 2->1", False, {"elastic": True, "rejoin_timeout_s": 2}),
+        ):
             marker = Path(work) / f"fired-dask-{nanny}"
             with dask_gpu_cluster(Path(work), gpu=2, nanny=nanny, **fault(f"kill:1:70:{marker}")) as address:
                 raw = settings(work, **RUN, **extra).model_dump(by_alias=True)

@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def measured(code: str, *args: str) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'bench'}", "DO_NOT_TRACK": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     root, peak = psutil.Process(proc.pid), 0
     while proc.poll() is None:
         try:

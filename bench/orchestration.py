@@ -50,8 +50,14 @@ def main() -> None:
     try:
         wall, stages = flow_cli(repo, server.env)
         work = sum(s for _, s in stages.values())
-        rows.append(("cold full run (server)", wall, f"stages {work:.1f} s, orchestration {wall - work:.1f} s "
-                     f"({(wall - work) / wall:.0%}); " + ", ".join(f"{k} {s:.1f}" for k, (_, s) in stages.items())))
+        rows.append(
+            (
+                "cold full run (server)",
+                wall,
+                f"stages {work:.1f} s, orchestration {wall - work:.1f} s "
+                f"({(wall - work) / wall:.0%}); " + ", ".join(f"{k} {s:.1f}" for k, (_, s) in stages.items()),
+            )
+        )
         flow_cli(repo, ephemeral)  # let the temporary server create its database once (not timed)
         for label, env in (("no-op rerun (server)", server.env), ("no-op rerun (temporary server)", ephemeral)):
             wall, stages = flow_cli(repo, env)
@@ -61,22 +67,33 @@ def main() -> None:
         edited = (repo / "params.yaml").read_text().replace("epochs: 100", "epochs: 40")
         (repo / "params.yaml").write_text(edited)
         wall, stages = flow_cli(repo, server.env)
-        rows.append(("train.epochs 100 -> 40 in params.yaml", wall,
-                     "ran: " + ", ".join(k for k, (st, _) in stages.items() if st == "ran")))
+        rows.append(
+            (
+                "train.epochs 100 -> 40 in params.yaml",
+                wall,
+                "ran: " + ", ".join(k for k, (st, _) in stages.items() if st == "ran"),
+            )
+        )
         subprocess.run(["git", "checkout", "-q", "params.yaml"], cwd=repo, check=True)
         flow_cli(repo, server.env)  # back in sync with params.yaml (train reruns: the run-cache is not used)
 
         serve = server.spawn(sys.executable, "-m", "flows.serve", cwd=repo)
         try:
             dep = server.deployment(paused=False)
-            for label, parameters in (("REST trigger -> completed, no-op", {}),
-                                      ("REST trigger -> completed, train.epochs=40 (experiment)",
-                                       {"train": dict(params["train"], epochs=40)})):
+            for label, parameters in (
+                ("REST trigger -> completed, no-op", {}),
+                ("REST trigger -> completed, train.epochs=40 (experiment)", {"train": dict(params["train"], epochs=40)}),
+            ):
                 t0 = time.perf_counter()
                 run = server.wait(server.trigger(dep, parameters))
                 states = server.task_states(run["id"])
-                rows.append((label, time.perf_counter() - t0, f"{run['state']['type']}; ran: " +
-                             (", ".join(k for k, v in states.items() if v != "Cached") or "none")))
+                rows.append(
+                    (
+                        label,
+                        time.perf_counter() - t0,
+                        f"{run['state']['type']}; ran: " + (", ".join(k for k, v in states.items() if v != "Cached") or "none"),
+                    )
+                )
         finally:
             stop(serve)
     finally:

@@ -24,23 +24,46 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1_000_000)
     a = ap.parse_args()
     size = sum(p.stat().st_size for p in Path(a.package).iterdir())
-    print(f"package {a.package}: {size / 1e6:.2f} MB ({len(list(Path(a.package).iterdir()))} files); "
-          f"{a.archive}: {Path(a.archive).stat().st_size / 1e6:.2f} MB")
-    load = measured("import json, sys, time; t = time.perf_counter(); from tasks.modelpackage import open_package; "
-                    "t1 = time.perf_counter(); p = open_package(sys.argv[1]).__enter__(); t2 = time.perf_counter(); "
-                    "print(json.dumps({'import_s': t1 - t, 'load_s': t2 - t1}))", a.package)
-    tar = measured("import json, sys, time; from tasks.modelpackage import open_package; t = time.perf_counter(); "
-                   "open_package(sys.argv[1]).__enter__(); print(json.dumps({'load_s': time.perf_counter() - t}))", a.archive)
-    print(f"open_package (sha256 of every file + ONNX external-data check + onnxruntime session): directory {load['load_s'] * 1000:.0f} ms, "
-          f".tar.gz {tar['load_s'] * 1000:.0f} ms (import {load['import_s']:.2f} s)")
+    print(
+        f"package {a.package}: {size / 1e6:.2f} MB ({len(list(Path(a.package).iterdir()))} files); "
+        f"{a.archive}: {Path(a.archive).stat().st_size / 1e6:.2f} MB"
+    )
+    load = measured(
+        "import json, sys, time; t = time.perf_counter(); from tasks.modelpackage import open_package; "
+        "t1 = time.perf_counter(); p = open_package(sys.argv[1]).__enter__(); t2 = time.perf_counter(); "
+        "print(json.dumps({'import_s': t1 - t, 'load_s': t2 - t1}))",
+        a.package,
+    )
+    tar = measured(
+        "import json, sys, time; from tasks.modelpackage import open_package; t = time.perf_counter(); "
+        "open_package(sys.argv[1]).__enter__(); print(json.dumps({'load_s': time.perf_counter() - t}))",
+        a.archive,
+    )
+    print(
+        "open_package (sha256 of every file + ONNX external-data check + onnxruntime session): "
+        f"directory {load['load_s'] * 1000:.0f} ms, "
+        f".tar.gz {tar['load_s'] * 1000:.0f} ms (import {load['import_s']:.2f} s)"
+    )
     with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
         data = Path(tmp) / "input"
-        measured("import json, sys, scale_up; sys.argv = ['scale_up', *sys.argv[1:]]; scale_up.main(); print('{}')",
-                 str(ROOT / "data/sources/california_housing.parquet"), str(a.rows), str(data), "--rows-per-file", "250000")
-        r = measured("import json, sys; from tasks.predict import predict_file; "
-                     "print(json.dumps(predict_file(*sys.argv[1:])))", a.package, str(data), str(Path(tmp) / "pred.parquet"))
-        print(f"predict {r['rows']:,} rows ({r['mode']}): {r['predicted']:,} predicted, {r['rejected']:,} rejected, "
-              f"{r['seconds']:.1f} s = {r['rows_per_s']:,.0f} rows/s, peak RSS {r['peak_rss_gib']:.2f} GiB")
+        measured(
+            "import json, sys, scale_up; sys.argv = ['scale_up', *sys.argv[1:]]; scale_up.main(); print('{}')",
+            str(ROOT / "data/sources/california_housing.parquet"),
+            str(a.rows),
+            str(data),
+            "--rows-per-file",
+            "250000",
+        )
+        r = measured(
+            "import json, sys; from tasks.predict import predict_file; print(json.dumps(predict_file(*sys.argv[1:])))",
+            a.package,
+            str(data),
+            str(Path(tmp) / "pred.parquet"),
+        )
+        print(
+            f"predict {r['rows']:,} rows ({r['mode']}): {r['predicted']:,} predicted, {r['rejected']:,} rejected, "
+            f"{r['seconds']:.1f} s = {r['rows_per_s']:,.0f} rows/s, peak RSS {r['peak_rss_gib']:.2f} GiB"
+        )
 
 
 if __name__ == "__main__":

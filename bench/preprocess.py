@@ -96,7 +96,9 @@ def agree(dask_out: Path, pandas_out: Path) -> str:
         assert list(a.columns) == list(b.columns) and len(a) == len(b), name
         for c in a.columns:
             if pd.api.types.is_numeric_dtype(a[c]):
-                np.testing.assert_allclose(a[c].to_numpy(np.float64), b[c].to_numpy(np.float64), rtol=0, atol=1e-6, err_msg=f"{name}.{c}")
+                np.testing.assert_allclose(
+                    a[c].to_numpy(np.float64), b[c].to_numpy(np.float64), rtol=0, atol=1e-6, err_msg=f"{name}.{c}"
+                )
             else:
                 assert a[c].astype(object).equals(b[c].astype(object)), f"{name}.{c}"
     return "yes"
@@ -118,7 +120,9 @@ def main() -> None:
             got = {}
             for engine in ("pandas", "dask"):
                 if engine == "pandas" and pandas_gib_per_row and pandas_gib_per_row * n > 0.8 * ram:
-                    print(f"{n:>11,} | pandas | not run: needs about {pandas_gib_per_row * n:.0f} GiB, this machine has {ram:.0f}")
+                    print(
+                        f"{n:>11,} | pandas | not run: needs about {pandas_gib_per_row * n:.0f} GiB, this machine has {ram:.0f}"
+                    )
                     continue
                 code = f"import json, sys, preprocess as b; print(json.dumps(b.run_{engine}(sys.argv[1], sys.argv[2])))"
                 m = got[engine] = measured(code, str(data), str(work / f"{engine}-{n}"))
@@ -129,8 +133,11 @@ def main() -> None:
                     p = got["pandas"]
                     ratio = f"{p['seconds'] / m['seconds']:.2f}x speed, {m['peak_rss_gib'] / p['peak_rss_gib']:.2f}x memory"
                     same = agree(work / f"dask-{n}", work / f"pandas-{n}")
-                print(f"{n:>11,} | {engine:<6} | {m['seconds']:>8.1f} | {n / m['seconds']:>9,.0f} | "
-                      f"{m['peak_rss_gib']:>5.2f} GiB | {ratio:<26} | {same}", flush=True)
+                print(
+                    f"{n:>11,} | {engine:<6} | {m['seconds']:>8.1f} | {n / m['seconds']:>9,.0f} | "
+                    f"{m['peak_rss_gib']:>5.2f} GiB | {ratio:<26} | {same}",
+                    flush=True,
+                )
             for p in work.iterdir():
                 shutil.rmtree(p, ignore_errors=True)
 

@@ -17,12 +17,13 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tasks.files import atomic_dir  # noqa: E402
-from tasks.ingest import read_table  # noqa: E402
+from tasks.files import atomic_dir
+from tasks.ingest import read_table
 
 
-def scale_up(source: str, n_rows: int, out_dir: str | Path, rows_per_file: int = 1_000_000,
-             jitter: float = 0.01, seed: int = 0) -> dict:
+def scale_up(
+    source: str, n_rows: int, out_dir: str | Path, rows_per_file: int = 1_000_000, jitter: float = 0.01, seed: int = 0
+) -> dict:
     frame, _ = read_table(source)
     numeric = [c for c in frame.columns if pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])]
     spread = {c: jitter * float(frame[c].std() or 0.0) for c in numeric}

@@ -64,8 +64,8 @@ def bare(work: str, epochs: str) -> dict:
 
     import torch
 
-    from tasks.training.model import build_model
     from tasks.training.data import load_split
+    from tasks.training.model import build_model
 
     s = settings(work, epochs=int(epochs))
     cfg, feat = s.train, Path(s.preprocess.out_dir)
@@ -76,8 +76,14 @@ def bare(work: str, epochs: str) -> dict:
     x, y = load_split(feat / "train", schema["features"], schema["target"])
     xv, yv = load_split(feat / "val", schema["features"], schema["target"])
     y, yv = (y - t["target_mean"]) / t["target_std"], (yv - t["target_mean"]) / t["target_std"]
-    model = build_model({"n_features": len(schema["features"]), "hidden": list(cfg.hidden), "dropout": cfg.dropout,
-                         "categorical": schema["categorical"]})
+    model = build_model(
+        {
+            "n_features": len(schema["features"]),
+            "hidden": list(cfg.hidden),
+            "dropout": cfg.dropout,
+            "categorical": schema["categorical"],
+        }
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     order = torch.Generator().manual_seed(cfg.seed)
@@ -86,7 +92,7 @@ def bare(work: str, epochs: str) -> dict:
         model.train()
         perm = torch.randperm(len(x), generator=order)
         for start in range(0, len(x), cfg.batch_size):
-            idx = perm[start:start + cfg.batch_size]
+            idx = perm[start : start + cfg.batch_size]
             loss = (model(x[idx]) - y[idx]).pow(2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -117,8 +123,11 @@ def main() -> None:
             loop = run("bare", work, e)
             one = run("stage", work, e, "1", "allreduce")
             ratios.append(one["samples_per_s"] / loop["samples_per_s"])
-            print(f"    bare loop {loop['samples_per_s']:>10,.0f}   train stage {one['samples_per_s']:>10,.0f} samples/s   "
-                  f"stage / bare = {ratios[-1]:.3f}", flush=True)
+            print(
+                f"    bare loop {loop['samples_per_s']:>10,.0f}   train stage {one['samples_per_s']:>10,.0f} samples/s   "
+                f"stage / bare = {ratios[-1]:.3f}",
+                flush=True,
+            )
         print(f"    median stage / bare = {sorted(ratios)[len(ratios) // 2]:.3f}")
         if a.only_a:
             return
@@ -132,7 +141,9 @@ def main() -> None:
         for mode in ("allreduce", "fp16", "bf16", "powersgd", "local_sgd"):
             m = two if mode == "allreduce" else run("stage", work, e, "2", mode)
             split = " / ".join(f"{m['split'][k]:.2f}" for k in ("data", "compute", "sync"))
-            print(f"    {mode:<10}   {m['samples_per_s']:>10,.0f} samples/s   test RMSE {m['rmse']:.4f}   split {split}", flush=True)
+            print(
+                f"    {mode:<10}   {m['samples_per_s']:>10,.0f} samples/s   test RMSE {m['rmse']:.4f}   split {split}", flush=True
+            )
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,9 +45,19 @@ def make_features(directory: Path, rows: int, seed: int = 0) -> None:
         (directory / split).mkdir(parents=True)
         pq.write_table(pa.table(cols), directory / split / "part-0.parquet", row_group_size=1 << 20)
     categorical = [{"name": f"c{i}", "index": N_NUMERIC + i, "cardinality": c} for i, c in enumerate(CARDINALITIES)]
-    (directory / "schema.json").write_text(json.dumps({
-        "dataset": "synthetic", "task": "regression", "features": names, "target": "y", "n_features": len(names),
-        "categorical": categorical, "rows": {"train": rows, "val": max(1000, rows // 10), "test": 0}}))
+    (directory / "schema.json").write_text(
+        json.dumps(
+            {
+                "dataset": "synthetic",
+                "task": "regression",
+                "features": names,
+                "target": "y",
+                "n_features": len(names),
+                "categorical": categorical,
+                "rows": {"train": rows, "val": max(1000, rows // 10), "test": 0},
+            }
+        )
+    )
     (directory / "transform.json").write_text(json.dumps({"target_mean": 0.0, "target_std": float(np.sqrt(len(w)))}))
 
 
@@ -80,10 +90,17 @@ def one_run(work: Path, rank: int = 0, world: int = 1, init: str = "", **train) 
     run_rank(s, rank, world, int(os.environ.get("LOCAL_RANK", 0)), init, log=False)
     summary = json.loads((staging_dir(s.train.out_dir) / "summary.json").read_text()) if rank == 0 else {}
     last = summary.get("epochs", [{}])[-1]
-    return {**{k: train[k] for k in ("batch_size", "precision")}, "samples_per_s": last.get("samples_per_s"),
-            "data_s": last.get("data_s"), "compute_s": last.get("compute_s"), "sync_s": last.get("sync_s"),
-            "val_rmse": last.get("val_rmse"), "gpu_peak_gib": summary.get("gpu_peak_memory_gib"),
-            "device": summary.get("device"), "precision": summary.get("precision")}
+    return {
+        **{k: train[k] for k in ("batch_size", "precision")},
+        "samples_per_s": last.get("samples_per_s"),
+        "data_s": last.get("data_s"),
+        "compute_s": last.get("compute_s"),
+        "sync_s": last.get("sync_s"),
+        "val_rmse": last.get("val_rmse"),
+        "gpu_peak_gib": summary.get("gpu_peak_memory_gib"),
+        "device": summary.get("device"),
+        "precision": summary.get("precision"),
+    }
 
 
 def bare(work: Path, batch_size: int, epochs: int, precision: str, hidden: list[int] | None = None) -> dict:
@@ -92,26 +109,33 @@ def bare(work: Path, batch_size: int, epochs: int, precision: str, hidden: list[
 
     import torch
 
-    from tasks.training.model import build_model
     from tasks.training.data import load_split
+    from tasks.training.model import build_model
 
     feat = work / "features"
     schema = json.loads((feat / "schema.json").read_text())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     x, y = (t.to(device) for t in load_split(feat / "train", schema["features"], schema["target"]))
     torch.manual_seed(0)
-    model = build_model({"model": "resmlp", "n_features": len(schema["features"]), "hidden": hidden or [512] * 4,
-                         "dropout": 0.0, "categorical": schema["categorical"]}).to(device)
+    model = build_model(
+        {
+            "model": "resmlp",
+            "n_features": len(schema["features"]),
+            "hidden": hidden or [512] * 4,
+            "dropout": 0.0,
+            "categorical": schema["categorical"],
+        }
+    ).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=0.002, weight_decay=0.01, fused=True)
     order = torch.Generator().manual_seed(0)
     bf16 = precision == "bf16"
-    for epoch in range(epochs):
+    for _ in range(epochs):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         perm = torch.randperm(len(x), generator=order).to(device)
         for start in range(0, len(x), batch_size):
-            idx = perm[start:start + batch_size]
+            idx = perm[start : start + batch_size]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = model(x[idx])
             loss = (out.float() - y[idx]).pow(2).mean()
@@ -121,17 +145,43 @@ def bare(work: Path, batch_size: int, epochs: int, precision: str, hidden: list[
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-    return {"batch_size": batch_size, "precision": precision, "samples_per_s": len(x) / seconds, "data_s": None,
-            "compute_s": seconds, "sync_s": None, "val_rmse": None, "gpu_peak_gib": None}
+    return {
+        "batch_size": batch_size,
+        "precision": precision,
+        "samples_per_s": len(x) / seconds,
+        "data_s": None,
+        "compute_s": seconds,
+        "sync_s": None,
+        "val_rmse": None,
+        "gpu_peak_gib": None,
+    }
 
 
 def under_torchrun(work: Path, strategy: str, batch_size: int, epochs: int) -> dict:
     """One rank started by torchrun: the NCCL (gloo on CPU) process group, DDP's timed hook or FSDP."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", __file__, "--rank",
-               "--work", str(work), "--strategy", strategy, "--batch-size", str(batch_size), "--epochs", str(epochs),
-               "--json", out.name]
-        subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=1",
+            __file__,
+            "--rank",
+            "--work",
+            str(work),
+            "--strategy",
+            strategy,
+            "--batch-size",
+            str(batch_size),
+            "--epochs",
+            str(epochs),
+            "--json",
+            out.name,
+        ]
+        subprocess.run(
+            cmd, check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        )
         return json.loads(Path(out.name).read_text())
 
 
@@ -147,22 +197,30 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4096, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.rank:
-        row = one_run(Path(a.work), int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://",
-                      strategy=a.strategy, batch_size=a.batch_size, epochs=a.epochs, precision="auto")
+        row = one_run(
+            Path(a.work),
+            int(os.environ["RANK"]),
+            int(os.environ["WORLD_SIZE"]),
+            "env://",
+            strategy=a.strategy,
+            batch_size=a.batch_size,
+            epochs=a.epochs,
+            precision="auto",
+        )
         Path(a.json).write_text(json.dumps(row))
         return
 
     import torch
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU (CPU)"
-    print(f"device: {gpu} · torch {torch.__version__} · {a.rows:,} training rows · resmlp 4×512 + 4 embeddings",
-          flush=True)
+    print(f"device: {gpu} · torch {torch.__version__} · {a.rows:,} training rows · resmlp 4×512 + 4 embeddings", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-train-gpu-") as tmp:
         work = Path(tmp)
         make_features(work / "features", a.rows)
-        print(f"{'run':<28}{'batch':>7}{'samples/s':>13}{'data s':>9}{'compute s':>11}{'sync s':>9}{'GPU GiB':>9}"
-              f"{'val RMSE':>10}")
+        print(
+            f"{'run':<28}{'batch':>7}{'samples/s':>13}{'data s':>9}{'compute s':>11}{'sync s':>9}{'GPU GiB':>9}{'val RMSE':>10}"
+        )
 
         def show(name: str, run, *args, **kwargs) -> None:
             try:
@@ -172,10 +230,13 @@ def main() -> None:
                 rows.append({"run": name, "error": f"{type(e).__name__}: {e}"})
                 return
             rows.append({"run": name, **row})
-            f = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
-            print(f"{name:<28}{row['batch_size']:>7}{f(row['samples_per_s'], ',.0f'):>13}{f(row['data_s'], '.3f'):>9}"
-                  f"{f(row['compute_s'], '.3f'):>11}{f(row['sync_s'], '.3f'):>9}{f(row['gpu_peak_gib'], '.2f'):>9}"
-                  f"{f(row['val_rmse'], '.4f'):>10}", flush=True)
+            f = lambda v, spec: format(v, spec) if v is not None else "-"
+            print(
+                f"{name:<28}{row['batch_size']:>7}{f(row['samples_per_s'], ',.0f'):>13}{f(row['data_s'], '.3f'):>9}"
+                f"{f(row['compute_s'], '.3f'):>11}{f(row['sync_s'], '.3f'):>9}{f(row['gpu_peak_gib'], '.2f'):>9}"
+                f"{f(row['val_rmse'], '.4f'):>10}",
+                flush=True,
+            )
 
         sizes = [int(b) for b in a.batch_sizes.split(",")]
         mid, top = sizes[len(sizes) // 2], sizes[-1]
@@ -184,11 +245,25 @@ def main() -> None:
                 show(f"stage, {precision}", one_run, work, batch_size=batch, epochs=a.epochs, precision=precision)
         show("bare loop, fp32", bare, work, mid, a.epochs, "fp32")
         for precision in ("fp32", "bf16"):  # where matrix products dominate
-            show(f"stage, {precision}, 4x2048 wide", one_run, work, batch_size=top, epochs=a.epochs, precision=precision,
-                 hidden=[2048] * 4)
+            show(
+                f"stage, {precision}, 4x2048 wide",
+                one_run,
+                work,
+                batch_size=top,
+                epochs=a.epochs,
+                precision=precision,
+                hidden=[2048] * 4,
+            )
         for precision in ("fp32", "bf16"):
-            show(f"stage, {precision}, compile", one_run, work, batch_size=mid, epochs=a.epochs + 1, precision=precision,
-                 compile=True)
+            show(
+                f"stage, {precision}, compile",
+                one_run,
+                work,
+                batch_size=mid,
+                epochs=a.epochs + 1,
+                precision=precision,
+                compile=True,
+            )
         for strategy in ("ddp", "fsdp"):
             show(f"torchrun 1 rank, {strategy}", under_torchrun, work, strategy, mid, a.epochs)
     if a.json:

@@ -56,9 +56,11 @@ def params_for(work: Path, data: Path, partitioned: bool) -> Path:
 
 def measure(params: Path) -> dict:
     """Run the stage in a fresh process; its wall time, and the peak RSS of its process tree."""
-    code = ("import json, sys, time; from tasks.settings import load_settings; from tasks.validate import validate; "
-            "s = load_settings(sys.argv[1]); t = time.perf_counter(); out = validate(s); "
-            "print(json.dumps({'seconds': time.perf_counter() - t, 'rows': out['rows'], 'checked': out['checked']}))")
+    code = (
+        "import json, sys, time; from tasks.settings import load_settings; from tasks.validate import validate; "
+        "s = load_settings(sys.argv[1]); t = time.perf_counter(); out = validate(s); "
+        "print(json.dumps({'seconds': time.perf_counter() - t, 'rows': out['rows'], 'checked': out['checked']}))"
+    )
     return measured(code, str(params))
 
 
@@ -77,8 +79,11 @@ def main() -> None:
                 m = got[partitioned] = measure(params_for(work, data, partitioned))
                 assert m["rows"]["input"] == n, m
                 speed = "" if not partitioned else f"{got[False]['seconds'] / m['seconds']:.2f}x"
-                print(f"{n:>11,} | {m['checked']['mode']:<12} | {m['checked']['partitions']:>10} | "
-                      f"{m['seconds']:>8.1f} | {n / m['seconds']:>11,.0f} | {m['peak_rss_gib']:>5.2f} GiB | {speed}", flush=True)
+                print(
+                    f"{n:>11,} | {m['checked']['mode']:<12} | {m['checked']['partitions']:>10} | "
+                    f"{m['seconds']:>8.1f} | {n / m['seconds']:>11,.0f} | {m['peak_rss_gib']:>5.2f} GiB | {speed}",
+                    flush=True,
+                )
             for p in work.glob(f"*{n}*"):
                 subprocess.run(["rm", "-rf", str(p)])
 

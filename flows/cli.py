@@ -8,13 +8,17 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, rich_markup_mode=None,
-                  context_settings={"help_option_names": ["-h", "--help"]})
-
+app = typer.Typer(
+    help=__doc__,
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 
 
 @app.command()
@@ -35,8 +39,11 @@ def serve() -> None:
 
 
 @app.command()
-def stage(name: Annotated[str, typer.Argument(help="a stage of dvc.yaml: ingest, validate, preprocess, train, evaluate, "
-                                                  "package or promote")]) -> None:
+def stage(
+    name: Annotated[
+        str, typer.Argument(help="a stage of dvc.yaml: ingest, validate, preprocess, train, evaluate, package or promote")
+    ],
+) -> None:
     """Run one stage on params.yaml, as `dvc repro` runs it (without DVC's bookkeeping)."""
     import importlib
 
@@ -46,8 +53,9 @@ def stage(name: Annotated[str, typer.Argument(help="a stage of dvc.yaml: ingest,
 
     stages = list((yaml.safe_load(Path("dvc.yaml").read_text()) or {}).get("stages", {})) if Path("dvc.yaml").exists() else []
     if name not in stages:
-        raise typer.BadParameter(f"{name!r} is not a stage of dvc.yaml here ({', '.join(stages) or 'no dvc.yaml'})",
-                                 param_hint="NAME")
+        raise typer.BadParameter(
+            f"{name!r} is not a stage of dvc.yaml here ({', '.join(stages) or 'no dvc.yaml'})", param_hint="NAME"
+        )
     cli(getattr(importlib.import_module(f"tasks.{name}"), name), [])
 
 
@@ -56,7 +64,7 @@ def predict(
     package: Annotated[str, typer.Argument(help="a package directory or .tar.gz (e.g. models/production)")],
     input: Annotated[str, typer.Argument(help="a CSV or Parquet file, or a directory of Parquet files")],
     output: Annotated[str, typer.Argument(help="where the predictions go: a .parquet or .csv file")],
-    rejects: Annotated[Optional[str], typer.Option(help="rows that failed validation (default: OUTPUT's name + .rejects)")] = None,
+    rejects: Annotated[str | None, typer.Option(help="rows that failed validation (default: OUTPUT's name + .rejects)")] = None,
     flow: Annotated[bool, typer.Option("--flow", help="as a batch-predict Prefect flow run")] = False,
 ) -> None:
     """Score a file with a model package: every row checked against the package's suite, bad rows set aside."""
@@ -71,7 +79,9 @@ def predict(
 
 
 @app.command()
-def use(dataset: Annotated[str, typer.Argument(help="a name in data/datasets/ (california_housing, flights) or a dataset YAML")]) -> None:
+def use(
+    dataset: Annotated[str, typer.Argument(help="a name in data/datasets/ (california_housing, flights) or a dataset YAML")],
+) -> None:
     """Make a dataset the one params.yaml trains on (its `dataset:` section replaces params.yaml's)."""
     from tasks.settings import main
 
@@ -87,15 +97,28 @@ def status() -> None:
 
 
 @app.command()
-def ui(port: Annotated[int, typer.Option(help="the port to serve on")] = 4200,
-       host: Annotated[str, typer.Option(help="the address to listen on (127.0.0.1: this machine only)")] = "127.0.0.1") -> None:
+def ui(
+    port: Annotated[int, typer.Option(help="the port to serve on")] = 4200,
+    host: Annotated[str, typer.Option(help="the address to listen on (127.0.0.1: this machine only)")] = "127.0.0.1",
+) -> None:
     """Start a local Prefect server with its UI (until Ctrl-C) and say how to use it."""
     url = f"http://{host}:{port}"
     env = dict(os.environ, PREFECT_UI_API_URL=f"{url}/api", PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
-    print(f"Prefect UI: {url}\nIn another shell: export PREFECT_API_URL={url}/api, then `trainflow serve` or `trainflow run`.",
-          flush=True)
+    print(
+        f"Prefect UI: {url}\nIn another shell: export PREFECT_API_URL={url}/api, then `trainflow serve` or `trainflow run`.",
+        flush=True,
+    )
     prefect = Path(sys.executable).with_name("prefect")
-    cmd = [str(prefect) if prefect.exists() else "prefect", "server", "start", "--host", host, "--port", str(port), "--analytics-off"]
+    cmd = [
+        str(prefect) if prefect.exists() else "prefect",
+        "server",
+        "start",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--analytics-off",
+    ]
     try:
         sys.exit(subprocess.call(cmd, env=env))
     except KeyboardInterrupt:

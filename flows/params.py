@@ -21,28 +21,72 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from pydantic.fields import FieldInfo
 
 from tasks.settings import (
-    PARAMS, DaskSettings, DatasetSettings, DvcSettings, EvaluateSettings, PreprocessSettings, Settings, TrainSettings,
-    ValidateSettings, bounds, dump_settings, load_settings, parse_settings,
+    PARAMS,
+    DaskSettings,
+    DatasetSettings,
+    DvcSettings,
+    EvaluateSettings,
+    PreprocessSettings,
+    Settings,
+    TrainSettings,
+    ValidateSettings,
+    bounds,
+    dump_settings,
+    load_settings,
+    parse_settings,
 )
 
-SECTIONS = {"dataset": DatasetSettings, "train": TrainSettings, "evaluate": EvaluateSettings,
-            "preprocess": PreprocessSettings, "validate": ValidateSettings, "dask": DaskSettings, "dvc": DvcSettings}
+SECTIONS: dict[str, Any] = {
+    "dataset": DatasetSettings,
+    "train": TrainSettings,
+    "evaluate": EvaluateSettings,
+    "preprocess": PreprocessSettings,
+    "validate": ValidateSettings,
+    "dask": DaskSettings,
+    "dvc": DvcSettings,
+}
 FORM = {  # per run, in the order the form shows them
     "dataset": ["source", "sha256", "target", "task", "key", "columns", "slices", "name", "suite"],
-    "train": ["epochs", "lr", "batch_size", "weight_decay", "model", "hidden", "dropout", "patience", "seed", "world_size",
-              "launcher", "strategy", "precision", "compile", "grad_sync", "grad_accum_steps", "local_sgd_period"],
+    "train": [
+        "epochs",
+        "lr",
+        "batch_size",
+        "weight_decay",
+        "model",
+        "hidden",
+        "dropout",
+        "patience",
+        "seed",
+        "world_size",
+        "launcher",
+        "strategy",
+        "precision",
+        "compile",
+        "grad_sync",
+        "grad_accum_steps",
+        "local_sgd_period",
+    ],
     "evaluate": ["primary", "min_improvement", "max_slice_regression", "slice_bins"],
     "preprocess": ["split", "scaler", "n_quantiles", "min_frequency", "max_categories"],
     "validate": ["on_failure", "min_clean_fraction", "drift", "drift_max_mean_shift", "drift_max_psi"],
 }
 ADVANCED = {
-    "train": ["checkpoint_every", "keep_checkpoints", "max_restarts", "step_timeout_s", "elastic", "rejoin_timeout_s",
-              "resume_from"],
+    "train": [
+        "checkpoint_every",
+        "keep_checkpoints",
+        "max_restarts",
+        "step_timeout_s",
+        "elastic",
+        "rejoin_timeout_s",
+        "resume_from",
+    ],
     "validate": ["in_memory_max_rows", "partition_rows"],
     "preprocess": ["partition_rows"],
     "dask": ["address", "processes"],
     "dvc": ["push"],
 }
+
+
 class Form(BaseModel):
     model_config = ConfigDict(extra="forbid", field_title_generator=lambda name, _: name)
 
@@ -53,20 +97,20 @@ def _optional(annotation) -> Any:
     return args[0] if type(None) in get_args(annotation) and len(args) == 1 else None
 
 
-def form_field(info: FieldInfo, default: Any) -> tuple[Any, FieldInfo]:
+def form_field(info: FieldInfo, default: Any) -> tuple[Any, Any]:
     """The form's version of a settings field: params.yaml's value as default, bounds in words. `str | None`
     becomes str with "" for None (the UI renders a null branch as 'Property is type None')."""
     allowed = bounds(info)
     description = (info.description or "") + (f" Allowed: {allowed}." if allowed else "")
     if _optional(info.annotation) is str:
         pattern = next((m.pattern for m in info.metadata if getattr(m, "pattern", None)), None)
-        return str, Field(default="" if default is None else default, description=description + " Empty: none.",
-                          **({"pattern": f"^$|{pattern}"} if pattern else {}))
+        empty_or = f"^$|{pattern}" if pattern else None
+        return str, Field(default="" if default is None else default, description=description + " Empty: none.", pattern=empty_or)
     return info.annotation, FieldInfo.merge_field_infos(info, default=default, description=description)
 
 
-def section_form(name: str, section: type[BaseModel], keys: list[str], values: dict) -> type[BaseModel]:
-    fields = {}
+def section_form(name: str, section: Any, keys: list[str], values: dict) -> Any:
+    fields: dict[str, Any] = {}
     for key in keys:
         info = section.model_fields[key]
         if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):  # preprocess.split
@@ -78,11 +122,15 @@ def section_form(name: str, section: type[BaseModel], keys: list[str], values: d
     return create_model(name, __base__=Form, __doc__=doc, **fields)
 
 
-def advanced_form(values: dict) -> type[BaseModel]:
+def advanced_form(values: dict) -> Any:
     parts = {sec: section_form(f"advanced_{sec}", SECTIONS[sec], keys, values[sec]) for sec, keys in ADVANCED.items()}
-    fields = {sec: (model, Field(default_factory=model)) for sec, model in parts.items()}
-    return create_model("advanced", __base__=Form, __doc__="Timeouts, checkpointing, restarts, partitioning, Dask and DVC: "
-                        "how a run executes rather than what it trains.", **fields)
+    fields: dict[str, Any] = {sec: (model, Field(default_factory=model)) for sec, model in parts.items()}
+    return create_model(
+        "advanced",
+        __base__=Form,
+        __doc__="Timeouts, checkpointing, restarts, partitioning, Dask and DVC: how a run executes rather than what it trains.",
+        **fields,
+    )
 
 
 def forms(params: str | Path = PARAMS) -> dict[str, type[BaseModel]]:
@@ -113,7 +161,7 @@ def settings_for(parameters: dict[str, BaseModel], root: Path) -> tuple[Settings
     dotted: dict = {}
     for name, given in parameters.items():
         changes = overrides(given)
-        for sec, sub in (changes.items() if name == "advanced" else [(name, changes)]):
+        for sec, sub in changes.items() if name == "advanced" else [(name, changes)]:
             for key, value in sub.items():
                 if isinstance(value, dict) and key == "split":
                     raw[sec][key].update(value)

@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 from prefect import flow, get_run_logger, runtime
+from prefect.client.schemas.objects import State
 from prefect.states import Completed
 
 from flows import report
@@ -35,7 +36,6 @@ from tasks.train import train
 from tasks.validate import validate
 
 
-
 def run_stages(s: Settings, ws: Workspace) -> dict:
     """The pipeline, stage by stage; their status and seconds."""
     progress = report.TrainingProgress()
@@ -50,7 +50,7 @@ def run_stages(s: Settings, ws: Workspace) -> dict:
     return run.done
 
 
-def pipeline(parameters: dict) -> dict:
+def pipeline(parameters: dict) -> dict | State:
     """Validate, preprocess, train, evaluate and package a model; stages DVC finds up to date are skipped."""
     t0 = time.perf_counter()
     ws = Workspace(Path.cwd())
@@ -62,9 +62,11 @@ def pipeline(parameters: dict) -> dict:
     name = None
     with ws.locked():
         if changed:
-            run_id = runtime.flow_run.id or uuid.uuid4()
+            run_id = str(runtime.flow_run.id or uuid.uuid4())
             name = experiment_name(runtime.flow_run.name, run_id)
-            get_run_logger().info("parameters differ from params.yaml (%s): running as DVC experiment %s", ", ".join(changed), name)
+            get_run_logger().info(
+                "parameters differ from params.yaml (%s): running as DVC experiment %s", ", ".join(changed), name
+            )
             with ws.experiment(name, run_id, settings, changed) as exp:
                 exp.check_graph()
                 stages = run_stages(settings, exp)
@@ -75,8 +77,14 @@ def pipeline(parameters: dict) -> dict:
             outputs = collect(settings, ws)
         if settings.dvc.push:
             ws.push()
-    outputs.update(stages=stages, previous_metrics=previous, experiment=name, changed_params=changed,
-                   seconds=round(time.perf_counter() - t0, 2), package=settings.package.out_dir)
+    outputs.update(
+        stages=stages,
+        previous_metrics=previous,
+        experiment=name,
+        changed_params=changed,
+        seconds=round(time.perf_counter() - t0, 2),
+        package=settings.package.out_dir,
+    )
     if stages["train"]["status"] == "ran":
         report.publish_training(outputs["training"])
     report.publish_summary(outputs)
@@ -89,12 +97,14 @@ def pipeline(parameters: dict) -> dict:
 
 def collect(s: Settings, ws: Workspace) -> dict:
     """The run's outputs for its summary: test metrics, gate, training summary, the package's manifest."""
-    return {"metrics": report.read_json(Path(s.evaluate.out_dir) / "metrics.json"),
-            "gate": report.read_json(Path(s.evaluate.out_dir) / "gate.json"),
-            "training": report.read_json(Path(s.train.out_dir) / "summary.json"),
-            "learning_curve": report.image(Path(s.evaluate.out_dir) / "learning_curve.png", "learning curves"),
-            "package_manifest": report.read_json(Path(s.package.out_dir) / "manifest.json"),
-            "data_version": ws.lock_entry("ingest").get("outs", [{}])[0].get("md5")}
+    return {
+        "metrics": report.read_json(Path(s.evaluate.out_dir) / "metrics.json"),
+        "gate": report.read_json(Path(s.evaluate.out_dir) / "gate.json"),
+        "training": report.read_json(Path(s.train.out_dir) / "summary.json"),
+        "learning_curve": report.image(Path(s.evaluate.out_dir) / "learning_curve.png", "learning curves"),
+        "package_manifest": report.read_json(Path(s.package.out_dir) / "manifest.json"),
+        "data_version": ws.lock_entry("ingest").get("outs", [{}])[0].get("md5"),
+    }
 
 
 @functools.cache
@@ -104,12 +114,16 @@ def build(params: Path = Path(PARAMS)):
     warnings.filterwarnings("ignore", message='Field name "validate"', category=UserWarning)
     models = forms(params)
 
-    def training_pipeline(**parameters) -> dict:
+    def training_pipeline(**parameters) -> dict | State:
         return pipeline(parameters)
 
-    training_pipeline.__signature__ = inspect.Signature(
-        [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=model(), annotation=model)
-         for name, model in models.items()], return_annotation=dict)
+    training_pipeline.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=model(), annotation=model)
+            for name, model in models.items()
+        ],
+        return_annotation=dict,
+    )
     training_pipeline.__doc__ = pipeline.__doc__
     training_pipeline.__qualname__ = "training_pipeline"  # the deployment's entrypoint: flows/pipeline.py:training_pipeline
     return flow(name="training-pipeline", log_prints=True, validate_parameters=True)(training_pipeline)

@@ -38,9 +38,16 @@ def change(metric: str, new: float, old: float | None) -> str:
 
 def metrics_rows(metrics: dict, previous: dict | None) -> list[dict]:
     previous = previous or {}
-    return [{"metric": NAMES[k], "this run": round(metrics[k], 4),
-             "before": None if previous.get(k) is None else round(previous[k], 4), "change": change(k, metrics[k], previous.get(k))}
-            for k in NAMES if metrics.get(k) is not None]
+    return [
+        {
+            "metric": NAMES[k],
+            "this run": round(metrics[k], 4),
+            "before": None if previous.get(k) is None else round(previous[k], 4),
+            "change": change(k, metrics[k], previous.get(k)),
+        }
+        for k in NAMES
+        if metrics.get(k) is not None
+    ]
 
 
 def training_line(training: dict) -> str:
@@ -48,10 +55,12 @@ def training_line(training: dict) -> str:
     split, steps = training.get("time_split_s", {}), max(1, training.get("steps") or 1)
     per_step = " · ".join(f"{split.get(k, 0) / steps * 1000:.2f} ms {k}" for k in ("data", "compute", "sync"))
     totals = " · ".join(f"{split.get(k, 0):.1f} s {k}" for k in ("data", "compute", "sync"))
-    return (f"{training['world_size']} rank(s) ({training.get('launcher')}, {training.get('strategy')}, {training.get('precision')} "
-            f"on {training.get('device')}), {training['epochs_run']} epochs (best {training['best_epoch']}), "
-            f"{training['samples_per_s']:,.0f} samples/s. Time per step: {per_step} (whole run: {totals}; per epoch: "
-            "the `training-epochs` artifact)" + recovery(training))
+    return (
+        f"{training['world_size']} rank(s) ({training.get('launcher')}, {training.get('strategy')}, {training.get('precision')} "
+        f"on {training.get('device')}), {training['epochs_run']} epochs (best {training['best_epoch']}), "
+        f"{training['samples_per_s']:,.0f} samples/s. Time per step: {per_step} (whole run: {totals}; per epoch: "
+        "the `training-epochs` artifact)" + recovery(training)
+    )
 
 
 def recovery(training: dict) -> str:
@@ -77,23 +86,45 @@ def summary_markdown(run: dict) -> str:
     gate = run.get("gate") or {}
     if not ran:
         made = run.get("package_manifest") or {}
-        origin = (f"Prefect flow run `{made['prefect_flow_run_id']}`" if made.get("prefect_flow_run_id")
-                  else "`dvc repro`" if made else "an earlier run")
-        head = (f"# Nothing changed: reused {origin}\n\nEvery stage was up to date in DVC; the model, its package and "
-                f"its metrics are those {origin} built{' at ' + made['created'] if made.get('created') else ''}.\n")
+        origin = (
+            f"Prefect flow run `{made['prefect_flow_run_id']}`"
+            if made.get("prefect_flow_run_id")
+            else "`dvc repro`"
+            if made
+            else "an earlier run"
+        )
+        head = (
+            f"# Nothing changed: reused {origin}\n\nEvery stage was up to date in DVC; the model, its package and "
+            f"its metrics are those {origin} built{' at ' + made['created'] if made.get('created') else ''}.\n"
+        )
     else:
-        outcome = {"promote": "promoted", "keep": "not promoted"}.get(gate.get("decision"), "done")
+        outcome = {"promote": "promoted", "keep": "not promoted"}.get(str(gate.get("decision")), "done")
         head = f"# Trainflow run: {outcome}\n\n**Gate:** {gate.get('message', 'n/a')}\n"
-    where = (f"DVC experiment `{run['experiment']}` (`dvc exp show`; `dvc exp apply {run['experiment']}` to use it)"
-             if run["experiment"] else "the workspace (dvc.lock updated)" if ran else "the workspace (nothing to update)")
-    parts = [head, f"**Test metrics** ({DIRECTION}):\n", table(metrics_rows(run["metrics"] or {}, run["previous_metrics"]))
-             if run["metrics"] else "n/a", "",
-             f"**Data version (DVC md5 of the raw data):** `{run['data_version']}` · **Results in:** {where}", ""]
+    where = (
+        f"DVC experiment `{run['experiment']}` (`dvc exp show`; `dvc exp apply {run['experiment']}` to use it)"
+        if run["experiment"]
+        else "the workspace (dvc.lock updated)"
+        if ran
+        else "the workspace (nothing to update)"
+    )
+    parts = [
+        head,
+        f"**Test metrics** ({DIRECTION}):\n",
+        table(metrics_rows(run["metrics"] or {}, run["previous_metrics"])) if run["metrics"] else "n/a",
+        "",
+        f"**Data version (DVC md5 of the raw data):** `{run['data_version']}` · **Results in:** {where}",
+        "",
+    ]
     if "train" in ran and run.get("training"):
         parts += [f"**Training:** {training_line(run['training'])}", "", run.get("learning_curve") or "", ""]
     changed = "\n".join(f"- `{k}`: {a!r} → {b!r}" for k, (a, b) in run["changed_params"].items()) or "- none (params.yaml)"
-    parts += ["## Parameters changed from params.yaml", changed, "", f"## Stages ({run['seconds']:.1f} s in all)",
-              table([{"stage": k, "status": v["status"], "seconds": round(v["seconds"], 2)} for k, v in stages.items()])]
+    parts += [
+        "## Parameters changed from params.yaml",
+        changed,
+        "",
+        f"## Stages ({run['seconds']:.1f} s in all)",
+        table([{"stage": k, "status": v["status"], "seconds": round(v["seconds"], 2)} for k, v in stages.items()]),
+    ]
     return "\n".join(parts) + "\n"
 
 
@@ -101,8 +132,11 @@ def publish_summary(run: dict) -> None:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     if run["metrics"]:
-        create_table_artifact(key="metrics", table=metrics_rows(run["metrics"], run["previous_metrics"]),
-                              description=f"Test metrics of this run vs the workspace's previous ones ({DIRECTION})")
+        create_table_artifact(
+            key="metrics",
+            table=metrics_rows(run["metrics"], run["previous_metrics"]),
+            description=f"Test metrics of this run vs the workspace's previous ones ({DIRECTION})",
+        )
     create_markdown_artifact(key="training-summary", markdown=summary_markdown(run), description="Trainflow run summary")
 
 
@@ -111,17 +145,23 @@ def publish_training(training: dict) -> None:
     from prefect.artifacts import create_table_artifact
 
     rows = [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in e.items()} for e in training["epochs"]]
-    create_table_artifact(key="training-epochs", table=rows,
-                          description=f"{training.get('world_size')} rank(s), {training.get('launcher')}, {training.get('strategy')}, "
-                                      f"{training.get('precision')}: each epoch's train and validation loss, speed and step time split (seconds)")
+    create_table_artifact(
+        key="training-epochs",
+        table=rows,
+        description=f"{training.get('world_size')} rank(s), {training.get('launcher')}, {training.get('strategy')}, "
+        f"{training.get('precision')}: each epoch's train and validation loss, speed and step time split (seconds)",
+    )
 
 
 def publish_validation(report_md: str | Path) -> None:
     from prefect.artifacts import create_markdown_artifact
 
     if Path(report_md).exists():  # passed or not
-        create_markdown_artifact(key="validation-report", markdown=Path(report_md).read_text(),
-                                 description="Every expectation of the suite on this run's data")
+        create_markdown_artifact(
+            key="validation-report",
+            markdown=Path(report_md).read_text(),
+            description="Every expectation of the suite on this run's data",
+        )
 
 
 class TrainingProgress:

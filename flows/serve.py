@@ -32,9 +32,14 @@ def deployments() -> list:
     out = []
     for flow in (build(Path("params.yaml").resolve()), batch_predict):
         spec = deployment_spec(flow.name)
-        out.append(flow.to_deployment(
-            name=spec["name"], description=spec["description"], concurrency_limit=spec.get("concurrency_limit"),
-            schedules=[Cron(s["cron"], timezone=s.get("timezone", "UTC")) for s in spec.get("schedules") or []]))
+        out.append(
+            flow.to_deployment(
+                name=spec["name"],
+                description=spec["description"],
+                concurrency_limit=spec.get("concurrency_limit"),
+                schedules=[Cron(s["cron"], timezone=s.get("timezone", "UTC")) for s in spec.get("schedules") or []],
+            )
+        )
     return out
 
 

@@ -35,8 +35,10 @@ def check_api() -> None:
     try:
         urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=10).close()
     except OSError as e:
-        raise UserError(f"PREFECT_API_URL={url} does not answer ({getattr(e, 'reason', e)}); start the server "
-                        "(prefect server start --host 127.0.0.1) or unset PREFECT_API_URL to use a temporary local one") from None
+        raise UserError(
+            f"PREFECT_API_URL={url} does not answer ({getattr(e, 'reason', e)}); start the server "
+            "(prefect server start --host 127.0.0.1) or unset PREFECT_API_URL to use a temporary local one"
+        ) from None
 
 
 REAPER = """
@@ -72,8 +74,14 @@ def start_temporary_server() -> None:
     if server.server_process is None or not Path("/proc").is_dir():
         return
     read, write = os.pipe()  # neither end is inherited by the server or the ranks (O_CLOEXEC)
-    subprocess.Popen([sys.executable, "-c", REAPER, str(read), str(server.server_process.pid)], pass_fds=(read,),
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    subprocess.Popen(
+        [sys.executable, "-c", REAPER, str(read), str(server.server_process.pid)],
+        pass_fds=(read,),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     os.close(read)
     _held.append(write)  # open until this process ends
 

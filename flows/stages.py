@@ -4,7 +4,7 @@ retry can help."""
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -26,7 +26,7 @@ def infrastructure_failure(_task, _task_run, state) -> bool:
 
     try:
         error = state.result(raise_on_failure=False)
-    except Exception as e:  # noqa: BLE001 - the result of a crashed task is the error itself
+    except Exception as e:
         error = e
     return isinstance(error, (InfrastructureError, KilledWorker, ConnectionError, TimeoutError))
 
@@ -36,12 +36,19 @@ class Stages:
     dvc.lock and the DVC cache when it ran. A stage's error stops the run (later stages do not run)."""
 
     def __init__(self, settings: Settings, ws: Workspace):
-        self.settings, self.ws, self.done = settings, ws, {}
+        self.settings, self.ws = settings, ws
+        self.done: dict[str, dict] = {}
 
     def __call__(self, stage: Callable, then: Callable | None = None, **kwargs) -> None:
         name = stage.__name__
-        state = task(self._run, name=name, cache_policy=NO_CACHE, retries=STAGE_RETRIES, retry_delay_seconds=5,
-                     retry_condition_fn=infrastructure_failure)(name, stage, kwargs, return_state=True)
+        state = task(  # type: ignore[call-overload]  # (Prefect's overloads do not cover a bound method with these options)
+            self._run,
+            name=name,
+            cache_policy=NO_CACHE,
+            retries=STAGE_RETRIES,
+            retry_delay_seconds=5,
+            retry_condition_fn=infrastructure_failure,
+        )(name, stage, kwargs, return_state=True)
         if then is not None:
             then()  # also when the stage failed (the validation report says why)
         self.done[name] = state.result()
@@ -50,8 +57,11 @@ class Stages:
         t0 = time.perf_counter()
         changes = self.ws.changes(name)
         if not changes:
-            return Completed(name="Cached", message="up to date in DVC",
-                             data={"status": "cached", "seconds": round(time.perf_counter() - t0, 3)})
+            return Completed(
+                name="Cached",
+                message="up to date in DVC",
+                data={"status": "cached", "seconds": round(time.perf_counter() - t0, 3)},
+            )
         get_run_logger().info("%s: %s", name, changes)
         stage(self.settings, **kwargs)  # the cwd is the workspace root (or the experiment's worktree)
         self.ws.commit(name)

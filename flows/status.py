@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
@@ -76,12 +76,18 @@ def champion_status(champion: Path) -> str:
         version = champion_record(champion)
     except UserError as e:
         return str(e)
-    record = json.loads((versions_dir(champion) / f"{version}.json").read_text()) \
-        if (versions_dir(champion) / f"{version}.json").exists() else {}
+    record = (
+        json.loads((versions_dir(champion) / f"{version}.json").read_text())
+        if (versions_dir(champion) / f"{version}.json").exists()
+        else {}
+    )
     manifest = json.loads((champion / "manifest.json").read_text())
     m = manifest.get("metrics", {})
-    return (f"{champion} -> version {version[:12]}, promoted {record.get('promoted', '?')}: test RMSE {m.get('rmse', float('nan')):.4f}, "
-            f"trained on {manifest.get('data', {}).get('dataset')} ({manifest.get('created')})")
+    return (
+        f"{champion} -> version {version[:12]}, promoted {record.get('promoted', '?')}: "
+        f"test RMSE {m.get('rmse', float('nan')):.4f}, "
+        f"trained on {manifest.get('data', {}).get('dataset')} ({manifest.get('created')})"
+    )
 
 
 def last_run(s) -> list[str]:
@@ -89,19 +95,23 @@ def last_run(s) -> list[str]:
     metrics, gate = Path(s.evaluate.out_dir) / "metrics.json", Path(s.evaluate.out_dir) / "gate.json"
     if metrics.exists():
         m = json.loads(metrics.read_text())
-        when = datetime.fromtimestamp(os.path.getmtime(metrics), timezone.utc).isoformat(timespec="seconds")
+        when = datetime.fromtimestamp(os.path.getmtime(metrics), UTC).isoformat(timespec="seconds")
         out.append(f"evaluated {when}: test RMSE {m['rmse']:.4f}  MAE {m['mae']:.4f}  R² {m['r2']:.4f}  (n={m['n']:,})")
     if gate.exists():
         out.append(f"gate: {json.loads(gate.read_text())['message']}")
     summary = Path(s.train.out_dir) / "summary.json"
     if summary.exists():
         t = json.loads(summary.read_text())
-        out.append(f"trained {t['epochs_run']} epochs (best {t['best_epoch']}) in {t['seconds']:.1f} s on {t['world_size']} rank(s)")
+        out.append(
+            f"trained {t['epochs_run']} epochs (best {t['best_epoch']}) in {t['seconds']:.1f} s on {t['world_size']} rank(s)"
+        )
     manifest = Path(s.package.out_dir) / "manifest.json"
     if manifest.exists():
         p = json.loads(manifest.read_text())
-        out.append(f"package {s.package.out_dir} built {p.get('created')}"
-                   + (f" by Prefect flow run {p['prefect_flow_run_id']}" if p.get("prefect_flow_run_id") else ""))
+        out.append(
+            f"package {s.package.out_dir} built {p.get('created')}"
+            + (f" by Prefect flow run {p['prefect_flow_run_id']}" if p.get("prefect_flow_run_id") else "")
+        )
     return out or ["no run yet: `trainflow run` or `dvc repro`"]
 
 

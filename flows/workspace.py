@@ -26,8 +26,10 @@ import yaml
 from tasks.errors import UserError
 from tasks.settings import PARAMS, Settings, dump_settings, edit_params
 
-BUSY = ("{root} is busy: another Trainflow run or DVC command holds its lock ({what}). Wait for it to finish and run "
-        "again (if no such process is running, delete {what})")
+BUSY = (
+    "{root} is busy: another Trainflow run or DVC command holds its lock ({what}). Wait for it to finish and run "
+    "again (if no such process is running, delete {what})"
+)
 
 
 class Workspace:
@@ -68,9 +70,12 @@ class Workspace:
             lock = json.loads(path.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return []
-        infos = [i for mode in ("read", "write") for v in (lock.get(mode) or {}).values() for i in (v if isinstance(v, list) else [v])]
-        return sorted({f"PID {i['pid']}: {i['cmd']}" for i in infos
-                       if int(i["pid"]) != os.getpid() and psutil.pid_exists(int(i["pid"]))})
+        infos = [
+            i for mode in ("read", "write") for v in (lock.get(mode) or {}).values() for i in (v if isinstance(v, list) else [v])
+        ]
+        return sorted(
+            {f"PID {i['pid']}: {i['cmd']}" for i in infos if int(i["pid"]) != os.getpid() and psutil.pid_exists(int(i["pid"]))}
+        )
 
     def check_graph(self) -> None:
         """DVC's checks of the whole pipeline (overlapping or duplicated outputs, cycles) before any stage runs:
@@ -104,8 +109,10 @@ class Workspace:
         try:
             self.repo.push()
         except NoRemoteError:
-            raise UserError("dvc.push is true but this repository has no default DVC remote; add one with "
-                            "`dvc remote add -d storage s3://bucket/path` (or a local directory), or set dvc.push: false") from None
+            raise UserError(
+                "dvc.push is true but this repository has no default DVC remote; add one with "
+                "`dvc remote add -d storage s3://bucket/path` (or a local directory), or set dvc.push: false"
+            ) from None
         except DvcException as e:
             raise UserError(f"dvc push failed: {e}; check the remote's address and credentials (dvc remote list)") from None
 
@@ -119,8 +126,10 @@ class Workspace:
         run_id = uuid.UUID(str(run_id)).hex  # refuses anything but a UUID
         path, cwd = self.root / ".dvc" / "tmp" / "trainflow-exps" / run_id, os.getcwd()
         if subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=self.root, capture_output=True).returncode:
-            raise UserError(f"{self.root}: parameters that differ from params.yaml run as a DVC experiment, "
-                            "which needs a git commit to start from; commit the project first")
+            raise UserError(
+                f"{self.root}: parameters that differ from params.yaml run as a DVC experiment, "
+                "which needs a git commit to start from; commit the project first"
+            )
         if subprocess.run(["git", "check-ref-format", f"refs/exps/trainflow/{name}"], cwd=self.root).returncode or "/" in name:
             raise UserError(f"experiment name {name!r} is not valid as a git ref; name the run with letters, digits and dashes")
         shutil.rmtree(path, ignore_errors=True)
@@ -161,6 +170,7 @@ RUNTIME_SECTIONS = ("dask", "dvc")  # where and how a run executes; no stage out
 def changed_params(settings: Settings, base: Settings) -> dict[str, tuple]:
     """Dotted keys of stage params whose value differs: {key: (params.yaml value, run value)}. A mapping value
     (dataset.columns) is one value; a nested section (preprocess.split) is its keys."""
+
     def stage_params(s: Settings) -> dict:
         out = {}
         for section, values in dump_settings(s).items():

@@ -50,11 +50,18 @@ def local_client(n_workers: int | None = None, threads_per_worker: int | None = 
     # its INFO lines drown the run's own log; the worker processes read the variable when they start
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     logging.getLogger("distributed").setLevel(logging.WARNING)
-    with LocalCluster(
-        n_workers=n_workers, threads_per_worker=threads_per_worker, processes=processes,
-        **({"host": "127.0.0.1"} if processes else {}),  # (threads talk in-process: no address at all)
-        dashboard_address="127.0.0.1:0", worker_dashboard_address="127.0.0.1:0", silence_logs=logging.WARNING,
-    ) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=threads_per_worker,
+            processes=processes,
+            **({"host": "127.0.0.1"} if processes else {}),  # (threads talk in-process: no address at all)
+            dashboard_address="127.0.0.1:0",
+            worker_dashboard_address="127.0.0.1:0",
+            silence_logs=logging.WARNING,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         yield client
 
 

@@ -26,15 +26,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tasks.files import atomic_path, sha256_file, write_json
-from tasks.metrics import LOWER_IS_BETTER, NAMES, compared, improvement, regression_metrics
-from tasks.training.model import load_model
 from tasks.errors import UserError
+from tasks.files import atomic_path, sha256_file, write_json
+from tasks.metrics import NAMES, compared, improvement, regression_metrics
 from tasks.paths import champion_path
 from tasks.settings import Settings, cli
 from tasks.training.data import EVAL_CHUNK, load_split
+from tasks.training.model import load_model
 
-LOWER_IS_BETTER = {"rmse": True, "mae": True, "mape": True, "r2": False}
 MIN_SLICE_ROWS = 30  # smaller slices are reported but not gated: their metrics are mostly noise
 TOP_CATEGORIES = 20
 ROUNDING = 1e-6  # a smaller relative difference is float rounding (the same model scored by torch and by ONNX)
@@ -59,8 +58,9 @@ def slice_labels(column: pd.Series, kind: str, bins: int) -> pd.Series:
     if len(edges) < 2:
         return pd.Series("all", index=column.index, dtype=object)
     codes = np.clip(np.searchsorted(edges, numbers, side="right") - 1, 0, len(edges) - 2)
-    names = np.array([f"[{edges[i]:.4g}, {edges[i + 1]:.4g}{']' if i == len(edges) - 2 else ')'}" for i in range(len(edges) - 1)],
-                     dtype=object)
+    names = np.array(
+        [f"[{edges[i]:.4g}, {edges[i + 1]:.4g}{']' if i == len(edges) - 2 else ')'}" for i in range(len(edges) - 1)], dtype=object
+    )
     return pd.Series(np.where(numbers.isna(), "missing", names[codes]), index=column.index, dtype=object)
 
 
@@ -84,11 +84,17 @@ def score_champion(s: Settings, raw: pd.DataFrame, actual: np.ndarray) -> dict |
         champion = ModelPackage(*verified_champion(path))
         predicted = champion.predict(raw)
     except UserError as e:
-        raise UserError(f"evaluate: the champion at {path} cannot be scored: {e}. The gate does not promote over a model it "
-                        f"cannot check: restore {path} (e.g. from the last promoted package), or remove it deliberately "
-                        "to make the next model the first champion") from None
-    return {"path": str(path), "manifest_sha256": sha256_file(path / "manifest.json"),
-            "created": champion.manifest.get("created"), "predicted": predicted}
+        raise UserError(
+            f"evaluate: the champion at {path} cannot be scored: {e}. The gate does not promote over a model it "
+            f"cannot check: restore {path} (e.g. from the last promoted package), or remove it deliberately "
+            "to make the next model the first champion"
+        ) from None
+    return {
+        "path": str(path),
+        "manifest_sha256": sha256_file(path / "manifest.json"),
+        "created": champion.manifest.get("created"),
+        "predicted": predicted,
+    }
 
 
 def decide(cfg, candidate: dict, reference: dict, against: str, cand_slices: dict, ref_slices: dict | None) -> dict:
@@ -106,24 +112,44 @@ def decide(cfg, candidate: dict, reference: dict, against: str, cand_slices: dic
                 continue
             regression = -improvement(metric, cand[metric], ref[metric])
             if regression > cfg.max_slice_regression:
-                worse.append({"slice": f"{col}={name}", "n": ref["n"], "candidate": cand[metric], "champion": ref[metric],
-                              "regression": regression})
+                worse.append(
+                    {
+                        "slice": f"{col}={name}",
+                        "n": ref["n"],
+                        "candidate": cand[metric],
+                        "champion": ref[metric],
+                        "regression": regression,
+                    }
+                )
     name = NAMES[metric]
     shown = "n/a" if r is None else f"{r:.4f}"
-    verdict = f"test {name} {c:.4f} vs {against} {shown}: {compared(metric, c, r)} (needs more than {cfg.min_improvement:.2%} better)"
+    verdict = (
+        f"test {name} {c:.4f} vs {against} {shown}: {compared(metric, c, r)} (needs more than {cfg.min_improvement:.2%} better)"
+    )
     if not gain > max(cfg.min_improvement, ROUNDING):
         decision, message = "keep", f"not promoted: {verdict}"
     elif worse:
         w = max(worse, key=lambda x: x["regression"])
         decision = "keep"
-        message = (f"not promoted: {verdict}, but {len(worse)} slice(s) got worse by more than "
-                   f"{cfg.max_slice_regression:.0%}, e.g. {w['slice']} (n={w['n']:,}): {name} {w['candidate']:.4f} vs "
-                   f"{w['champion']:.4f}, {w['regression']:.1%} worse")
+        message = (
+            f"not promoted: {verdict}, but {len(worse)} slice(s) got worse by more than "
+            f"{cfg.max_slice_regression:.0%}, e.g. {w['slice']} (n={w['n']:,}): {name} {w['candidate']:.4f} vs "
+            f"{w['champion']:.4f}, {w['regression']:.1%} worse"
+        )
     else:
         decision, message = "promote", f"promote: {verdict}"
-    return {"decision": decision, "message": message, "against": against, "primary": metric, "candidate": c,
-            "reference": r, "improvement": gain, "min_improvement": cfg.min_improvement,
-            "max_slice_regression": cfg.max_slice_regression, "slices_worse": worse}
+    return {
+        "decision": decision,
+        "message": message,
+        "against": against,
+        "primary": metric,
+        "candidate": c,
+        "reference": r,
+        "improvement": gain,
+        "min_improvement": cfg.min_improvement,
+        "max_slice_regression": cfg.max_slice_regression,
+        "slices_worse": worse,
+    }
 
 
 def evaluate(s: Settings) -> dict:
@@ -134,7 +160,9 @@ def evaluate(s: Settings) -> dict:
     x, y = load_split(feat_dir / "test", meta["features"], meta["target"])
     raw = pd.read_parquet(feat_dir / "test_raw")  # the same rows, in the same order, as they came
     if len(raw) != len(y):
-        raise UserError(f"evaluate: {feat_dir}/test_raw has {len(raw):,} rows but test has {len(y):,}; rerun the preprocess stage")
+        raise UserError(
+            f"evaluate: {feat_dir}/test_raw has {len(raw):,} rows but test has {len(y):,}; rerun the preprocess stage"
+        )
     predicted, actual = predict(model, meta, x), y.double().numpy()
     metrics = regression_metrics(actual, predicted)
     slices = slice_metrics(raw, actual, predicted, s)
@@ -144,8 +172,11 @@ def evaluate(s: Settings) -> dict:
     if champion is None:
         ref, ref_slices, against = regression_metrics(actual, baseline), None, "the train-mean baseline"
     else:
-        ref, ref_slices, against = (regression_metrics(actual, champion["predicted"]),
-                                    slice_metrics(raw, actual, champion["predicted"], s), f"champion {champion['path']}")
+        ref, ref_slices, against = (
+            regression_metrics(actual, champion["predicted"]),
+            slice_metrics(raw, actual, champion["predicted"], s),
+            f"champion {champion['path']}",
+        )
     gate = decide(s.evaluate, metrics, ref, against, slices, ref_slices)
     gate["champion"] = None if champion is None else {k: champion[k] for k in ("path", "manifest_sha256", "created")}
     gate["compared"] = {"baseline": regression_metrics(actual, baseline), "champion": ref if champion is not None else None}
@@ -157,7 +188,9 @@ def evaluate(s: Settings) -> dict:
     residuals = predicted - actual
     counts, edges = np.histogram(residuals, bins=50) if len(residuals) else (np.zeros(0), np.zeros(1))
     with atomic_path(out / "residuals.csv") as tmp:  # bins as [residual, residual_to): the histogram plot template
-        pd.DataFrame({"residual": edges[:-1], "residual_to": edges[1:], "rows": counts}).to_csv(tmp, index=False, float_format="%.6g")
+        pd.DataFrame({"residual": edges[:-1], "residual_to": edges[1:], "rows": counts}).to_csv(
+            tmp, index=False, float_format="%.6g"
+        )
     plots(actual, predicted, meta["target"], metrics, Path(s.train.out_dir) / "summary.json", out)
     write_json(out / "slices.json", {"primary": s.evaluate.primary, "candidate": slices, "champion": ref_slices})
     write_json(out / "gate.json", gate)
@@ -184,8 +217,11 @@ def plots(actual: np.ndarray, predicted: np.ndarray, target: str, metrics: dict,
     if len(actual):
         lo, hi = float(min(actual.min(), predicted.min())), float(max(actual.max(), predicted.max()))
         ax.plot([lo, hi], [lo, hi], color="black", linewidth=1)
-    ax.set(xlabel=f"actual {target}", ylabel=f"predicted {target}",
-           title=f"test RMSE {metrics['rmse']:.4f}  R² {metrics['r2']:.3f}  (n={metrics['n']:,})")
+    ax.set(
+        xlabel=f"actual {target}",
+        ylabel=f"predicted {target}",
+        title=f"test RMSE {metrics['rmse']:.4f}  R² {metrics['r2']:.3f}  (n={metrics['n']:,})",
+    )
     save(fig, "pred_vs_actual.png")
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)

@@ -40,14 +40,18 @@ def _text_as_categorical(col: pd.Series) -> pd.Categorical:
     arr = pa.array(col, from_pandas=True)
     arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
     enc = pc.dictionary_encode(arr.cast(pa.large_string()))
-    return pd.Categorical.from_codes(pc.fill_null(enc.indices, -1).to_numpy(zero_copy_only=False),
-                                     categories=pd.Index(enc.dictionary.to_pylist(), dtype=object))
+    return pd.Categorical.from_codes(
+        pc.fill_null(enc.indices, -1).to_numpy(zero_copy_only=False),
+        categories=pd.Index(enc.dictionary.to_pylist(), dtype=object),
+    )
 
 
 def assign_split(part: pd.DataFrame, fractions: tuple[float, float, float]) -> pd.Series:
     """'train' / 'val' / 'test' for each row, from a hash of its key columns (stable, order-free)."""
-    part = pd.DataFrame({c: part[c] if pd.api.types.is_numeric_dtype(t) else _text_as_categorical(part[c])
-                         for c, t in part.dtypes.items()}, index=part.index)
+    part = pd.DataFrame(
+        {c: part[c] if pd.api.types.is_numeric_dtype(t) else _text_as_categorical(part[c]) for c, t in part.dtypes.items()},
+        index=part.index,
+    )
     bucket = pd.util.hash_pandas_object(part, index=False).to_numpy() % HASH_BUCKETS
     train_end = round(fractions[0] * HASH_BUCKETS)
     val_end = round((fractions[0] + fractions[1]) * HASH_BUCKETS)
@@ -100,14 +104,22 @@ def merge_stats(parts: list[dict]) -> dict:
         with np.errstate(invalid="ignore", divide="ignore"):
             share = np.where(n > 0, b["n"] / np.maximum(n, 1), 0.0)
             mean = out["mean"] + delta * share
-            m2 = out["m2"] + b["m2"] + delta ** 2 * out["n"] * share
+            m2 = out["m2"] + b["m2"] + delta**2 * out["n"] * share
         counts = {c: out["counts"][c].add(b["counts"][c], fill_value=0) for c in out["counts"]}
         out = {"columns": out["columns"], "n": n, "mean": mean, "m2": m2, "rows": out["rows"] + b["rows"], "counts": counts}
     return out
 
 
-def fit(stats: dict, kinds: dict[str, str], target: str, scaler: str, n_quantiles: int, min_frequency: int,
-        max_categories: int, quantiles: pd.DataFrame | None = None) -> dict:
+def fit(
+    stats: dict,
+    kinds: dict[str, str],
+    target: str,
+    scaler: str,
+    n_quantiles: int,
+    min_frequency: int,
+    max_categories: int,
+    quantiles: pd.DataFrame | None = None,
+) -> dict:
     """The transform from the merged train statistics (and, for the quantile scaler, the train quantiles
     of the numeric columns at np.linspace(0, 1, n_quantiles))."""
     numeric = numeric_names(kinds)
@@ -123,8 +135,9 @@ def fit(stats: dict, kinds: dict[str, str], target: str, scaler: str, n_quantile
     columns = {}
     for c in numeric:
         m, s = mean_std(c)
-        p = {"mean": m, "std": s, "indicator": bool(stats["n"][col[c]] < stats["rows"])}
+        p: dict = {"mean": m, "std": s, "indicator": bool(stats["n"][col[c]] < stats["rows"])}
         if scaler == "quantile":
+            assert quantiles is not None  # the quantile scaler is fitted with them
             q = quantiles[c].to_numpy(dtype=np.float64)
             p["quantiles"] = np.where(np.isnan(q), m, q).tolist()
         columns[c] = p
@@ -135,7 +148,8 @@ def fit(stats: dict, kinds: dict[str, str], target: str, scaler: str, n_quantile
             raise UserError(
                 f"dataset.columns: categorical column {c!r} has {len(vc):,} distinct values in the train split, "
                 f"more than preprocess.max_categories={max_categories:,}: a vocabulary that large does not generalise "
-                "and would not fit an embedding. Declare it ignore (an identifier) or numeric, or raise preprocess.max_categories")
+                "and would not fit an embedding. Declare it ignore (an identifier) or numeric, or raise preprocess.max_categories"
+            )
         vocab[c] = sorted(str(v) for v, n in vc.items() if n >= min_frequency)
     features = numeric + [f"{c}{MISSING}" for c in numeric if columns[c]["indicator"]] + categorical
     t_mean, t_std = mean_std(target)
@@ -145,7 +159,8 @@ def fit(stats: dict, kinds: dict[str, str], target: str, scaler: str, n_quantile
         "inputs": {c: k for c, k in kinds.items() if k != "ignore"},
         "scaler": scaler,
         "references": [NormalDist().inv_cdf(p) for p in np.clip(np.linspace(0, 1, n_quantiles), CLIP, 1 - CLIP)]
-        if scaler == "quantile" else None,
+        if scaler == "quantile"
+        else None,
         "numeric": columns,
         "categorical": {c: {"vocabulary": vocab[c]} for c in categorical},
         "features": features,
@@ -157,8 +172,10 @@ def fit(stats: dict, kinds: dict[str, str], target: str, scaler: str, n_quantile
 
 def categorical_features(transform: dict) -> list[dict]:
     """For the model: the position of each categorical code column and its number of codes (with OOV)."""
-    return [{"name": c, "index": transform["features"].index(c), "cardinality": len(v["vocabulary"]) + 1}
-            for c, v in transform["categorical"].items()]
+    return [
+        {"name": c, "index": transform["features"].index(c), "cardinality": len(v["vocabulary"]) + 1}
+        for c, v in transform["categorical"].items()
+    ]
 
 
 def apply_transform(transform: dict, frame: pd.DataFrame) -> np.ndarray:

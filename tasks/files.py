@@ -110,11 +110,12 @@ def mark(directory: Path) -> None:
 def check_replaceable(dst: Path) -> None:
     """Refuse to replace a directory Trainflow did not write: no marker, not empty, and not a stage output that
     dvc.lock records (outputs written before markers existed, or checked out by DVC)."""
-    if dst.is_dir() and not dst.is_symlink() and not (dst / MARKER).exists() and any(dst.iterdir()) \
-            and not _recorded_by_dvc(dst):
+    if dst.is_dir() and not dst.is_symlink() and not (dst / MARKER).exists() and any(dst.iterdir()) and not _recorded_by_dvc(dst):
         example = next(iter(sorted(p for p in dst.rglob("*") if p.is_file())), None)
-        raise UserError(f"{dst} is a directory Trainflow did not write (it has no {MARKER}; e.g. {example}); it is never "
-                        "deleted or replaced. Move it away, or point the setting that names it at a path of its own")
+        raise UserError(
+            f"{dst} is a directory Trainflow did not write (it has no {MARKER}; e.g. {example}); it is never "
+            "deleted or replaced. Move it away, or point the setting that names it at a path of its own"
+        )
 
 
 def _recorded_by_dvc(path: Path) -> bool:

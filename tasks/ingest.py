@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-
 from pathlib import Path
 
 import fsspec
@@ -28,7 +27,9 @@ def read_table(source: str) -> tuple[pd.DataFrame, str]:
         with fsspec.open(source, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        raise UserError(f"dataset.source: {source} does not exist; set dataset.source in params.yaml to a CSV or Parquet file") from None
+        raise UserError(
+            f"dataset.source: {source} does not exist; set dataset.source in params.yaml to a CSV or Parquet file"
+        ) from None
     except (OSError, ValueError, ImportError) as e:
         raise UserError(f"dataset.source: cannot read {source}: {e}") from None
     digest = hashlib.sha256(data).hexdigest()
@@ -51,22 +52,28 @@ def _parse_csv(data: bytes, source: str) -> pd.DataFrame:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"dataset.source: {source} is not a UTF-8 CSV (byte {data[e.start]:#04x} at offset {e.start}) "
-                        "and not Parquet; save it as UTF-8 CSV or Parquet") from None
+        raise UserError(
+            f"dataset.source: {source} is not a UTF-8 CSV (byte {data[e.start]:#04x} at offset {e.start}) "
+            "and not Parquet; save it as UTF-8 CSV or Parquet"
+        ) from None
     header = text.split("\n", 1)[0]
     if "," not in header:
         other = next((d for d in (";", "\t", "|") if d in header), None)
         hint = f"it looks {'tab' if other == chr(9) else repr(other)}-separated; " if other else ""
-        raise UserError(f"dataset.source: {source} has no comma in its header line; {hint}"
-                        "give a comma-separated CSV (with a header row) or Parquet")
+        raise UserError(
+            f"dataset.source: {source} has no comma in its header line; {hint}"
+            "give a comma-separated CSV (with a header row) or Parquet"
+        )
     try:
         frame = pd.read_csv(io.StringIO(text))
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise UserError(f"dataset.source: {source} is not a readable CSV: {e}") from None
     last = text.rstrip("\n").rsplit("\n", 1)[-1]
     if not text.endswith("\n") and len(frame) and last.count(",") < header.count(","):
-        raise UserError(f"dataset.source: {source} looks truncated: its last line has {last.count(',') + 1} of "
-                        f"{header.count(',') + 1} fields and no line end; re-copy or re-export the file")
+        raise UserError(
+            f"dataset.source: {source} looks truncated: its last line has {last.count(',') + 1} of "
+            f"{header.count(',') + 1} fields and no line end; re-copy or re-export the file"
+        )
     return frame
 
 
@@ -74,11 +81,14 @@ def copy_parquet_dir(fs, root: str, source: str, out: Path) -> tuple[int, list[s
     """Copy the .parquet files of a directory (a dataset too big for one frame) as they are, hashing them on
     the way, and check that each one is readable Parquet and that all share one schema. Returns the rows,
     the columns and the directory's sha256 (tasks/files.sha256_path)."""
-    names = sorted(p for p in fs.ls(root, detail=False)
-                   if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith((".", "_")))
+    names = sorted(
+        p for p in fs.ls(root, detail=False) if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith((".", "_"))
+    )
     if not names:
-        raise UserError(f"dataset.source: {source} is a directory without .parquet files; give a CSV or Parquet "
-                        "file, or a directory of Parquet files")
+        raise UserError(
+            f"dataset.source: {source} is a directory without .parquet files; give a CSV or Parquet "
+            "file, or a directory of Parquet files"
+        )
     out.mkdir()
     rows, first, digests = 0, None, []
     for name in names:
@@ -92,11 +102,14 @@ def copy_parquet_dir(fs, root: str, source: str, out: Path) -> tuple[int, list[s
         if first is None:
             first = (dest.name, schema)
         elif not schema.equals(first[1]):
-            raise UserError(f"dataset.source: {dest.name} differs from {first[0]}: {_schema_diff(first[1], schema)}; "
-                            "every file of a dataset must have the same columns, in the same order, with the same types")
+            raise UserError(
+                f"dataset.source: {dest.name} differs from {first[0]}: {_schema_diff(first[1], schema)}; "
+                "every file of a dataset must have the same columns, in the same order, with the same types"
+            )
         rows += meta.num_rows
     if rows == 0:
         raise UserError(f"dataset.source: {source} has no data rows")
+    assert first is not None  # (names is not empty)
     return rows, first[1].names, tree_digest(digests)
 
 

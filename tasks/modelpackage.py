@@ -96,8 +96,10 @@ def verified(directory: Path) -> tuple[Path, dict]:
         raise UserError(f"{directory}: not a Trainflow package (manifest.json unreadable: {e})") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         got = manifest.get("format_version") if isinstance(manifest, dict) else None
-        raise UserError(f"{directory}: package format {got} is not supported (this Trainflow reads format "
-                        f"{FORMAT_VERSION}); rebuild it with this version (dvc repro package)")
+        raise UserError(
+            f"{directory}: package format {got} is not supported (this Trainflow reads format "
+            f"{FORMAT_VERSION}); rebuild it with this version (dvc repro package)"
+        )
     check_signature(directory, raw)
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
@@ -110,8 +112,10 @@ def verified(directory: Path) -> tuple[Path, dict]:
         present.discard(MARKER)  # the output marker every staged directory gets (tasks/files.py)
     unlisted = sorted(present - set(files) - set(UNLISTED))
     if unlisted:
-        raise UserError(f"{directory}: {unlisted} not listed in manifest.json; a package holds only the files it lists "
-                        "(ONNX external data included): rebuild it, or remove what was added")
+        raise UserError(
+            f"{directory}: {unlisted} not listed in manifest.json; a package holds only the files it lists "
+            "(ONNX external data included): rebuild it, or remove what was added"
+        )
     home = directory.resolve()
     for name, digest in files.items():
         path = directory / name
@@ -129,7 +133,7 @@ def check_onnx(path: Path) -> None:
 
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - any parse failure: not an ONNX model
+    except Exception as e:
         raise UserError(f"{path}: not a readable ONNX model ({str(e).splitlines()[0]}); rebuild the package") from None
     graphs, external = [model.graph], []
     while graphs:
@@ -139,8 +143,10 @@ def check_onnx(path: Path) -> None:
         graphs += [a.g for n in g.node for a in n.attribute if a.HasField("g")]
         graphs += [sg for n in g.node for a in n.attribute for sg in a.graphs]
     if external:
-        raise UserError(f"{path}: tensors {external[:5]} are stored as ONNX external data, which a package never holds "
-                        "(it could read any file); re-export with the weights inside the model (the package stage does)")
+        raise UserError(
+            f"{path}: tensors {external[:5]} are stored as ONNX external data, which a package never holds "
+            "(it could read any file); re-export with the weights inside the model (the package stage does)"
+        )
 
 
 def signature(manifest: bytes, key: str) -> str:
@@ -154,11 +160,15 @@ def check_signature(directory: Path, manifest: bytes) -> None:
         return
     sig = directory / "manifest.sig"
     if not sig.exists():
-        raise UserError(f"{directory}: unsigned package, and {SIGNING_ENV} is set: only signed packages are used. Build "
-                        f"it with {SIGNING_ENV} set, or unset it to use unsigned packages")
+        raise UserError(
+            f"{directory}: unsigned package, and {SIGNING_ENV} is set: only signed packages are used. Build "
+            f"it with {SIGNING_ENV} set, or unset it to use unsigned packages"
+        )
     if not hmac.compare_digest(sig.read_text().strip(), signature(manifest, key)):
-        raise UserError(f"{directory}: manifest.sig does not match manifest.json under {SIGNING_ENV}: the package was "
-                        "altered or signed with another key")
+        raise UserError(
+            f"{directory}: manifest.sig does not match manifest.json under {SIGNING_ENV}: the package was "
+            "altered or signed with another key"
+        )
 
 
 def unpack(archive: Path, target: Path) -> Path:
@@ -172,8 +182,10 @@ def unpack(archive: Path, target: Path) -> Path:
                 members.append(m)
                 total += m.size if m.isfile() else 0
                 if len(members) > MAX_MEMBERS or total > limit:
-                    raise UserError(f"{archive}: unpacks to more than {MAX_MEMBERS} files or {limit:,} bytes, far more than a "
-                                    "model package; refused (a damaged or malicious archive)")
+                    raise UserError(
+                        f"{archive}: unpacks to more than {MAX_MEMBERS} files or {limit:,} bytes, far more than a "
+                        "model package; refused (a damaged or malicious archive)"
+                    )
             tar.extractall(target, members=members, filter="data")
     except (tarfile.TarError, OSError, EOFError) as e:
         raise UserError(f"{archive}: not a readable package archive ({e}); re-download or rebuild it") from None
@@ -188,13 +200,17 @@ def versions_dir(champion: Path) -> Path:
 def champion_record(champion: Path) -> str:
     """The manifest sha256 the promotion recorded for the champion: the name of the version its link points at."""
     if not champion.is_symlink():
-        raise UserError(f"evaluate.champion: {champion} is a plain directory, not a promoted champion (promotion makes it a "
-                        f"link to {versions_dir(champion).name}/<manifest sha256>), so where it came from cannot be "
-                        f"checked. Move it away (mv {champion} {champion}.old) to make the next model the first champion")
+        raise UserError(
+            f"evaluate.champion: {champion} is a plain directory, not a promoted champion (promotion makes it a "
+            f"link to {versions_dir(champion).name}/<manifest sha256>), so where it came from cannot be "
+            f"checked. Move it away (mv {champion} {champion}.old) to make the next model the first champion"
+        )
     target = Path(os.readlink(champion))
     if not (target.parent.name.startswith(".") and target.parent.name.endswith(".versions")) or len(target.name) != 64:
-        raise UserError(f"evaluate.champion: {champion} points at {target}, not at a promoted version; restore it with "
-                        f"`ln -sfn {versions_dir(champion).name}/<sha256> {champion}`")
+        raise UserError(
+            f"evaluate.champion: {champion} points at {target}, not at a promoted version; restore it with "
+            f"`ln -sfn {versions_dir(champion).name}/<sha256> {champion}`"
+        )
     return target.name
 
 
@@ -203,7 +219,8 @@ def verified_champion(champion: Path) -> tuple[Path, dict]:
     recorded = champion_record(champion)
     now = sha256_file(champion / "manifest.json") if (champion / "manifest.json").exists() else "none"
     if now != recorded:
-        raise UserError(f"{champion}: manifest.json has sha256 {now[:12]}…, but the promotion recorded {recorded[:12]}…: "
-                        "the champion was altered after it was promoted")
+        raise UserError(
+            f"{champion}: manifest.json has sha256 {now[:12]}…, but the promotion recorded {recorded[:12]}…: "
+            "the champion was altered after it was promoted"
+        )
     return verified(champion)
-

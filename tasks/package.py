@@ -25,7 +25,7 @@ import os
 import shutil
 import subprocess
 import warnings
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -35,9 +35,10 @@ import torch
 
 from tasks.errors import UserError
 from tasks.files import atomic_dir, sha256_file, write_json
-from tasks.training.model import load_model
+from tasks.modelcard import model_card
 from tasks.modelpackage import FORMAT_VERSION, SIGNING_ENV, ModelPackage, signature, verified
 from tasks.settings import Settings, cli, dump_settings
+from tasks.training.model import load_model
 
 PARITY_TOL = 1e-5  # in target standard deviations: float32 rounding of a prediction of ~1000 is ~1e-4
 
@@ -61,8 +62,14 @@ def export_onnx(model: torch.nn.Module, meta: dict, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         torch.onnx.export(
-            wrapped, (example,), str(path), dynamo=True, external_data=False, verbose=False,
-            input_names=["features"], output_names=["prediction"],
+            wrapped,
+            (example,),
+            str(path),
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+            input_names=["features"],
+            output_names=["prediction"],
             dynamic_shapes=({0: torch.export.Dim("batch")},),
         )
     reproducible(path)
@@ -94,8 +101,12 @@ def write_archive(directory: Path, archive: Path) -> None:
         info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
         return info
 
-    with atomic_path(archive) as tmp, open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, \
-            tarfile.open(fileobj=gz, mode="w") as tar:
+    with (
+        atomic_path(archive) as tmp,
+        open(tmp, "wb") as raw,
+        gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w") as tar,
+    ):
         for path in sorted(directory.iterdir()):
             tar.add(path, arcname=f"{archive.name.removesuffix('.tar.gz')}/{path.name}", filter=clean)
 
@@ -167,12 +178,17 @@ def package(s: Settings) -> dict:
         manifest = {
             "format_version": FORMAT_VERSION,
             "trainflow_version": _version(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "torch_version": torch.__version__,
             "git": _git_commit(),
             "prefect_flow_run_id": _flow_run_id(),
-            "data": {"dataset": s.dataset.name, "source": s.dataset.source, "rows": schema["rows"],
-                     "raw": {"path": s.ingest.out, "sha256": sha256_file(s.ingest.out)}, "dvc": _dvc_hashes(s)},
+            "data": {
+                "dataset": s.dataset.name,
+                "source": s.dataset.source,
+                "rows": schema["rows"],
+                "raw": {"path": s.ingest.out, "sha256": sha256_file(s.ingest.out)},
+                "dvc": _dvc_hashes(s),
+            },
             "features": meta["features"],
             "target": meta["target"],
             "key": list(s.dataset.key),
@@ -192,54 +208,12 @@ def package(s: Settings) -> dict:
         gap = float(np.max(np.abs(predicted - expected))) if len(expected) else 0.0
         scale = json.loads((feat_dir / "transform.json").read_text())["target_std"]
         if predicted.shape != expected.shape or gap > PARITY_TOL * scale:
-            raise RuntimeError(f"package: predictions differ from evaluate's by {gap:.3g} "
-                               f"(> {PARITY_TOL} target std = {PARITY_TOL * scale:.3g}); not published")
+            raise RuntimeError(
+                f"package: predictions differ from evaluate's by {gap:.3g} "
+                f"(> {PARITY_TOL} target std = {PARITY_TOL * scale:.3g}); not published"
+            )
     write_archive(Path(s.package.out_dir), Path(s.package.archive))
     return {"out_dir": s.package.out_dir, "archive": s.package.archive, "parity_max_abs_diff": gap, "files": files}
-
-
-def model_card(m: dict, slices: dict, compared: dict, s: Settings) -> str:
-    """The package's model card (markdown): data, metrics with slices, use, limits, training."""
-    met, tr, rows = m["metrics"], m["training"], m["data"]["rows"]
-    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-    lines = [f"# Model card: {m['target']} on {m['data']['dataset']}", "",
-             f"Built {m['created']} by Trainflow {m['trainflow_version']} (git {str(m['git']['commit'])[:12]}"
-             f"{', uncommitted changes' if m['git']['dirty'] else ''}; Prefect flow run {m['prefect_flow_run_id'] or 'none'}).", "",
-             "## Intended use",
-             f"Predicts `{m['target']}` ({s.dataset.task}) for rows shaped like the training data: the columns of `suite.yaml`"
-             f" without the target, each within the ranges the suite allows. Batch inference: `python -m tasks.predict "
-             f"PACKAGE INPUT OUTPUT` validates every row with the suite first and writes rejected rows apart, with reasons.", "",
-             "## Data",
-             f"`{m['data']['source']}` (sha256 `{m['data']['raw']['sha256']}`), split by a hash of "
-             f"{m['key'] or 'the whole row'}: {rows['train']:,} train, {rows['val']:,} validation, {rows['test']:,} test rows.", "",
-             "## Metrics (held-out test split)", "",
-             "| | RMSE | MAE | R² | MAPE | rows |", "|---|---|---|---|---|---|",
-             f"| this model | {fmt(met['rmse'])} | {fmt(met['mae'])} | {fmt(met['r2'])} | {fmt(met.get('mape'))} | {met['n']:,} |"]
-    for name in ("champion", "baseline"):
-        if isinstance(compared.get(name), dict):
-            o = compared[name]
-            label = "the champion it was compared with" if name == "champion" else "predicting the train mean"
-            lines.append(f"| {label} | {fmt(o['rmse'])} | {fmt(o['mae'])} | {fmt(o['r2'])} | {fmt(o.get('mape'))} | {o['n']:,} |")
-    for col, by in (slices.get("candidate") or {}).items():
-        lines += ["", f"### By {col}", "", "| slice | rows | RMSE | MAE |", "|---|---|---|---|"]
-        lines += [f"| {k} | {v['n']:,} | {fmt(v['rmse'])} | {fmt(v['mae'])} |" for k, v in sorted(by.items())]
-    worst = sorted(((v["rmse"], f"{c}={k}") for c, by in (slices.get("candidate") or {}).items() for k, v in by.items()
-                    if v["rmse"] is not None and v["n"] >= 30), reverse=True)[:3]
-    lines += ["", "## Limitations",
-              "- Trained on the data above only: inputs outside the suite's ranges are rejected, not extrapolated.",
-              "- Categories not seen in training (or rarer than preprocess.min_frequency) share one out-of-vocabulary code.",
-              "- Missing numeric values are imputed with the train mean (with a missing indicator when train had any)."]
-    if worst:
-        lines.append("- Weakest slices (test RMSE): " + ", ".join(f"{name} {v:.4f}" for v, name in worst) + ".")
-    p = s.train
-    lines += ["", "## Training",
-              f"{p.model} (hidden {list(p.hidden)}, dropout {p.dropout}), AdamW lr {p.lr}, weight decay {p.weight_decay}, "
-              f"batch {p.batch_size}, {tr['epochs_run']} epochs (best {tr['best_epoch']}, early stopping patience {p.patience}), "
-              f"{tr['world_size']} rank(s) on {tr['device']} ({tr.get('launcher', 'local')}, {tr.get('strategy', 'ddp')}, "
-              f"{tr.get('precision', 'fp32')}); training took {tr['seconds']:.1f} s ({tr['samples_per_s']:,.0f} samples/s).",
-              "", "Files: `model.onnx` (ONNX, onnxruntime), `transform.json` (the fitted feature transform), `suite.yaml` "
-              "(input expectations), `manifest.json` (lineage, params, metrics, sha256 of every file).", ""]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

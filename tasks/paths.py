@@ -21,9 +21,19 @@ import yaml
 from tasks.errors import UserError
 
 # paths a stage replaces whole (a file or a directory), and directories a stage writes files into
-REPLACED = [("ingest", "out"), ("validate", "out"), ("validate", "quarantine"), ("validate", "report"),
-            ("validate", "report_md"), ("validate", "reference"), ("preprocess", "out_dir"), ("train", "out_dir"),
-            ("package", "out_dir"), ("package", "archive"), ("evaluate", "champion")]
+REPLACED = [
+    ("ingest", "out"),
+    ("validate", "out"),
+    ("validate", "quarantine"),
+    ("validate", "report"),
+    ("validate", "report_md"),
+    ("validate", "reference"),
+    ("preprocess", "out_dir"),
+    ("train", "out_dir"),
+    ("package", "out_dir"),
+    ("package", "archive"),
+    ("evaluate", "champion"),
+]
 WRITTEN_INTO = [("train", "log_dir"), ("evaluate", "out_dir")]
 INPUTS = [("dataset", "source"), ("dataset", "suite")]
 CONTROL = (".git", ".dvc", "params.yaml", "dvc.yaml", "dvc.lock", ".dvcignore", "pyproject.toml")
@@ -35,7 +45,7 @@ def workspace_root(cwd: Path | None = None) -> Path:
     cwd = (cwd or Path.cwd()).resolve()
     parts = cwd.parts
     for i in range(len(parts) - 2):
-        if parts[i:i + 2] == (".dvc", "tmp"):
+        if parts[i : i + 2] == (".dvc", "tmp"):
             return Path(*parts[:i])
     return cwd
 
@@ -82,20 +92,25 @@ def check_paths(raw: dict, root: Path) -> None:
     written: dict[str, Path] = {}
     for section, key in REPLACED + WRITTEN_INTO:
         value = raw[section][key]
-        written[_key(section, key)] = (champion_path(value, root) if (section, key) == ("evaluate", "champion")
-                                       else _resolve(value, root)).resolve()
+        written[_key(section, key)] = (
+            champion_path(value, root) if (section, key) == ("evaluate", "champion") else _resolve(value, root)
+        ).resolve()
     home = {k: workspace_root(root) if k == "evaluate.champion" else root for k in written}
     for name, path in written.items():
         if not _inside(path, home[name]) or path == home[name]:
             where = "is the project root" if path == home[name] else f"is outside the project {home[name]}"
-            raise UserError(f"{name}: {raw[name.split('.')[0]][name.split('.')[1]]} {where}; a stage replaces what it "
-                            f"writes, so {name} must name a path of its own inside the project (the default is in params.yaml)")
+            raise UserError(
+                f"{name}: {raw[name.split('.')[0]][name.split('.')[1]]} {where}; a stage replaces what it "
+                f"writes, so {name} must name a path of its own inside the project (the default is in params.yaml)"
+            )
     names = list(written)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             if _inside(written[a], written[b]) or _inside(written[b], written[a]):
-                raise UserError(f"{a} and {b} overlap ({written[a]} and {written[b]}); each stage output needs a path "
-                                "of its own, or one stage would replace the other's; change one of them")
+                raise UserError(
+                    f"{a} and {b} overlap ({written[a]} and {written[b]}); each stage output needs a path "
+                    "of its own, or one stage would replace the other's; change one of them"
+                )
     for section, key in INPUTS:
         value = raw[section][key]
         if "://" in value:
@@ -103,14 +118,18 @@ def check_paths(raw: dict, root: Path) -> None:
         source = _resolve(value, root)
         for name, path in written.items():
             if _inside(path, source) or _inside(source, path):
-                raise UserError(f"{name} overlaps {section}.{key} ({path} and {source}); an output must never "
-                                f"replace an input; change {name}")
+                raise UserError(
+                    f"{name} overlaps {section}.{key} ({path} and {source}); an output must never replace an input; change {name}"
+                )
     lock = root / "dvc.lock"
     protected = set(_tracked(root, lock.stat().st_mtime if lock.exists() else 0.0)) | {root / c for c in CONTROL}
     for section, key in REPLACED:
         name = _key(section, key)
         hit = next((p for p in sorted(protected) if _inside(p, written[name])), None)
         if hit is not None:
-            raise UserError(f"{name}: {written[name]} {'is' if hit == written[name] else 'holds'} {hit.relative_to(root) if _inside(hit, root) else hit}, "
-                            f"which git tracks (or the project needs) and no stage produced; a stage replaces "
-                            f"{name} whole, so point it at a path of its own")
+            raise UserError(
+                f"{name}: {written[name]} {'is' if hit == written[name] else 'holds'} "
+                f"{hit.relative_to(root) if _inside(hit, root) else hit}, "
+                f"which git tracks (or the project needs) and no stage produced; a stage replaces "
+                f"{name} whole, so point it at a path of its own"
+            )

@@ -53,8 +53,10 @@ def check_columns(columns: list[str], suite: dict, target: str, source: str) -> 
     extra = [c for c in columns if c not in expected and c != target]
     if missing or extra:
         parts = ([f"lacks {missing}"] if missing else []) + ([f"has columns the model does not know: {extra}"] if extra else [])
-        raise UserError(f"predict: {source} {' and '.join(parts)}; the package expects {expected} (any order; "
-                        f"{target!r} may be present and is ignored)")
+        raise UserError(
+            f"predict: {source} {' and '.join(parts)}; the package expects {expected} (any order; "
+            f"{target!r} may be present and is ignored)"
+        )
 
 
 @dataclass
@@ -79,8 +81,10 @@ def score(package, frame: pd.DataFrame, offset: int, suite: dict, key: list[str]
     mistyped = [f["column"] for f in failed if f["expectation"] == "expect_column_values_to_be_in_type_list"]
     if mistyped:
         c = mistyped[0]
-        raise UserError(f"predict: {source}: column {c} holds {checked[c].dtype} values but the model needs "
-                        f"{suite['columns'][c]['type']}; convert the column (wrong types in {mistyped})")
+        raise UserError(
+            f"predict: {source}: column {c} holds {checked[c].dtype} values but the model needs "
+            f"{suite['columns'][c]['type']}; convert the column (wrong types in {mistyped})"
+        )
     table_level = [f for f in failed if not f.get("_rows")]
     if table_level:
         f = table_level[0]
@@ -89,8 +93,9 @@ def score(package, frame: pd.DataFrame, offset: int, suite: dict, key: list[str]
     good = rows.drop(index=reasons.index)
     predicted = package.run(apply_transform(package.transform, good))
     ids = good[key].reset_index(drop=True) if key else pd.DataFrame({"_row": good.index.to_numpy(dtype=np.int64) + offset})
-    rejects = rows.loc[reasons.index].assign(_row=reasons.index.to_numpy(dtype=np.int64) + offset,
-                                             _reason=reasons.to_numpy(dtype=object))
+    rejects = rows.loc[reasons.index].assign(
+        _row=reasons.index.to_numpy(dtype=np.int64) + offset, _reason=reasons.to_numpy(dtype=object)
+    )
     unseen = {}
     for name, p in package.transform["categorical"].items():
         values = good[name].dropna().astype(str)
@@ -176,8 +181,17 @@ def _predict(package, input_path: Path, output: Path, rejects: str | Path | None
     _write([r.rejects for r in results], rejects)
     unseen = {c: sum(r.unseen.get(c, 0) for r in results) for c in package.transform["categorical"]}
     seconds = time.perf_counter() - t0
-    return {"rows": n_rows, "predicted": n_pred, "rejected": n_rej, "unseen_categories": unseen, "output": str(output),
-            "rejects": str(rejects), "mode": mode, "seconds": round(seconds, 3), "rows_per_s": round(n_rows / seconds, 1)}
+    return {
+        "rows": n_rows,
+        "predicted": n_pred,
+        "rejected": n_rej,
+        "unseen_categories": unseen,
+        "output": str(output),
+        "rejects": str(rejects),
+        "mode": mode,
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(n_rows / seconds, 1),
+    }
 
 
 def _on_dask(package_dir: Path, version: str, parts: list, suite: dict, key: list[str], target: str, source: str) -> list[Scored]:
@@ -187,9 +201,13 @@ def _on_dask(package_dir: Path, version: str, parts: list, suite: dict, key: lis
     from tasks.cluster import local_client
 
     address = dask.config.get("scheduler-address", None)
-    with (Client(address, timeout=10) if address else local_client()) as client:
-        return client.gather([client.submit(_score_piece, str(package_dir.resolve()), version, p, suite, key, target, source,
-                                            pure=False) for p in parts])
+    with Client(address, timeout=10) if address else local_client() as client:
+        return client.gather(
+            [
+                client.submit(_score_piece, str(package_dir.resolve()), version, p, suite, key, target, source, pure=False)
+                for p in parts
+            ]
+        )
 
 
 def _write(frames: list[pd.DataFrame], path: Path) -> None:
@@ -223,8 +241,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     unseen = ", ".join(f"{c} {n:,}" for c, n in out["unseen_categories"].items() if n) or "none"
-    print(f"{out['rows']:,} rows: {out['predicted']:,} predicted -> {out['output']}, {out['rejected']:,} rejected -> "
-          f"{out['rejects']}; unseen categories: {unseen}; {out['seconds']:.1f} s ({out['rows_per_s']:,.0f} rows/s, {out['mode']})")
+    print(
+        f"{out['rows']:,} rows: {out['predicted']:,} predicted -> {out['output']}, {out['rejected']:,} rejected -> "
+        f"{out['rejects']}; unseen categories: {unseen}; {out['seconds']:.1f} s ({out['rows_per_s']:,.0f} rows/s, {out['mode']})"
+    )
 
 
 if __name__ == "__main__":

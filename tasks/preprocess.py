@@ -30,7 +30,15 @@ import pyarrow.parquet as pq
 
 from tasks.cluster import dask_client, show_progress
 from tasks.features import (  # noqa: F401 (apply_transform: re-exported)
-    apply_transform, assign_split, categorical_features, encode, expand, fit, merge_stats, numeric_names, train_stats,
+    apply_transform,
+    assign_split,
+    categorical_features,
+    encode,
+    expand,
+    fit,
+    merge_stats,
+    numeric_names,
+    train_stats,
 )
 from tasks.files import atomic_dir, sha256_path, write_json
 from tasks.settings import Settings, UserError, cli
@@ -61,12 +69,15 @@ def check_columns(s: Settings, files: list[Path]) -> pa.Schema:
         raise UserError(f"dataset.target: column {d.target!r} is not in {data} (columns: {names}); set dataset.target")
     missing = [c for c in d.columns if c not in names]
     if missing:
-        raise UserError(f"dataset.columns: {missing} are not in {data} (columns: {names}); remove them from "
-                        "dataset.columns or fix the data")
+        raise UserError(
+            f"dataset.columns: {missing} are not in {data} (columns: {names}); remove them from dataset.columns or fix the data"
+        )
     undeclared = [c for c in names if c not in d.columns and c != d.target]
     if undeclared:
-        raise UserError(f"dataset.columns: {data} has columns {undeclared} that dataset.columns does not declare; "
-                        "add each as numeric, categorical, datetime or ignore")
+        raise UserError(
+            f"dataset.columns: {data} has columns {undeclared} that dataset.columns does not declare; "
+            "add each as numeric, categorical, datetime or ignore"
+        )
     for c, kind in d.columns.items():
         t = schema.field(c).type
         if kind == "numeric" and not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
@@ -74,8 +85,10 @@ def check_columns(s: Settings, files: list[Path]) -> pa.Schema:
             bad = col[pd.to_numeric(col, errors="coerce").isna() & col.notna()]
             sample = f" (e.g. {bad.iloc[0]!r} in row {bad.index[0]})" if len(bad) else ""
             what = "text" if pa.types.is_string(t) or pa.types.is_large_string(t) else f"{t} values"
-            raise UserError(f"dataset.columns: column {c!r} is declared numeric but holds {what}{sample}; "
-                            "declare it categorical, or fix the data")
+            raise UserError(
+                f"dataset.columns: column {c!r} is declared numeric but holds {what}{sample}; "
+                "declare it categorical, or fix the data"
+            )
     t = schema.field(d.target).type
     if not (pa.types.is_integer(t) or pa.types.is_floating(t)):
         raise UserError(f"dataset.target: column {d.target!r} holds {t} values; a regression target must be numeric")
@@ -108,8 +121,16 @@ def _merge_stats_frame(frame: pd.DataFrame, kinds: dict, target: str) -> dict:
     for _, g in frame.groupby("part", sort=True):
         num = g[g.stat.isin(["n", "mean", "m2"])].pivot(index="column", columns="stat", values="x").reindex(columns)
         counts = {c: g[(g.stat == "count") & (g.column == c)].set_index("value")["x"] for c in categorical}
-        parts.append({"columns": columns, "n": num["n"].to_numpy(), "mean": num["mean"].to_numpy(),
-                      "m2": num["m2"].to_numpy(), "rows": int(g[g.stat == "rows"]["x"].sum()), "counts": counts})
+        parts.append(
+            {
+                "columns": columns,
+                "n": num["n"].to_numpy(),
+                "mean": num["mean"].to_numpy(),
+                "m2": num["m2"].to_numpy(),
+                "rows": int(g[g.stat == "rows"]["x"].sum()),
+                "counts": counts,
+            }
+        )
     return merge_stats(parts)
 
 
@@ -138,8 +159,10 @@ def preprocess(s: Settings) -> dict:
     check_columns(s, files)
     n_rows = count_rows(files)
     if _null_count(files, d.target) == n_rows:
-        raise UserError(f"dataset.target: column {d.target!r} is missing in all {n_rows:,} rows of "
-                        f"{s.validate_.out}; there is nothing to train on. Check dataset.target and the data")
+        raise UserError(
+            f"dataset.target: column {d.target!r} is missing in all {n_rows:,} rows of "
+            f"{s.validate_.out}; there is nothing to train on. Check dataset.target and the data"
+        )
     kinds = {c: k for c, k in d.columns.items() if k != "ignore"}
     with dask_client(s.dask, "preprocess") as client, atomic_dir(cfg.out_dir) as stage:
         schema = build_features(client, files, n_rows, list(d.key), kinds, d, cfg, stage)
@@ -149,12 +172,23 @@ def preprocess(s: Settings) -> dict:
 
 
 def build_features(client, files: list[Path], n_rows: int, key: list[str], kinds: dict, d, cfg, stage: Path) -> dict:
-    """The Dask part, into directory `stage`. Pass 1 reads each partition once: it assigns splits, writes
-    the raw test rows and the expanded columns (to stage/_expanded) and, in the same graph, computes the
-    train statistics. Pass 2 encodes the expanded columns with the fitted transform and writes the splits."""
-    def part_name(i: int) -> str:
-        return f"part-{i:05d}.parquet"
+    """The Dask part, into directory `stage`: pass 1 splits and expands the rows and computes the train
+    statistics; pass 2 fits the transform and encodes the splits; then the schema that training reads."""
+    stats = first_pass(client, files, n_rows, key, kinds, d, cfg, stage)
+    transform = second_pass(client, stats, kinds, d, cfg, stage)
+    schema = describe(stage, transform, d, n_rows)
+    write_json(stage / "transform.json", transform)
+    write_json(stage / "schema.json", schema)
+    return schema
 
+
+def part_name(i: int) -> str:
+    return f"part-{i:05d}.parquet"
+
+
+def first_pass(client, files: list[Path], n_rows: int, key: list[str], kinds: dict, d, cfg, stage: Path) -> dict:
+    """Each partition read once: it is given its split, its raw test rows and its expanded columns are written
+    (to stage/test_raw and stage/_expanded), and, in the same graph, its train statistics are computed."""
     fractions = (cfg.split.train, cfg.split.val, cfg.split.test)
     if not key:  # the whole row (target last)
         names = pq.read_schema(files[0]).names
@@ -164,44 +198,59 @@ def build_features(client, files: list[Path], n_rows: int, key: list[str], kinds
     ddf = ddf.dropna(subset=[d.target])
     ddf = ddf.assign(split=ddf[key].map_partitions(assign_split, fractions, meta=("split", "string")))
     expanded = ddf.map_partitions(_expanded, kinds, d.target, meta=_expanded(ddf._meta, kinds, d.target))
+    test_raw = ddf[ddf.split == "test"].drop(columns="split")
     writes = [
         expanded.to_parquet(stage / "_expanded", write_index=False, compute=False, name_function=part_name),
-        ddf[ddf.split == "test"].drop(columns="split").to_parquet(
-            stage / "test_raw", write_index=False, compute=False, name_function=part_name),
+        test_raw.to_parquet(stage / "test_raw", write_index=False, compute=False, name_function=part_name),
     ]
     # one small statistics result per partition, computed with the writes: each partition is read once
     train = expanded[expanded.split == "train"]
     partials = train.map_partitions(_stats_frame, kinds, d.target, meta=STATS_META, partition_info=True)
-    stats = _merge_stats_frame(show_progress(client, writes + [partials])[-1], kinds, d.target)
+    return _merge_stats_frame(show_progress(client, writes + [partials])[-1], kinds, d.target)
+
+
+def second_pass(client, stats: dict, kinds: dict, d, cfg, stage: Path) -> dict:
+    """The transform fitted on the train statistics (and quantiles), then every split encoded with it."""
     quantiles = None
     inter = dd.read_parquet(str(stage / "_expanded"))
     if cfg.scaler == "quantile":  # Dask's (approximate) quantiles of the train rows, from the expanded copy
-        numeric = numeric_names(kinds)
-        train_inter = inter[inter.split == "train"][numeric]
+        train_inter = inter[inter.split == "train"][numeric_names(kinds)]
         quantiles = show_progress(client, [train_inter.quantile(list(np.linspace(0, 1, cfg.n_quantiles)))])[0]
     transform = fit(stats, kinds, d.target, cfg.scaler, cfg.n_quantiles, cfg.min_frequency, cfg.max_categories, quantiles)
     encoded = inter.map_partitions(_encoded, transform, meta=_encoded(inter._meta, transform))
-    show_progress(client, [
-        encoded[encoded.split == name].drop(columns="split").to_parquet(
-            stage / name, write_index=False, compute=False, name_function=part_name)
-        for name in SPLITS
-    ])
+    splits = [encoded[encoded.split == name].drop(columns="split") for name in SPLITS]
+    show_progress(
+        client,
+        [
+            split.to_parquet(stage / name, write_index=False, compute=False, name_function=part_name)
+            for name, split in zip(SPLITS, splits)
+        ],
+    )
     shutil.rmtree(stage / "_expanded")
+    return transform
+
+
+def describe(stage: Path, transform: dict, d, n_rows: int) -> dict:
+    """schema.json: what training reads instead of scanning the data; an empty split stops here."""
     rows = {name: count_rows(list((stage / name).glob("*.parquet"))) for name in SPLITS}
     kept = sum(rows.values())
     if kept == 0:
-        raise UserError(f"dataset.target: column {d.target!r} is missing in all {n_rows:,} rows; there is nothing "
-                        "to train on. Check dataset.target and the data")
+        raise UserError(
+            f"dataset.target: column {d.target!r} is missing in all {n_rows:,} rows; there is nothing "
+            "to train on. Check dataset.target and the data"
+        )
     if min(rows.values()) == 0:
         raise UserError(f"preprocess: a split is empty ({rows}) from {kept} rows; give more data or change preprocess.split")
-    schema = {
-        "dataset": d.name, "task": d.task, "features": transform["features"], "target": d.target,
-        "n_features": len(transform["features"]), "categorical": categorical_features(transform),
-        "rows": rows, "dropped_missing_target": n_rows - kept,
+    return {
+        "dataset": d.name,
+        "task": d.task,
+        "features": transform["features"],
+        "target": d.target,
+        "n_features": len(transform["features"]),
+        "categorical": categorical_features(transform),
+        "rows": rows,
+        "dropped_missing_target": n_rows - kept,
     }
-    write_json(stage / "transform.json", transform)
-    write_json(stage / "schema.json", schema)
-    return schema
 
 
 if __name__ == "__main__":

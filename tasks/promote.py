@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tasks.errors import UserError
@@ -42,9 +42,11 @@ def promote(s: Settings) -> dict:
     package, manifest = verified(Path(s.package.out_dir))  # every file checked
     evaluated = json.loads((Path(s.evaluate.out_dir) / "metrics.json").read_text())
     if manifest["metrics"].get(gate["primary"]) != evaluated.get(gate["primary"]):
-        raise UserError(f"promote: {s.package.out_dir} is not the model the gate scored (its {gate['primary']} "
-                        f"{manifest['metrics'].get(gate['primary'])} vs {evaluated.get(gate['primary'])}); rerun "
-                        "the package stage")
+        raise UserError(
+            f"promote: {s.package.out_dir} is not the model the gate scored (its {gate['primary']} "
+            f"{manifest['metrics'].get(gate['primary'])} vs {evaluated.get(gate['primary'])}); rerun "
+            "the package stage"
+        )
     version = sha256_file(package / "manifest.json")
     now = champion_record(champion) if champion.is_symlink() or champion.exists() else None
     message = gate["message"].replace("promote:", "promoted:", 1)
@@ -53,11 +55,21 @@ def promote(s: Settings) -> dict:
         print(f"{message} (already the champion)")
         return {"promoted": True, "message": message, "champion": str(champion)}
     if now != (gate.get("champion") or {}).get("manifest_sha256"):
-        raise UserError(f"promote: {champion} changed since the gate compared against it; rerun the evaluate stage "
-                        "(dvc repro -f evaluate, or run the flow again)")
-    install(package, champion, version, {
-        "promoted": datetime.now(timezone.utc).isoformat(timespec="seconds"), "manifest_sha256": version,
-        "previous": now, "gate": {k: gate[k] for k in ("message", "primary", "candidate", "reference", "improvement", "against")}})
+        raise UserError(
+            f"promote: {champion} changed since the gate compared against it; rerun the evaluate stage "
+            "(dvc repro -f evaluate, or run the flow again)"
+        )
+    install(
+        package,
+        champion,
+        version,
+        {
+            "promoted": datetime.now(UTC).isoformat(timespec="seconds"),
+            "manifest_sha256": version,
+            "previous": now,
+            "gate": {k: gate[k] for k in ("message", "primary", "candidate", "reference", "improvement", "against")},
+        },
+    )
     print(message)
     return {"promoted": True, "message": message, "champion": str(champion)}
 

@@ -10,7 +10,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, urlsplit
 
 import yaml
@@ -41,24 +41,37 @@ class DatasetSettings(Section):
     dataset is a new section like this (data/datasets/ holds the shipped ones) and a suite; no code."""
 
     name: str = Field(description="A short name for the dataset (shown in reports and the package manifest).")
-    source: str = Field(description="CSV or Parquet file, or a directory of Parquet files: a local path or an fsspec URL (s3://, gs://, https://). Credentials come from the environment or fsspec config, never the URL.",
-                        json_schema_extra={"pattern": NO_SECRETS})
-    sha256: str | None = Field(description="Expected sha256 of the source (of a directory: see tasks/files.sha256_path); null skips the check.", pattern=r"^[0-9a-f]{64}$")
+    source: str = Field(
+        description="CSV or Parquet file, or a directory of Parquet files: a local path or an fsspec URL (s3://, gs://, https://). Credentials come from the environment or fsspec config, never the URL.",
+        json_schema_extra={"pattern": NO_SECRETS},
+    )
+    sha256: str | None = Field(
+        description="Expected sha256 of the source (of a directory: see tasks/files.sha256_path); null skips the check.",
+        pattern=r"^[0-9a-f]{64}$",
+    )
     suite: str = Field(description="Expectation suite (YAML) the raw data must pass.")
     task: Literal["regression"] = Field(description="What is predicted: regression (classification is planned).")
     target: str = Field(description="Column to predict; rows where it is missing are left out of training and counted.")
-    key: list[str] = Field(description="Columns whose values identify a row: a hash of them assigns its split, so appended rows never move old ones. Empty: the whole row.")
-    columns: dict[str, ColumnKind] = Field(description="Every other column of the data: numeric, categorical (a vocabulary with an out-of-vocabulary bucket), datetime (expanded to year, month, day, weekday, hour) or ignore.")
-    slices: list[str] = Field(description="Columns the evaluation also scores separately: each category of a categorical column (the 20 most frequent; the rest as 'other'), or evaluate.slice_bins quantile bins of a numeric one.")
+    key: list[str] = Field(
+        description="Columns whose values identify a row: a hash of them assigns its split, so appended rows never move old ones. Empty: the whole row."
+    )
+    columns: dict[str, ColumnKind] = Field(
+        description="Every other column of the data: numeric, categorical (a vocabulary with an out-of-vocabulary bucket), datetime (expanded to year, month, day, weekday, hour) or ignore."
+    )
+    slices: list[str] = Field(
+        description="Columns the evaluation also scores separately: each category of a categorical column (the 20 most frequent; the rest as 'other'), or evaluate.slice_bins quantile bins of a numeric one."
+    )
 
     @field_validator("source")
     @classmethod
     def _no_credentials(cls, value: str) -> str:
         found = credentials_in(value)
         if found:
-            raise ValueError(f"{found}; it would be written to dvc.lock, the Prefect run and the package. Give credentials "
-                             "through the environment or fsspec/DVC config (AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, "
-                             "~/.netrc for https) and drop them from the URL")
+            raise ValueError(
+                f"{found}; it would be written to dvc.lock, the Prefect run and the package. Give credentials "
+                "through the environment or fsspec/DVC config (AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, "
+                "~/.netrc for https) and drop them from the URL"
+            )
         return value
 
     @model_validator(mode="after")
@@ -84,16 +97,31 @@ class ValidateSettings(Section):
     """The expectation suite the raw data must pass before anything else runs."""
 
     out: str = Field(description="The validated rows, as Parquet: what preprocess reads (a DVC output).")
-    on_failure: Literal["fail", "quarantine"] = Field(description="Row-level failures stop the run (fail) or move the failing rows aside (quarantine). Table-level failures always stop.")
-    min_clean_fraction: float = Field(gt=0, le=1, description="With quarantine: the least fraction of rows that must pass for the run to go on.")
+    on_failure: Literal["fail", "quarantine"] = Field(
+        description="Row-level failures stop the run (fail) or move the failing rows aside (quarantine). Table-level failures always stop."
+    )
+    min_clean_fraction: float = Field(
+        gt=0, le=1, description="With quarantine: the least fraction of rows that must pass for the run to go on."
+    )
     quarantine: str = Field(description="With quarantine: the failing rows, each with its reasons (Parquet).")
     report: str = Field(description="JSON validation report (a DVC metric).")
     report_md: str = Field(description="The same report as markdown: readable offline, in the Prefect UI and in reviews.")
-    reference: str = Field(description="Statistics of the last accepted data (a DVC output), which the next data is compared with.")
-    drift: Literal["fail", "warn", "off"] = Field(description="What drift beyond the bounds below does: stop the run, only report it, or nothing.")
-    drift_max_mean_shift: float = Field(gt=0, description="Largest accepted move of a numeric column's mean, in reference standard deviations.")
-    drift_max_psi: float = Field(gt=0, description="Largest accepted population stability index of a numeric column (0.1 small, 0.25 large).")
-    in_memory_max_rows: int = Field(ge=0, description="Inputs with more rows (or a directory of Parquet files) are validated per Dask partition, in parallel, with exactly the same results.")
+    reference: str = Field(
+        description="Statistics of the last accepted data (a DVC output), which the next data is compared with."
+    )
+    drift: Literal["fail", "warn", "off"] = Field(
+        description="What drift beyond the bounds below does: stop the run, only report it, or nothing."
+    )
+    drift_max_mean_shift: float = Field(
+        gt=0, description="Largest accepted move of a numeric column's mean, in reference standard deviations."
+    )
+    drift_max_psi: float = Field(
+        gt=0, description="Largest accepted population stability index of a numeric column (0.1 small, 0.25 large)."
+    )
+    in_memory_max_rows: int = Field(
+        ge=0,
+        description="Inputs with more rows (or a directory of Parquet files) are validated per Dask partition, in parallel, with exactly the same results.",
+    )
     partition_rows: int = Field(ge=1, description="Rows per partition when validating on Dask (whole Parquet row groups).")
 
 
@@ -116,10 +144,18 @@ class PreprocessSettings(Section):
     """Cleaning, splitting and feature scaling on Dask (fitted on the train split only)."""
 
     split: SplitSettings
-    scaler: Literal["quantile", "standard"] = Field(description="Feature scaling fitted on train: quantile (to a normal) or standard (z-score).")
+    scaler: Literal["quantile", "standard"] = Field(
+        description="Feature scaling fitted on train: quantile (to a normal) or standard (z-score)."
+    )
     n_quantiles: int = Field(ge=10, le=100_000, description="Quantiles kept by the quantile scaler.")
-    min_frequency: int = Field(ge=1, description="A category seen fewer times than this in the train split goes to the out-of-vocabulary bucket (with unseen and missing values).")
-    max_categories: int = Field(ge=2, description="A categorical column with more distinct values than this in the train split is refused (declare it ignore, or raise this).")
+    min_frequency: int = Field(
+        ge=1,
+        description="A category seen fewer times than this in the train split goes to the out-of-vocabulary bucket (with unseen and missing values).",
+    )
+    max_categories: int = Field(
+        ge=2,
+        description="A categorical column with more distinct values than this in the train split is refused (declare it ignore, or raise this).",
+    )
     partition_rows: int = Field(ge=1000, description="Target rows per Dask partition and per output Parquet file.")
     out_dir: str = Field(description="Feature splits, fitted transform and schema (a DVC output).")
 
@@ -127,48 +163,96 @@ class PreprocessSettings(Section):
 class DaskSettings(Section):
     """The Dask cluster validation (of big inputs) and preprocessing run on."""
 
-    address: str = Field(description="'local' starts a local cluster (or uses the scheduler in DASK_SCHEDULER_ADDRESS when that is set); or a scheduler address such as tcp://10.0.0.5:8786.")
+    address: str = Field(
+        description="'local' starts a local cluster (or uses the scheduler in DASK_SCHEDULER_ADDRESS when that is set); or a scheduler address such as tcp://10.0.0.5:8786."
+    )
     n_workers: int | None = Field(ge=1, le=1024, description="Workers of the local cluster; null: Dask sizes it to the machine.")
-    threads_per_worker: int | None = Field(ge=1, le=256, description="Threads per local worker; null: Dask sizes it to the machine.")
-    processes: bool = Field(description="Local workers as separate processes (true) or as threads of the stage's own process (false: starts in a fraction of the time and moves no data between processes; best on a few cores).")
+    threads_per_worker: int | None = Field(
+        ge=1, le=256, description="Threads per local worker; null: Dask sizes it to the machine."
+    )
+    processes: bool = Field(
+        description="Local workers as separate processes (true) or as threads of the stage's own process (false: starts in a fraction of the time and moves no data between processes; best on a few cores)."
+    )
 
 
 class TrainSettings(Section):
     """The MLP and its DDP training loop."""
 
-    world_size: int = Field(ge=1, le=1024, description="Ranks (gloo on CPU, NCCL on GPU): local processes, Dask workers or torchrun processes, as train.launcher says.")
-    launcher: Literal["local", "dask", "torchrun"] = Field(description="Where ranks run: local (processes on this host), dask (one rank per worker of the dask.address cluster that declares a GPU resource: dask worker ADDRESS --resources GPU=1), torchrun (the stage under torchrun: started by the stage on this host, or by you on every node for multi-node).")
-    strategy: Literal["ddp", "fsdp"] = Field(description="ddp: every rank holds the whole model (data parallel); fsdp: parameters, gradients and optimizer state sharded across ranks (FSDP2 fully_shard), for models too large for one device.")
-    precision: Literal["auto", "fp32", "bf16"] = Field(description="auto: bf16 autocast on CUDA, fp32 on CPU; fp32; bf16: autocast to bfloat16 (weights and loss stay fp32).")
-    compile: bool = Field(description="Compile the model with torch.compile (pays off on GPU for long runs; adds compile time to every run).")
+    world_size: int = Field(
+        ge=1,
+        le=1024,
+        description="Ranks (gloo on CPU, NCCL on GPU): local processes, Dask workers or torchrun processes, as train.launcher says.",
+    )
+    launcher: Literal["local", "dask", "torchrun"] = Field(
+        description="Where ranks run: local (processes on this host), dask (one rank per worker of the dask.address cluster that declares a GPU resource: dask worker ADDRESS --resources GPU=1), torchrun (the stage under torchrun: started by the stage on this host, or by you on every node for multi-node)."
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        description="ddp: every rank holds the whole model (data parallel); fsdp: parameters, gradients and optimizer state sharded across ranks (FSDP2 fully_shard), for models too large for one device."
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        description="auto: bf16 autocast on CUDA, fp32 on CPU; fp32; bf16: autocast to bfloat16 (weights and loss stay fp32)."
+    )
+    compile: bool = Field(
+        description="Compile the model with torch.compile (pays off on GPU for long runs; adds compile time to every run)."
+    )
     epochs: int = Field(ge=1, le=100_000, description="Maximum epochs.")
     batch_size: int = Field(ge=1, description="Global batch size, split evenly across ranks.")
     lr: float = Field(gt=0, le=10, description="Peak learning rate of AdamW (cosine decay).")
     weight_decay: float = Field(ge=0, le=1, description="AdamW weight decay.")
-    model: Literal["mlp", "resmlp"] = Field(description="mlp: feed-forward layers; resmlp: residual blocks with layer norm (deeper models, categorical embeddings). Both embed categorical codes.")
-    hidden: list[Annotated[int, Field(ge=1, le=MAX_WIDTH)]] = Field(min_length=1, max_length=64, description="mlp: width of each hidden layer; resmlp: the first entry is the width, each entry a block's inner width.")
+    model: Literal["mlp", "resmlp"] = Field(
+        description="mlp: feed-forward layers; resmlp: residual blocks with layer norm (deeper models, categorical embeddings). Both embed categorical codes."
+    )
+    hidden: list[Annotated[int, Field(ge=1, le=MAX_WIDTH)]] = Field(
+        min_length=1,
+        max_length=64,
+        description="mlp: width of each hidden layer; resmlp: the first entry is the width, each entry a block's inner width.",
+    )
     dropout: float = Field(ge=0, lt=1, description="Dropout after each hidden layer.")
     patience: int = Field(ge=1, description="Stop after this many epochs without a better validation loss.")
     seed: int = Field(ge=0, description="Seed of weights and data order.")
-    grad_sync: Literal["allreduce", "fp16", "bf16", "powersgd", "local_sgd"] = Field(description="How ranks combine gradients: allreduce (exact), fp16/bf16 (allreduce compressed to 16 bits), powersgd (low-rank compression with error feedback), local_sgd (no gradient sync; parameters averaged every local_sgd_period steps).")
+    grad_sync: Literal["allreduce", "fp16", "bf16", "powersgd", "local_sgd"] = Field(
+        description="How ranks combine gradients: allreduce (exact), fp16/bf16 (allreduce compressed to 16 bits), powersgd (low-rank compression with error feedback), local_sgd (no gradient sync; parameters averaged every local_sgd_period steps)."
+    )
     local_sgd_period: int = Field(ge=1, description="With grad_sync local_sgd: steps between parameter averages.")
-    grad_accum_steps: int = Field(ge=1, description="Micro-batches per step on each rank (gradients accumulated without sync, then synced once): the same step on less memory.")
+    grad_accum_steps: int = Field(
+        ge=1,
+        description="Micro-batches per step on each rank (gradients accumulated without sync, then synced once): the same step on less memory.",
+    )
     keep_checkpoints: int = Field(ge=1, description="Checkpoints kept (oldest deleted first).")
-    checkpoint_every: str = Field(pattern=r"^[1-9][0-9]* (step|steps|epoch|epochs)$", description="How often to checkpoint: 'N steps' or 'N epochs'; bounds the work a failure loses.")
-    max_restarts: int = Field(ge=0, le=100, description="Times the whole group of ranks is relaunched from the last checkpoint after an infrastructure failure (a rank killed, a hang).")
-    elastic: bool = Field(description="dask launcher: when a lost worker has no replacement within rejoin_timeout_s, relaunch on the GPU workers left (the same global batch over fewer ranks) instead of failing the attempt.")
-    rejoin_timeout_s: float = Field(ge=0, description="dask launcher: how long a relaunch waits for train.world_size GPU workers (a nanny restarts a killed worker in seconds).")
-    step_timeout_s: float = Field(gt=0, description="A rank that finishes no step (or validation) in this many seconds is hung: its stacks are logged and the group restarts.")
-    resume_from: str | None = Field(description="A checkpoint file to continue training from (model, optimizer, schedule, data order); null: resume only an interrupted run of the same settings.")
+    checkpoint_every: str = Field(
+        pattern=r"^[1-9][0-9]* (step|steps|epoch|epochs)$",
+        description="How often to checkpoint: 'N steps' or 'N epochs'; bounds the work a failure loses.",
+    )
+    max_restarts: int = Field(
+        ge=0,
+        le=100,
+        description="Times the whole group of ranks is relaunched from the last checkpoint after an infrastructure failure (a rank killed, a hang).",
+    )
+    elastic: bool = Field(
+        description="dask launcher: when a lost worker has no replacement within rejoin_timeout_s, relaunch on the GPU workers left (the same global batch over fewer ranks) instead of failing the attempt."
+    )
+    rejoin_timeout_s: float = Field(
+        ge=0,
+        description="dask launcher: how long a relaunch waits for train.world_size GPU workers (a nanny restarts a killed worker in seconds).",
+    )
+    step_timeout_s: float = Field(
+        gt=0,
+        description="A rank that finishes no step (or validation) in this many seconds is hung: its stacks are logged and the group restarts.",
+    )
+    resume_from: str | None = Field(
+        description="A checkpoint file to continue training from (model, optimizer, schedule, data order); null: resume only an interrupted run of the same settings."
+    )
     out_dir: str = Field(description="Trained model and checkpoints.")
     log_dir: str = Field(description="dvclive metrics and plots of training.")
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainSettings:
         if self.strategy == "fsdp" and self.grad_sync != "allreduce":
-            raise ValueError(f"grad_sync={self.grad_sync} works with strategy ddp only (a DDP communication hook or "
-                             "parameter averaging); FSDP reduce-scatters its sharded gradients: set grad_sync: allreduce "
-                             "or strategy: ddp")
+            raise ValueError(
+                f"grad_sync={self.grad_sync} works with strategy ddp only (a DDP communication hook or "
+                "parameter averaging); FSDP reduce-scatters its sharded gradients: set grad_sync: allreduce "
+                "or strategy: ddp"
+            )
         return self
 
 
@@ -176,10 +260,19 @@ class EvaluateSettings(Section):
     """Scoring on the held-out test split."""
 
     out_dir: str = Field(description="Test metrics, predictions and plots.")
-    champion: str = Field(description="The promoted model package the candidate must beat (replaced on promotion); without one, the candidate must beat predicting the train mean.")
+    champion: str = Field(
+        description="The promoted model package the candidate must beat (replaced on promotion); without one, the candidate must beat predicting the train mean."
+    )
     primary: Literal["rmse", "mae", "r2", "mape"] = Field(description="The metric the gate compares.")
-    min_improvement: float = Field(ge=0, lt=1, description="Relative improvement of the primary metric over the champion needed to promote (0.01 = 1% better; 0: any improvement).")
-    max_slice_regression: float = Field(ge=0, description="A candidate whose primary metric on any slice (of at least 30 rows) is worse than the champion's by more than this fraction is not promoted.")
+    min_improvement: float = Field(
+        ge=0,
+        lt=1,
+        description="Relative improvement of the primary metric over the champion needed to promote (0.01 = 1% better; 0: any improvement).",
+    )
+    max_slice_regression: float = Field(
+        ge=0,
+        description="A candidate whose primary metric on any slice (of at least 30 rows) is worse than the champion's by more than this fraction is not promoted.",
+    )
     slice_bins: int = Field(ge=2, le=100, description="Quantile bins of a numeric slice column.")
 
 
@@ -197,9 +290,23 @@ class DvcSettings(Section):
 
 
 # the settings that name files (relative to the project root unless absolute or a URL)
-PATH_KEYS = [("dataset", "source"), ("dataset", "suite"), ("ingest", "out"), ("validate", "out"), ("validate", "quarantine"), ("validate", "report"), ("validate", "report_md"), ("validate", "reference"),
-             ("preprocess", "out_dir"), ("train", "out_dir"), ("train", "log_dir"),
-             ("evaluate", "out_dir"), ("evaluate", "champion"), ("package", "out_dir"), ("package", "archive")]
+PATH_KEYS = [
+    ("dataset", "source"),
+    ("dataset", "suite"),
+    ("ingest", "out"),
+    ("validate", "out"),
+    ("validate", "quarantine"),
+    ("validate", "report"),
+    ("validate", "report_md"),
+    ("validate", "reference"),
+    ("preprocess", "out_dir"),
+    ("train", "out_dir"),
+    ("train", "log_dir"),
+    ("evaluate", "out_dir"),
+    ("evaluate", "champion"),
+    ("package", "out_dir"),
+    ("package", "archive"),
+]
 
 
 class Settings(Section):
@@ -218,8 +325,10 @@ class Settings(Section):
     @model_validator(mode="after")
     def _cluster_for_dask_launcher(self) -> Settings:
         if self.train.launcher == "dask" and self.dask.address == "local" and not os.environ.get("DASK_SCHEDULER_ADDRESS"):
-            raise ValueError("train.launcher=dask places ranks on the GPU workers of an existing cluster: set dask.address "
-                             "(or DASK_SCHEDULER_ADDRESS) to its scheduler; for ranks on this machine use train.launcher: local")
+            raise ValueError(
+                "train.launcher=dask places ranks on the GPU workers of an existing cluster: set dask.address "
+                "(or DASK_SCHEDULER_ADDRESS) to its scheduler; for ranks on this machine use train.launcher: local"
+            )
         return self
 
 
@@ -239,12 +348,13 @@ def redacted(value):
     if isinstance(value, str) and credentials_in(value):
         parts = urlsplit(value)
         host = parts.hostname or ""
-        return parts._replace(netloc=f"***@{host}" if parts.username or parts.password else parts.netloc,
-                              query="***" if parts.query else "").geturl()
+        return parts._replace(
+            netloc=f"***@{host}" if parts.username or parts.password else parts.netloc, query="***" if parts.query else ""
+        ).geturl()
     return value
 
 
-def _fmt_error(err: dict, source: str) -> str:
+def _fmt_error(err: Any, source: str) -> str:
     key = ".".join(str(p) for p in err["loc"] if p != "__root__") or "(top level)"
     key = key.replace("validate_", "validate")
     if err["type"] == "extra_forbidden":
@@ -303,9 +413,12 @@ def cli(stage, argv: list[str] | None = None) -> None:
     module = sys.modules[stage.__module__]
     name = module.__spec__.name if module.__spec__ else stage.__module__  # (__main__ under python -m)
     doc = (module.__doc__ or "").strip()
-    argparse.ArgumentParser(prog=f"python -m {name}", description=doc.split("\n")[0],
-                            epilog="Settings come from params.yaml in the working directory (the project root). The same stage: "
-                                   f"`trainflow stage {name.rsplit('.', 1)[-1]}`, or `dvc repro`.").parse_args(argv)
+    argparse.ArgumentParser(
+        prog=f"python -m {name}",
+        description=doc.split("\n")[0],
+        epilog="Settings come from params.yaml in the working directory (the project root). The same stage: "
+        f"`trainflow stage {name.rsplit('.', 1)[-1]}`, or `dvc repro`.",
+    ).parse_args(argv)
     try:
         stage(load_settings())
     except TrainflowError as e:  # classified: one message (a bug keeps its traceback)
@@ -315,18 +428,27 @@ def cli(stage, argv: list[str] | None = None) -> None:
 
 def bounds(info) -> str:
     """A field's bounds in words ("> 0, ≤ 10"; items of a list: "each ≥ 1"), for the docs and the UI form."""
-    import annotated_types as at
     from typing import get_args
 
-    words = {at.Gt: "> {}", at.Ge: "≥ {}", at.Lt: "< {}", at.Le: "≤ {}", at.MinLen: "at least {} item(s)",
-             at.MaxLen: "at most {} item(s)"}
+    import annotated_types as at
+
+    words = {
+        at.Gt: "> {}",
+        at.Ge: "≥ {}",
+        at.Lt: "< {}",
+        at.Le: "≤ {}",
+        at.MinLen: "at least {} item(s)",
+        at.MaxLen: "at most {} item(s)",
+    }
     values = {at.Gt: "gt", at.Ge: "ge", at.Lt: "lt", at.Le: "le", at.MinLen: "min_length", at.MaxLen: "max_length"}
 
     def word(m) -> str | None:
         return words[type(m)].format(getattr(m, values[type(m)])) if type(m) in words else None
 
     out = [w for w in map(word, info.metadata) if w]
-    items = [m for a in get_args(info.annotation) for meta in getattr(a, "__metadata__", ()) for m in getattr(meta, "metadata", [meta])]
+    items = [
+        m for a in get_args(info.annotation) for meta in getattr(a, "__metadata__", ()) for m in getattr(meta, "metadata", [meta])
+    ]
     return ", ".join(out + [f"each {w}" for w in map(word, items) if w])
 
 
@@ -352,19 +474,33 @@ def reference(params: str | Path = PARAMS) -> str:
     """docs/settings.md, generated from the settings' own descriptions and bounds and params.yaml's values
     (`python -m tasks.settings reference > docs/settings.md`; a test fails when the file is stale)."""
     values = dump_settings(load_settings(params))
-    lines = ["# Settings reference", "", "Every key of `params.yaml`, generated from `tasks/settings.py` (`python -m tasks.settings "
-             "reference > docs/settings.md`). An unknown key or a value out of bounds stops every entry point with a message "
-             "naming the key. Change values in params.yaml, with `dvc exp run -S section.key=value`, or in the Prefect UI's "
-             "Custom run form (docs/running.md).", ""]
+    lines = [
+        "# Settings reference",
+        "",
+        "Every key of `params.yaml`, generated from `tasks/settings.py` (`python -m tasks.settings "
+        "reference > docs/settings.md`). An unknown key or a value out of bounds stops every entry point with a message "
+        "naming the key. Change values in params.yaml, with `dvc exp run -S section.key=value`, or in the Prefect UI's "
+        "Custom run form (docs/running.md).",
+        "",
+    ]
     for name, field in Settings.model_fields.items():
-        section, key = field.annotation, field.alias or name
-        lines += [f"## `{key}`", "", " ".join((section.__doc__ or "").strip().split("\n\n")[0].split()), "",
-                  "| key | type | allowed | shipped value | meaning |", "|---|---|---|---|---|"]
+        section: Any = field.annotation
+        key = field.alias or name
+        lines += [
+            f"## `{key}`",
+            "",
+            " ".join((section.__doc__ or "").strip().split("\n\n")[0].split()),
+            "",
+            "| key | type | allowed | shipped value | meaning |",
+            "|---|---|---|---|---|",
+        ]
         for sub, info in section.model_fields.items():
             if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
                 for inner, i2 in info.annotation.model_fields.items():
-                    lines.append(f"| `{key}.{sub}.{inner}` | {_kind(i2.annotation)} | {bounds(i2)} | "
-                                 f"`{values[key][sub][inner]}` | {i2.description} |")
+                    lines.append(
+                        f"| `{key}.{sub}.{inner}` | {_kind(i2.annotation)} | {bounds(i2)} | "
+                        f"`{values[key][sub][inner]}` | {i2.description} |"
+                    )
                 continue
             value = values[key][sub]
             shown = "(one per column)" if isinstance(value, dict) else f"`{value if value is not None else 'null'}`"
@@ -413,16 +549,18 @@ def use_dataset(name_or_path: str, params: str | Path = PARAMS) -> DatasetSettin
         shipped = sorted(p.stem for p in DATASETS.glob("*.yaml"))
         raise UserError(f"dataset {name_or_path!r}: {path} does not exist; shipped datasets: {shipped}")
     block = path.read_text()
-    block = block[block.index("dataset:"):] if "\ndataset:" in f"\n{block}" else ""
+    block = block[block.index("dataset:") :] if "\ndataset:" in f"\n{block}" else ""
     section = (yaml.safe_load(block) or {}).get("dataset") if block else None
     if not isinstance(section, dict):
         raise UserError(f"{path}: expected a `dataset:` section (name, source, sha256, suite, task, target, key, columns)")
     text = Path(params).read_text()
     start, end = text.find("\ndataset:\n"), text.find(END_OF_DATASET)
     if start < 0 or end < 0:
-        raise UserError(f"{params}: cannot find its `dataset:` section (ending with the line '{END_OF_DATASET}'); "
-                        f"paste the section of {path} there instead")
-    new = text[:start + 1] + block.rstrip("\n").split(END_OF_DATASET)[0].rstrip("\n") + "\n" + text[end:]
+        raise UserError(
+            f"{params}: cannot find its `dataset:` section (ending with the line '{END_OF_DATASET}'); "
+            f"paste the section of {path} there instead"
+        )
+    new = text[: start + 1] + block.rstrip("\n").split(END_OF_DATASET)[0].rstrip("\n") + "\n" + text[end:]
     settings = parse_settings(yaml.safe_load(new), f"{path} in {params}", root=Path(params).resolve().parent)
     Path(params).write_text(new)
     return settings.dataset
@@ -432,10 +570,13 @@ def main(argv: list[str] | None = None) -> None:
     """python -m tasks.settings use DATASET (the same as `trainflow use DATASET`)."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m tasks.settings", description="Switch params.yaml to another dataset, or print "
-                                 "the settings reference.")
+    ap = argparse.ArgumentParser(
+        prog="python -m tasks.settings", description="Switch params.yaml to another dataset, or print the settings reference."
+    )
     sub = ap.add_subparsers(dest="command", required=True)
-    use = sub.add_parser("use", help="make a shipped dataset (data/datasets/NAME.yaml) or a dataset file the one params.yaml trains on")
+    use = sub.add_parser(
+        "use", help="make a shipped dataset (data/datasets/NAME.yaml) or a dataset file the one params.yaml trains on"
+    )
     use.add_argument("dataset", help="a name in data/datasets/ (california_housing, flights, ...) or a dataset YAML file")
     sub.add_parser("reference", help="print the settings reference (docs/settings.md) generated from the settings' descriptions")
     a = ap.parse_args(argv)
@@ -448,7 +589,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"params.yaml now trains on {d.name} ({d.source}, target {d.target}); run `dvc repro` or the flow")
-
 
 
 def absolute_paths(s: Settings, root: str | Path | None = None) -> Settings:

@@ -40,10 +40,12 @@ class Piece:
 
 def pieces(files: list[Path], max_rows: int) -> list[Piece]:
     """Cut the files into pieces of consecutive row groups of at most max_rows rows (one row group at least)."""
-    out, offset = [], 0
+    out: list[Piece] = []
+    offset = 0
     for f in files:
         md = pq.read_metadata(f)
-        groups, n = [], 0
+        groups: list[int] = []
+        n = 0
         for g in range(md.num_row_groups):
             r = md.row_group(g).num_rows
             if groups and n + r > max_rows:
@@ -73,7 +75,7 @@ def read_all(files: list[Path]) -> pd.DataFrame:
     return as_validated(frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True))
 
 
-def read_column(files: list[str | Path], name: str) -> pd.Series:
+def read_column(files: list[str] | list[Path], name: str) -> pd.Series:
     """One column of all the files, in order (for statistics over the whole column)."""
     parts = [pq.read_table(f, columns=[name]).column(name).to_pandas() for f in files]
     return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]

@@ -14,6 +14,7 @@ import json
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -43,8 +44,11 @@ def validate(s: Settings) -> dict:
     except pa.ArrowException as e:
         raise UserError(f"validate: {raw} is not readable Parquet ({e}); rerun the ingest stage") from None
     reference = Path(cfg.reference)
-    drift = Drift(json.loads(reference.read_text())["columns"] if cfg.drift != "off" and reference.exists() else None,
-                  cfg.drift_max_mean_shift, cfg.drift_max_psi)
+    drift = Drift(
+        json.loads(reference.read_text())["columns"] if cfg.drift != "off" and reference.exists() else None,
+        cfg.drift_max_mean_shift,
+        cfg.drift_max_psi,
+    )
     partitioned = raw.is_dir() or n_rows > cfg.in_memory_max_rows
     # beside the checks, one read of the input copies it to the staged output (what is accepted when no
     # row is quarantined) and hashes it; GX is imported while the data is read if this process runs GX
@@ -56,7 +60,16 @@ def validate(s: Settings) -> dict:
             from tasks.validation.partitioned import Partitioned
 
             with dask_client(s.dask, "validate") as client:
-                return check_and_write(cfg, s.dataset.suite, suite, raw, n_rows, out, digest, Partitioned(client, files, suite, cfg.partition_rows, drift))
+                return check_and_write(
+                    cfg,
+                    s.dataset.suite,
+                    suite,
+                    raw,
+                    n_rows,
+                    out,
+                    digest,
+                    Partitioned(client, files, suite, cfg.partition_rows, drift),
+                )
         return check_and_write(cfg, s.dataset.suite, suite, raw, n_rows, out, digest, InMemory(files, suite, drift))
 
 
@@ -74,26 +87,15 @@ def check_and_write(cfg, suite_path: str, suite: dict, raw: Path, n_rows: int, o
     success = not failed or (quarantining and enough)
 
     reference = Path(cfg.reference)
-    check_drift = success and engine.drift.reference is not None
-    report = {
-        "success": success,
-        "data": {"path": str(raw), "sha256": digest.result(), "rows": n_rows},
-        "rows": {"input": n_rows, "clean": n_clean, "quarantined": len(reasons)},
-        "suite": suite_path,
-        "checked": {"mode": engine.mode, "partitions": engine.partitions},
-        "evaluated": len(results),
-        "passed": len(results) - len(failed),
-        "pass_rate": round((len(results) - len(failed)) / len(results), 6),
-        "results": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
-        "drift": {"checked": check_drift, "policy": cfg.drift, "reference": str(reference), "columns": {},
-                  "reason": None if check_drift else drift_skipped(cfg, success, reference)},
-    }
+    report = new_report(cfg, suite_path, raw, n_rows, n_clean, digest, engine, results, failed, success)
     if failed and not success:
         write_reports(cfg, report)
         head = f"validate: {raw} failed {len(failed)} of {len(results)} expectations of {suite_path}"
         if quarantining:
-            head = (f"validate: only {n_clean:,} of {n_rows:,} rows of {raw} pass ({n_clean / n_rows:.1%}), "
-                    f"fewer than validate.min_clean_fraction={cfg.min_clean_fraction}")
+            head = (
+                f"validate: only {n_clean:,} of {n_rows:,} rows of {raw} pass ({n_clean / n_rows:.1%}), "
+                f"fewer than validate.min_clean_fraction={cfg.min_clean_fraction}"
+            )
         raise UserError(failure_message(head, results, failed, text, suite, cfg.report))
 
     # accepted: the clean rows, the quarantined rows and the new reference are staged, then checked for drift
@@ -105,12 +107,16 @@ def check_and_write(cfg, suite_path: str, suite: dict, raw: Path, n_rows: int, o
         report["drift"]["columns"] = drifted
         if drifted:
             lines = "\n".join(describe(c, d, cfg.drift_max_mean_shift, cfg.drift_max_psi) for c, d in drifted.items())
-            message = f"validate: {raw} drifted from the last accepted data ({reference}):\n{lines}\nFull report: {cfg.report_md}."
+            message = (
+                f"validate: {raw} drifted from the last accepted data ({reference}):\n{lines}\nFull report: {cfg.report_md}."
+            )
             if cfg.drift == "fail":
                 report["success"] = False
                 write_reports(cfg, report)
-                raise UserError(f"{message} If the change is expected, accept it with one run at validate.drift: warn "
-                                "(e.g. dvc exp run -S validate.drift=warn), which makes this data the new reference")
+                raise UserError(
+                    f"{message} If the change is expected, accept it with one run at validate.drift: warn "
+                    "(e.g. dvc exp run -S validate.drift=warn), which makes this data the new reference"
+                )
             log.warning(message)
         report["validated"] = {"path": cfg.out, "sha256": sha256_path(out) if len(reasons) else report["data"]["sha256"]}
     write_reports(cfg, report)
@@ -118,6 +124,32 @@ def check_and_write(cfg, suite_path: str, suite: dict, raw: Path, n_rows: int, o
     if len(reasons):
         log.warning("validate: quarantined %d of %d rows (%s)", len(reasons), n_rows, cfg.quarantine)
     return {k: report[k] for k in ("success", "evaluated", "passed", "pass_rate", "rows", "checked")} | {"drift": drifted}
+
+
+def new_report(
+    cfg, suite_path: str, raw: Path, n_rows: int, n_clean: int, digest: Future, engine, results: list, failed: list, success: bool
+) -> dict[str, Any]:
+    """The report of this validation (JSON; the markdown renders it): every expectation, counts, drift."""
+    reference = Path(cfg.reference)
+    check_drift = success and engine.drift.reference is not None
+    return {
+        "success": success,
+        "data": {"path": str(raw), "sha256": digest.result(), "rows": n_rows},
+        "rows": {"input": n_rows, "clean": n_clean, "quarantined": n_rows - n_clean},
+        "suite": suite_path,
+        "checked": {"mode": engine.mode, "partitions": engine.partitions},
+        "evaluated": len(results),
+        "passed": len(results) - len(failed),
+        "pass_rate": round((len(results) - len(failed)) / len(results), 6),
+        "results": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
+        "drift": {
+            "checked": check_drift,
+            "policy": cfg.drift,
+            "reference": str(reference),
+            "columns": {},
+            "reason": None if check_drift else drift_skipped(cfg, success, reference),
+        },
+    }
 
 
 if __name__ == "__main__":

@@ -174,8 +174,12 @@ def make_repo(repo: Path, **train) -> Path:
     (repo / "data/sources").mkdir(parents=True)
     real_slice().to_parquet(repo / "data/sources/slice.parquet", index=False)
     changes = {"dataset.source": "data/sources/slice.parquet", "dataset.sha256": None, "dask.n_workers": 1}
-    changes.update({f"train.{k}": v for k, v in dict(dict(world_size=1, epochs=3, hidden=[32, 32], batch_size=128, lr=0.01),
-                                                    **train).items()})
+    changes.update(
+        {
+            f"train.{k}": v
+            for k, v in dict(dict(world_size=1, epochs=3, hidden=[32, 32], batch_size=128, lr=0.01), **train).items()
+        }
+    )
     (repo / "params.yaml").write_text(edit_params((ROOT / "params.yaml").read_text(), changes))  # comments kept
     sh(repo, "git", "init", "-q")
     sh(repo, "git", "add", "-A")

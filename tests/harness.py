@@ -34,8 +34,13 @@ def snapshot(root: Path) -> dict:
     """Every file under root with its sha256: what must not change (but .git, and DVC's lock files in .dvc/tmp)."""
     from tasks.files import sha256_file
 
-    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*"))
-            if p.is_file() and ".git" not in p.relative_to(root).parts and not p.relative_to(root).as_posix().startswith(".dvc/tmp/")}
+    return {
+        p.relative_to(root).as_posix(): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and ".git" not in p.relative_to(root).parts and not p.relative_to(root).as_posix().startswith(".dvc/tmp/")
+    }
+
+
 CHROMIUM = "/usr/bin/chromium"  # Debian's package (`playwright install` cannot download here)
 
 
@@ -52,14 +57,26 @@ class Server:
         self.port, self.home, self.proc = free_port(), home, None
         home.mkdir(parents=True, exist_ok=True)
         self.api = f"http://127.0.0.1:{self.port}/api"
-        self.env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL=self.api, PREFECT_UI_API_URL=self.api, DO_NOT_TRACK="1",
-                        PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="1",
-                        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+        self.env = dict(
+            os.environ,
+            PREFECT_HOME=str(home),
+            PREFECT_API_URL=self.api,
+            PREFECT_UI_API_URL=self.api,
+            DO_NOT_TRACK="1",
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_WORKER_QUERY_SECONDS="1",
+            PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        )
 
     def start(self):
-        self.proc = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port),
-                                      "--analytics-off"], env=self.env, cwd=self.home,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port), "--analytics-off"],
+            env=self.env,
+            cwd=self.home,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.time() + 90
         while time.time() < deadline:
             try:
@@ -74,8 +91,12 @@ class Server:
         self.proc.wait(timeout=30)
 
     def call(self, method: str, path: str, body=None, tries: int = 30):
-        req = urllib.request.Request(self.api + path, method=method, headers={"content-type": "application/json"},
-                                     data=None if body is None else json.dumps(body).encode())
+        req = urllib.request.Request(
+            self.api + path,
+            method=method,
+            headers={"content-type": "application/json"},
+            data=None if body is None else json.dumps(body).encode(),
+        )
         for attempt in range(tries):
             try:
                 with urllib.request.urlopen(req, timeout=30) as resp:
@@ -87,8 +108,8 @@ class Server:
                 time.sleep(0.5)
 
     def spawn(self, *cmd: str, cwd: Path) -> subprocess.Popen:
-        log = open(self.home / f"{cmd[-1].replace('.', '-')}.log", "ab")  # kept for debugging a failed run
-        return subprocess.Popen(cmd, cwd=cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.home / f"{cmd[-1].replace('.', '-')}.log", "ab") as log:  # kept for debugging a failed run
+            return subprocess.Popen(cmd, cwd=cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def deployment(self, paused=None, timeout=60, name: str = DEPLOYMENT) -> dict:
         deadline = time.time() + timeout
@@ -139,14 +160,14 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
 
 
-
-
 def browser():
     """Headless Chromium (Debian's) through Playwright: (playwright, browser); stop with close_browser."""
     from playwright.sync_api import sync_playwright
 
     if not Path(CHROMIUM).exists():
-        raise RuntimeError(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium); "
-                           "`playwright install` cannot download a browser here")
+        raise RuntimeError(
+            f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium); "
+            "`playwright install` cannot download a browser here"
+        )
     pw = sync_playwright().start()
     return pw, pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])

@@ -11,9 +11,8 @@ import yaml
 
 from tasks.ingest import ingest
 from tasks.settings import UserError
-from tests.conftest import parse
 from tasks.validate import validate
-from tests.conftest import ROOT, real_slice, small_params
+from tests.conftest import ROOT, parse, real_slice, small_params
 
 
 def csv(frame, **kw) -> bytes:
@@ -44,15 +43,36 @@ CASES = [
     ("header only", csv(real_slice().head(0)), "ingest", "has a header but no data rows"),
     ("missing column", csv(real_slice().drop(columns="AveOccup")), "validate", "missing ['AveOccup']"),
     ("extra column", csv(real_slice().assign(note="x")), "validate", "unexpected ['note']"),
-    ("columns reordered", csv(real_slice()[["HouseAge", "MedInc"] + list(real_slice().columns[2:])]),
-     "validate", "in another order: expected ['MedInc', 'HouseAge'"),
-    ("strings in a numeric column", with_values("HouseAge", [4, 9], ["twelve", "old"]), "validate",
-     "column HouseAge should be float but holds 2 values that are not numbers, e.g. row 4: 'twelve', row 9: 'old'"),
-    ("NaN and ±inf", with_values("MedInc", [1, 2, 3], [np.nan, np.inf, -np.inf]), "validate",
-     "column MedInc: 1 rows (0.05%) unexpected, e.g. row 1"),
-    ("out-of-range values", with_values("Latitude", [5], [99.0]), "validate",
-     "expect_column_values_to_be_between column Latitude: 1 rows (0.05%) unexpected, e.g. row 5: 99.0"),
-    ("duplicate keys", keyed(duplicate=True), "validate", "expect_column_values_to_be_unique column block_id: 3 rows (0.15%) unexpected, e.g. row 7: 7, row 10: 7, row 11: 7"),
+    (
+        "columns reordered",
+        csv(real_slice()[["HouseAge", "MedInc"] + list(real_slice().columns[2:])]),
+        "validate",
+        "in another order: expected ['MedInc', 'HouseAge'",
+    ),
+    (
+        "strings in a numeric column",
+        with_values("HouseAge", [4, 9], ["twelve", "old"]),
+        "validate",
+        "column HouseAge should be float but holds 2 values that are not numbers, e.g. row 4: 'twelve', row 9: 'old'",
+    ),
+    (
+        "NaN and ±inf",
+        with_values("MedInc", [1, 2, 3], [np.nan, np.inf, -np.inf]),
+        "validate",
+        "column MedInc: 1 rows (0.05%) unexpected, e.g. row 1",
+    ),
+    (
+        "out-of-range values",
+        with_values("Latitude", [5], [99.0]),
+        "validate",
+        "expect_column_values_to_be_between column Latitude: 1 rows (0.05%) unexpected, e.g. row 5: 99.0",
+    ),
+    (
+        "duplicate keys",
+        keyed(duplicate=True),
+        "validate",
+        "expect_column_values_to_be_unique column block_id: 3 rows (0.15%) unexpected, e.g. row 7: 7, row 10: 7, row 11: 7",
+    ),
     ("truncated CSV", TRUNCATED, "ingest", "looks truncated: its last line has"),
     ("corrupt Parquet", b"PAR1" + b"\x00garbage" * 50, "ingest", "is a corrupt or truncated Parquet file"),
     ("non-UTF-8 CSV", real_slice().to_csv(index=False).encode("utf-16"), "ingest", "is not a UTF-8 CSV (byte 0xff at offset 0)"),
@@ -109,7 +129,12 @@ def test_the_cli_exits_2_with_one_message(tmp_path, stage, case):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(s.model_dump(by_alias=True), sort_keys=False))
     if stage == "validate":
         ingest(s)
-    proc = subprocess.run([sys.executable, "-m", f"tasks.{stage}"], cwd=tmp_path, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "DO_NOT_TRACK": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", f"tasks.{stage}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "DO_NOT_TRACK": "1"},
+    )
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr

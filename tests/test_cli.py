@@ -15,8 +15,11 @@ from tests.conftest import STAGES, copy_repo, make_repo, sh
 from tests.harness import snapshot
 
 TRAINFLOW = str(Path(sys.executable).with_name("trainflow"))
-EDGES = [[sys.executable, "-m", m] for m in ["flows.pipeline", "flows.serve", "flows.predict", "tasks.settings", "tasks.predict"]
-         + [f"tasks.{s}" for s in STAGES]]
+EDGES = [
+    [sys.executable, "-m", m]
+    for m in ["flows.pipeline", "flows.serve", "flows.predict", "tasks.settings", "tasks.predict"]
+    + [f"tasks.{s}" for s in STAGES]
+]
 COMMANDS = [[TRAINFLOW]] + [[TRAINFLOW, c] for c in ("run", "serve", "stage", "predict", "use", "status", "ui")]
 
 
@@ -29,7 +32,9 @@ def run(repo: Path, *cmd: str, timeout: int = 120) -> subprocess.CompletedProces
     return sh(repo, *cmd, check=False, timeout=timeout)
 
 
-@pytest.mark.parametrize("cmd", EDGES + COMMANDS, ids=lambda c: " ".join(Path(c[0]).name if i == 0 else x for i, x in enumerate(c)))
+@pytest.mark.parametrize(
+    "cmd", EDGES + COMMANDS, ids=lambda c: " ".join(Path(c[0]).name if i == 0 else x for i, x in enumerate(c))
+)
 def test_help_prints_help_and_touches_nothing(repo, cmd):
     before = snapshot(repo)
     t0 = time.perf_counter()
@@ -40,9 +45,17 @@ def test_help_prints_help_and_touches_nothing(repo, cmd):
     assert snapshot(repo) == before
 
 
-@pytest.mark.parametrize("cmd", [[sys.executable, "-m", "tasks.train", "--epochs", "3"], [sys.executable, "-m", "flows.pipeline", "now"],
-                                 [TRAINFLOW, "run", "--fast"], [TRAINFLOW, "frobnicate"], [TRAINFLOW, "stage", "trian"]],
-                         ids=lambda c: " ".join(c[1:]))
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        [sys.executable, "-m", "tasks.train", "--epochs", "3"],
+        [sys.executable, "-m", "flows.pipeline", "now"],
+        [TRAINFLOW, "run", "--fast"],
+        [TRAINFLOW, "frobnicate"],
+        [TRAINFLOW, "stage", "trian"],
+    ],
+    ids=lambda c: " ".join(c[1:]),
+)
 def test_a_wrong_option_or_command_is_a_usage_error_and_runs_nothing(repo, cmd):
     before = snapshot(repo)
     proc = run(repo, *cmd)
@@ -97,8 +110,15 @@ def test_ui_starts_a_prefect_server_on_loopback_and_says_where(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, PREFECT_HOME=str(tmp_path), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    proc = subprocess.Popen([TRAINFLOW, "ui", "--port", str(port)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [TRAINFLOW, "ui", "--port", str(port)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     try:
         assert proc.stdout.readline().strip() == f"Prefect UI: http://127.0.0.1:{port}"
         assert f"export PREFECT_API_URL=http://127.0.0.1:{port}/api" in proc.stdout.readline()

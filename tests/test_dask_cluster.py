@@ -13,10 +13,9 @@ import pandas as pd
 import pytest
 from distributed import Client
 
-from tasks.training.launch_dask import free_port  # noqa: F401 - the other cluster tests take it from here
 from tasks.preprocess import preprocess
-from tests.conftest import parse
-from tests.conftest import ROOT
+from tasks.training.launch_dask import free_port
+from tests.conftest import ROOT, parse
 from tests.test_flights import flights_workspace, run
 
 pytestmark = pytest.mark.slow  # real clusters, servers, flows or several ranks: `make test-fast` skips them
@@ -72,10 +71,23 @@ def cli_cluster(tmp_path_factory):
     log = tmp_path_factory.mktemp("cluster") / "scheduler.log"
     address = f"tcp://127.0.0.1:{free_port()}"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DO_NOT_TRACK": "1"}
-    procs = [subprocess.Popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
-                               "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env)]
-    procs.append(subprocess.Popen([DASK, "worker", address, "--nworkers", "2", "--nthreads", "1", "--host", "127.0.0.1",
-                                   "--no-dashboard"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    procs = [
+        subprocess.Popen(
+            [DASK, "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1], "--no-dashboard"],
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("w"),
+            env=env,
+        )
+    ]
+    procs.append(
+        subprocess.Popen(
+            [DASK, "worker", address, "--nworkers", "2", "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    )
     try:
         wait_for_workers(address, 2)
         yield address, log
@@ -117,6 +129,7 @@ def test_an_existing_cluster_gives_the_local_output(tmp_path, cli_cluster, monke
     before = transitions()
     monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", address)  # dask.address stays local
     import dask
+
     dask.config.refresh()
     try:
         preprocess(s)

@@ -6,12 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.validation.drift import psi
 from tasks.ingest import ingest
 from tasks.settings import UserError
-from tests.conftest import parse
 from tasks.validate import validate
-from tests.conftest import real_slice, workspace
+from tasks.validation.drift import psi
+from tests.conftest import parse, real_slice, workspace
 
 
 def with_policy(s, policy):
@@ -56,7 +55,9 @@ def test_drift_beyond_the_bounds_stops_and_keeps_the_reference(tmp_path):
     assert report["drift"]["columns"]["MedInc"]["mean_shift_std"] > 0.5
     # accepting it once with `warn` makes it the new reference
     assert "MedInc" in validate(with_policy(s, "warn"))["drift"]
-    assert json.loads(Path(s.validate_.reference).read_text())["columns"]["MedInc"]["mean"] == pytest.approx(shifted["MedInc"].mean())
+    assert json.loads(Path(s.validate_.reference).read_text())["columns"]["MedInc"]["mean"] == pytest.approx(
+        shifted["MedInc"].mean()
+    )
     assert validate(s)["drift"] == {}
 
 

@@ -8,9 +8,8 @@ import yaml
 
 from tests.conftest import STAGES, make_repo, sh
 
-
-
 pytestmark = pytest.mark.slow  # real clusters, servers, flows or several ranks: `make test-fast` skips them
+
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
@@ -49,8 +48,12 @@ def test_changing_a_train_param_reruns_only_downstream_stages(repo):
     diff = json.loads(sh(repo, "dvc", "metrics", "diff", "--json").stdout)["reports/evaluate/metrics.json"]
     assert diff["rmse"]["diff"] > 0 and diff["promote"] == {"old": 1, "new": 0, "diff": -1}
     plots = json.loads(sh(repo, "dvc", "plots", "diff", "--json").stdout)["data"]
-    assert list(plots)[:4] == ["Predicted vs actual (test split)", "Residuals, predicted - actual (test split)",
-                               "Loss per epoch, train and validation (standardised target)", "Validation RMSE per epoch"]
+    assert list(plots)[:4] == [
+        "Predicted vs actual (test split)",
+        "Residuals, predicted - actual (test split)",
+        "Loss per epoch, train and validation (standardised target)",
+        "Validation RMSE per epoch",
+    ]
     assert list(plots)[-1] == "Training speed per epoch (samples/s)"  # quality first, speed last
     assert set(plots["Residuals, predicted - actual (test split)"][0]["revisions"]) == {"HEAD", "workspace"}  # side by side
 
@@ -74,8 +77,14 @@ def test_dvc_views_are_readable(repo, tmp_path):
     try:
         context = chromium.new_context()
         requested = []
-        context.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file:")
-                      else (requested.append(route.request.url), route.abort()))
+        context.route(
+            "**/*",
+            lambda route: (
+                route.continue_()
+                if route.request.url.startswith("file:")
+                else (requested.append(route.request.url), route.abort())
+            ),
+        )
         page = context.new_page()
         errors = []
         page.on("pageerror", lambda e: errors.append(str(e)))

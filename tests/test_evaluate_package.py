@@ -6,10 +6,8 @@ import pandas as pd
 import pytest
 
 from tasks.evaluate import evaluate
-from tests.conftest import load_package
 from tasks.settings import UserError
-from tests.conftest import parse
-from tests.conftest import ROOT, workspace
+from tests.conftest import ROOT, load_package, parse, workspace
 
 
 def test_evaluate_writes_metrics_predictions_and_plot(packaged):

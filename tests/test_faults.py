@@ -14,16 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from distributed import Client
 
-from tasks.training.checkpoint import listed
 from tasks.cluster import cluster_workers
 from tasks.errors import InfrastructureError, RestartsExhausted, UserError
 from tasks.train import train
-from tasks.training.checkpoint import staging_dir
+from tasks.training.checkpoint import listed, staging_dir
+from tests.conftest import cli_root, same_parameters, variant
 from tests.harness import FAULT_ENV, fault
-from tests.conftest import ROOT, cli_root, same_parameters, variant
 from tests.test_launchers import dask_gpu_cluster, on_cluster
 
 pytestmark = pytest.mark.slow  # real clusters, servers, flows or several ranks: `make test-fast` skips them
@@ -43,30 +41,35 @@ def uninterrupted(features, tmp_path_factory):
     return root, train(variant(features, root, **RUN))
 
 
-def test_a_sigkilled_rank_restarts_the_group_from_its_checkpoint_to_the_same_parameters(features, uninterrupted, tmp_path,
-                                                                                        monkeypatch):
+def test_a_sigkilled_rank_restarts_the_group_from_its_checkpoint_to_the_same_parameters(
+    features, uninterrupted, tmp_path, monkeypatch
+):
     ref, ref_summary = uninterrupted
     inject(monkeypatch, f"kill:1:18:{tmp_path / 'fired'}")  # rank 1, mid-epoch 2 (steps 12-22)
     t0 = time.perf_counter()
     summary = train(variant(features, tmp_path, **RUN))
     assert (tmp_path / "fired").exists()
-    assert [(r["kind"], r["cause"]) for r in summary["restarts"]] == [("infrastructure", "rank 1 killed by SIGKILL (out of memory?)")]
+    assert [(r["kind"], r["cause"]) for r in summary["restarts"]] == [
+        ("infrastructure", "rank 1 killed by SIGKILL (out of memory?)")
+    ]
     resumed = summary["resumed_from"]
     assert (resumed["steps"], resumed["epoch"], resumed["step_in_epoch"]) == (15, 2, 4)  # mid-epoch 2: 3 steps lost
-    assert summary["steps"] == ref_summary["steps"] and summary["best_val_rmse"] == pytest.approx(ref_summary["best_val_rmse"], abs=1e-9)
+    assert summary["steps"] == ref_summary["steps"] and summary["best_val_rmse"] == pytest.approx(
+        ref_summary["best_val_rmse"], abs=1e-9
+    )
     same_parameters(ref / "model", tmp_path / "model", atol=1e-6)
     print(f"SIGKILL -> finished in {time.perf_counter() - t0:.1f} s (attempt 1 ran {summary['restarts'][0]['seconds']} s)")
 
 
-def test_a_hung_rank_is_detected_its_stacks_logged_and_the_group_restarted(features, uninterrupted, tmp_path, monkeypatch,
-                                                                           capfd):
+def test_a_hung_rank_is_detected_its_stacks_logged_and_the_group_restarted(features, uninterrupted, tmp_path, monkeypatch, capfd):
     ref, _ = uninterrupted
     inject(monkeypatch, f"hang:0:7:{tmp_path / 'fired'}")
     summary = train(variant(features, tmp_path, step_timeout_s=3, **RUN))
     assert [r["kind"] for r in summary["restarts"]] == ["infrastructure"]
     # rank 0 hangs before its step; rank 1 waits for it in the gradient all-reduce: either one's watchdog fires first
-    assert summary["restarts"][0]["cause"] in {f"rank {r} hung (no step in train.step_timeout_s=3 s; stacks in the log)"
-                                               for r in (0, 1)}
+    assert summary["restarts"][0]["cause"] in {
+        f"rank {r} hung (no step in train.step_timeout_s=3 s; stacks in the log)" for r in (0, 1)
+    }
     err = capfd.readouterr().err
     assert "finished no step in" in err and "hung. Its Python stacks:" in err
     assert "(most recent call first)" in err  # faulthandler's dump of the rank's threads
@@ -79,8 +82,11 @@ def test_corrupt_latest_checkpoints_fall_back_to_the_newest_valid_one(features, 
     ref, _ = uninterrupted
     inject(monkeypatch, f"kill:0:18:{tmp_path / 'fired'}")
     s = variant(features, tmp_path, max_restarts=0, **RUN)
-    with pytest.raises(RestartsExhausted, match=r"train: gave up after 0 restart\(s\) \(train.max_restarts\): #1 infrastructure: rank 0 "
-                                        r"killed by SIGKILL .* The checkpoints are kept in .*checkpoints"):
+    with pytest.raises(
+        RestartsExhausted,
+        match=r"train: gave up after 0 restart\(s\) \(train.max_restarts\): #1 infrastructure: rank 0 "
+        r"killed by SIGKILL .* The checkpoints are kept in .*checkpoints",
+    ):
         train(s)
     ckpts = listed(staging_dir(s.train.out_dir) / "checkpoints")
     # the newest three (a kill between a write and its pruning can leave an older one too, pruned next time)
@@ -127,14 +133,20 @@ def test_a_killed_stage_process_resumes_from_its_checkpoint(features, tmp_path):
 def test_checkpoints_that_are_not_ours_or_not_this_model_are_refused(features, uninterrupted, tmp_path):
     ref, summary = uninterrupted
     good = ref / "model/checkpoints" / f"step-{summary['steps']:08d}.pt"
-    with pytest.raises(UserError, match=r"was trained with another model config \(hidden: \[32, 32\] there, \[16\] now\); it is "
-                                        r"not loaded, not even in part"):
+    with pytest.raises(
+        UserError,
+        match=r"was trained with another model config \(hidden: \[32, 32\] there, \[16\] now\); it is "
+        r"not loaded, not even in part",
+    ):
         train(variant(features, tmp_path / "a", resume_from=str(good), hidden=[16], epochs=3))
     evil = tmp_path / "evil.pt"
     evil.write_bytes(pickle.dumps(Path("/etc/passwd")))
     evil.with_suffix(".sha256").write_text(__import__("hashlib").sha256(evil.read_bytes()).hexdigest())
-    with pytest.raises(UserError, match=r"is not a Trainflow checkpoint \(it holds objects a checkpoint never does, and was not "
-                                        r"unpickled\)"):
+    with pytest.raises(
+        UserError,
+        match=r"is not a Trainflow checkpoint \(it holds objects a checkpoint never does, and was not "
+        r"unpickled\)",
+    ):
         train(variant(features, tmp_path / "b", resume_from=str(evil)))
     old = tmp_path / "old.pt"
     state = torch.load(good, weights_only=True)
@@ -159,7 +171,9 @@ def test_prefect_retries_a_stage_only_after_an_infrastructure_failure():
     assert retried(KilledWorker("task", "worker", 3)) and retried(ConnectionResetError()) and retried(TimeoutError())
     assert retried(InfrastructureError("Dask worker tcp://10.0.0.7:40000 running rank 1 was lost"))
     # training relaunched its ranks itself, up to train.max_restarts: Prefect does not multiply those attempts
-    assert not retried(RestartsExhausted("train: gave up after 3 restart(s) (train.max_restarts): #1 infrastructure: rank 1 killed"))
+    assert not retried(
+        RestartsExhausted("train: gave up after 3 restart(s) (train.max_restarts): #1 infrastructure: rank 1 killed")
+    )
     assert not retried(UserError("validate: data/raw/data.parquet failed 2 of 29 expectations"))  # bad data
     assert not retried(ZeroDivisionError("division by zero"))  # a bug: the same again
 
@@ -178,15 +192,16 @@ def test_a_lost_dask_worker_is_replaced_and_its_group_resumes_to_the_same_parame
         summary = train(on_dask(features, tmp_path, address, rejoin_timeout_s=60))
     assert (tmp_path / "fired").exists()
     (failure,) = summary["restarts"]
-    lost = re.fullmatch(r"Dask worker (\S+) running rank 1 was lost \(killed, out of memory, or its machine gone\)", failure["cause"])
+    lost = re.fullmatch(
+        r"Dask worker (\S+) running rank 1 was lost \(killed, out of memory, or its machine gone\)", failure["cause"]
+    )
     assert failure["kind"] == "infrastructure" and lost and lost[1] in before
     assert lost[1] not in summary["placement"] and len(set(summary["placement"]) - before) == 1  # on the replacement
     assert summary["resumed_from"]["steps"] == 15 and summary["steps"] == ref_summary["steps"]
     same_parameters(ref / "model", tmp_path / "model", atol=1e-6)
 
 
-def test_a_hung_rank_on_a_dask_worker_ends_its_worker_leaves_its_stacks_and_the_group_resumes(features, uninterrupted,
-                                                                                               tmp_path):
+def test_a_hung_rank_on_a_dask_worker_ends_its_worker_leaves_its_stacks_and_the_group_resumes(features, uninterrupted, tmp_path):
     """The hang watchdog of a rank on a Dask worker ends the worker process (a thread cannot be stopped); its
     nanny restarts it, the launcher names the hang and where the stacks are, and the group resumes."""
     ref, _ = uninterrupted
@@ -207,10 +222,13 @@ def test_without_a_replacement_the_group_goes_on_with_fewer_workers_only_when_el
     ref, ref_summary = uninterrupted
     with dask_gpu_cluster(tmp_path, gpu=2, nanny=False, **fault(f"kill:1:18:{tmp_path / 'fired'}")) as address:
         s = on_dask(features, tmp_path, address, rejoin_timeout_s=1, max_restarts=1)
-        with pytest.raises(RestartsExhausted, match=r"train: gave up after 1 restart\(s\) \(train.max_restarts\): #1 infrastructure: "
-                                            r"Dask worker \S+ running rank 1 was lost .*; #2 infrastructure: 1 of the 2 GPU "
-                                            r"workers after waiting train.rejoin_timeout_s=1 s for replacements; train.elastic: "
-                                            r"true would go on with fewer\. The checkpoints are kept"):
+        with pytest.raises(
+            RestartsExhausted,
+            match=r"train: gave up after 1 restart\(s\) \(train.max_restarts\): #1 infrastructure: "
+            r"Dask worker \S+ running rank 1 was lost .*; #2 infrastructure: 1 of the 2 GPU "
+            r"workers after waiting train.rejoin_timeout_s=1 s for replacements; train.elastic: "
+            r"true would go on with fewer\. The checkpoints are kept",
+        ):
             train(s)
         assert [p.name for p in listed(staging_dir(s.train.out_dir) / "checkpoints")][-1] == "step-00000015.pt"
         summary = train(on_dask(features, tmp_path, address, rejoin_timeout_s=1, max_restarts=1, elastic=True))
@@ -221,13 +239,16 @@ def test_without_a_replacement_the_group_goes_on_with_fewer_workers_only_when_el
     assert summary["epochs"][-1]["train_loss"] == pytest.approx(ref_summary["epochs"][-1]["train_loss"], rel=1e-5)
 
 
-def test_under_torchrun_a_sigkilled_rank_restarts_the_group_to_the_same_parameters(features, uninterrupted, tmp_path,
-                                                                                   monkeypatch):
+def test_under_torchrun_a_sigkilled_rank_restarts_the_group_to_the_same_parameters(
+    features, uninterrupted, tmp_path, monkeypatch
+):
     ref, ref_summary = uninterrupted
     inject(monkeypatch, f"kill:1:18:{tmp_path / 'fired'}")
     summary = train(variant(features, tmp_path, launcher="torchrun", **RUN))
     assert (tmp_path / "fired").exists()
-    assert [(r["kind"], r["cause"]) for r in summary["restarts"]] == [("infrastructure", "torchrun rank 1 killed by SIGKILL (out of memory?)")]
+    assert [(r["kind"], r["cause"]) for r in summary["restarts"]] == [
+        ("infrastructure", "torchrun rank 1 killed by SIGKILL (out of memory?)")
+    ]
     assert summary["resumed_from"]["steps"] == 15 and summary["steps"] == ref_summary["steps"]
     same_parameters(ref / "model", tmp_path / "model", atol=1e-6)
 

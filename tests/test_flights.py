@@ -13,7 +13,8 @@ import yaml
 from tasks.features import MISSING, assign_split, expand
 from tasks.preprocess import apply_transform, preprocess
 from tasks.settings import UserError
-from tests.conftest import ROOT, run_until_preprocess as run, workspace
+from tests.conftest import ROOT, workspace
+from tests.conftest import run_until_preprocess as run
 
 FLIGHTS = ROOT / "data/sources/flights.parquet"
 
@@ -27,8 +28,9 @@ def flights_workspace(root: Path, frame: pd.DataFrame | None = None, **overrides
     dataset = yaml.safe_load((ROOT / "data/datasets/flights.yaml").read_text())["dataset"]
     dataset.update(sha256=None, suite=str(ROOT / dataset["suite"]))
     frame = flights_slice() if frame is None else frame
-    return workspace(root, frame, dataset=dict(dataset, source=str(root / "source.parquet")),
-                     preprocess__scaler="standard", **overrides)
+    return workspace(
+        root, frame, dataset=dict(dataset, source=str(root / "source.parquet")), preprocess__scaler="standard", **overrides
+    )
 
 
 def out(s, name):
@@ -59,8 +61,9 @@ def test_flights_are_encoded_with_transforms_fitted_on_train_only(tmp_path):
 
     # fitted on train only: the imputation mean and the vocabulary come from the train rows
     raw = frame.dropna(subset=["arr_delay"])
-    split = assign_split(raw[list(yaml.safe_load((ROOT / "data/datasets/flights.yaml").read_text())["dataset"]["key"])],
-                         (0.64, 0.16, 0.20))
+    split = assign_split(
+        raw[list(yaml.safe_load((ROOT / "data/datasets/flights.yaml").read_text())["dataset"]["key"])], (0.64, 0.16, 0.20)
+    )
     train = raw[split.to_numpy() == "train"]
     assert t["numeric"]["dep_delay"]["mean"] == pytest.approx(train["dep_delay"].mean(), rel=1e-12)
     counts = train["tailnum"].value_counts()
@@ -128,15 +131,19 @@ def with_dataset(s, **changes):
     raw = s.model_dump(by_alias=True)
     raw["dataset"].update(changes)
     from tests.conftest import parse
+
     return parse(raw)
 
 
-@pytest.mark.parametrize("change,expected", [
-    ({"columns": "add:gate"}, "dataset.columns: ['gate'] are not in"),
-    ({"columns": "drop:dest"}, "has columns ['dest'] that dataset.columns does not declare; add each as numeric"),
-    ({"columns": "tailnum:numeric"}, "column 'tailnum' is declared numeric but holds text (e.g. 'N"),
-    ({"max_categories": 50}, "categorical column 'tailnum' has"),
-])
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        ({"columns": "add:gate"}, "dataset.columns: ['gate'] are not in"),
+        ({"columns": "drop:dest"}, "has columns ['dest'] that dataset.columns does not declare; add each as numeric"),
+        ({"columns": "tailnum:numeric"}, "column 'tailnum' is declared numeric but holds text (e.g. 'N"),
+        ({"max_categories": 50}, "categorical column 'tailnum' has"),
+    ],
+)
 def test_bad_dataset_config_is_named_and_nothing_is_overwritten(validated, change, expected):
     before = {p: p.read_bytes() for p in Path(validated.preprocess.out_dir).rglob("*") if p.is_file()}
     columns = dict(validated.dataset.columns)
@@ -154,6 +161,7 @@ def test_bad_dataset_config_is_named_and_nothing_is_overwritten(validated, chang
         raw = validated.model_dump(by_alias=True)
         raw["preprocess"]["max_categories"] = value
         from tests.conftest import parse
+
         s = parse(raw)
     with pytest.raises(UserError) as e:
         preprocess(s)
@@ -180,6 +188,7 @@ def test_an_unreachable_scheduler_is_named(validated):
     raw = validated.model_dump(by_alias=True)
     raw["dask"]["address"] = "tcp://127.0.0.1:9"
     from tests.conftest import parse
+
     with pytest.raises(UserError, match="dask.address: no Dask scheduler answers at tcp://127.0.0.1:9"):
         preprocess(parse(raw))
 
@@ -188,16 +197,21 @@ def test_the_cli_exits_2_naming_the_key(validated, tmp_path):
     raw = validated.model_dump(by_alias=True)
     raw["preprocess"]["split"] = {"train": 0.7, "val": 0.2, "test": 0.2}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    proc = subprocess.run([sys.executable, "-m", "tasks.preprocess"], cwd=tmp_path, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "DO_NOT_TRACK": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.preprocess"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "DO_NOT_TRACK": "1"},
+    )
     assert proc.returncode == 2 and "preprocess.split" in proc.stderr and "must be 1" in proc.stderr
 
 
 def test_a_residual_mlp_with_embeddings_trains_on_two_ranks_and_packages(validated, tmp_path):
     from tasks.evaluate import evaluate
     from tasks.package import package
-    from tests.conftest import load_package, parse
     from tasks.train import train
+    from tests.conftest import load_package, parse
 
     raw = validated.model_dump(by_alias=True)
     raw["preprocess"]["out_dir"] = validated.preprocess.out_dir

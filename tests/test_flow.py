@@ -12,12 +12,11 @@ import yaml
 from flows.pipeline import training_pipeline
 from flows.workspace import Workspace
 from tasks.files import sha256_file
-from tests.conftest import STAGES, load_package
-from tasks.settings import UserError, dump_settings, load_settings
-from tests.conftest import ROOT, make_repo, real_slice, sh
-
+from tasks.settings import UserError, load_settings
+from tests.conftest import ROOT, STAGES, load_package, make_repo, real_slice, sh
 
 pytestmark = pytest.mark.slow  # real clusters, servers, flows or several ranks: `make test-fast` skips them
+
 
 @pytest.fixture(scope="module")
 def prefect_server():
@@ -72,8 +71,9 @@ def artifacts(state) -> dict:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        )
     return {a.key: a for a in found}
 
 
@@ -136,13 +136,21 @@ def test_train_param_from_the_ui_runs_as_a_dvc_experiment(in_repo):
     state = run(in_repo, train={"epochs": 1})
     out = state.result()
     assert {k: v["status"] for k, v in out["stages"].items()} == {
-        "ingest": "cached", "validate": "cached", "preprocess": "cached",
-        "train": "ran", "evaluate": "ran", "package": "ran", "promote": "ran"}
+        "ingest": "cached",
+        "validate": "cached",
+        "preprocess": "cached",
+        "train": "ran",
+        "evaluate": "ran",
+        "package": "ran",
+        "promote": "ran",
+    }
     assert out["changed_params"] == {"train.epochs": [3, 1]} or out["changed_params"] == {"train.epochs": (3, 1)}
     # 1 epoch loses to the workspace's champion (3 epochs): the run completes as "Not promoted", naming the margin
     assert state.is_completed() and state.name == "Not promoted"
     assert state.message == out["gate"]["message"]
-    assert state.message.startswith("not promoted: test RMSE ") and f"vs champion {in_repo / 'models/production'} " in state.message
+    assert (
+        state.message.startswith("not promoted: test RMSE ") and f"vs champion {in_repo / 'models/production'} " in state.message
+    )
     assert sha256_file(in_repo / "models/production/manifest.json") == champion_before
     exp = out["experiment"]
     assert exp and exp.startswith("prefect-")
@@ -170,7 +178,8 @@ def test_a_run_named_like_a_path_is_never_used_as_one(in_repo):
     """The audit's attack: a run named `x/../../../../data` used to rmtree data/ through its experiment path."""
     data_before = {p: sha256_file(p) for p in (in_repo / "data").rglob("*") if p.is_file()}
     state = training_pipeline.with_options(flow_run_name="x/../../../../data")(
-        evaluate={"min_improvement": 0.5}, return_state=True)  # differs from params.yaml: an experiment
+        evaluate={"min_improvement": 0.5}, return_state=True
+    )  # differs from params.yaml: an experiment
     assert state.is_completed(), state.message
     name = state.result()["experiment"]
     assert name.startswith("prefect-x-data-") and len(name) == len("prefect-x-data-") + 8
@@ -240,8 +249,14 @@ def test_bad_data_stops_before_preprocess_and_keeps_the_last_model(in_repo):
     frame = real_slice()
     frame.loc[[1, 2, 3], "AveRooms"] = -1.0
     frame.to_parquet(in_repo / "data/sources/slice.parquet", index=False)
-    kept = {p: sha256_file(p) for p in (in_repo / "models/train/model.pt", in_repo / "models/package/model.onnx",
-                                        in_repo / "data/features/train/part-00000.parquet")}
+    kept = {
+        p: sha256_file(p)
+        for p in (
+            in_repo / "models/train/model.pt",
+            in_repo / "models/package/model.onnx",
+            in_repo / "data/features/train/part-00000.parquet",
+        )
+    }
     state = run(in_repo)
     assert state.is_failed()
     error = state.result(raise_on_failure=False)
@@ -249,7 +264,10 @@ def test_bad_data_stops_before_preprocess_and_keeps_the_last_model(in_repo):
     assert task_states(state) == {"ingest": "Completed", "validate": "Failed"}
     assert {p: sha256_file(p) for p in kept} == kept
     report = artifacts(state)["validation-report"].data
-    assert report.startswith("# Validation FAILED: 28 of 29") and "| FAIL | expect_column_values_to_be_between | AveRooms | between 0.0 and 1000.0 | 3 rows unexpected" in report
+    assert (
+        report.startswith("# Validation FAILED: 28 of 29")
+        and "| FAIL | expect_column_values_to_be_between | AveRooms | between 0.0 and 1000.0 | 3 rows unexpected" in report
+    )
 
 
 def test_unreachable_prefect_api_is_named_with_the_fix(tmp_path):
@@ -274,14 +292,19 @@ def test_a_flow_killed_during_training_resumes_from_its_checkpoint(tmp_path):
     import subprocess
 
     from tasks.train import train
-    from tests.harness import fault
     from tests.conftest import parse, same_parameters
+    from tests.harness import fault
 
     repo = make_repo(tmp_path / "repo", epochs=3, checkpoint_every="4 steps")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **fault(f"kill:0:25:{tmp_path / 'fired'}")}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        **fault(f"kill:0:25:{tmp_path / 'fired'}"),
+    }
     with open(tmp_path / "killed.log", "w") as log:  # a file, not a pipe: the dead flow's server child keeps its pipes
-        flow = subprocess.Popen([sys.executable, "-m", "flows.pipeline"], cwd=repo, env=env, stdout=log, stderr=log,
-                                start_new_session=True)
+        flow = subprocess.Popen(
+            [sys.executable, "-m", "flows.pipeline"], cwd=repo, env=env, stdout=log, stderr=log, start_new_session=True
+        )
         try:
             assert flow.wait(timeout=600) == -signal.SIGKILL
             # its temporary Prefect server, left without a parent, is stopped by the flow's reaper process

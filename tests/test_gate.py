@@ -117,7 +117,10 @@ def test_a_better_candidate_replaces_the_champion_and_the_previous_one_is_kept(b
     assert result["promoted"], result["message"]
     assert sha256_file(production / "manifest.json") != old
     assert os.readlink(tmp_path / "production.previous") == f".production.versions/{old}"  # for a rollback
-    assert load_package(production).manifest["metrics"]["rmse"] < load_package(tmp_path / "production.previous").manifest["metrics"]["rmse"]
+    assert (
+        load_package(production).manifest["metrics"]["rmse"]
+        < load_package(tmp_path / "production.previous").manifest["metrics"]["rmse"]
+    )
     new = sha256_file(production / "manifest.json")
     assert json.loads((tmp_path / f".production.versions/{new}.json").read_text())["previous"] == old
 
@@ -157,8 +160,13 @@ def test_promotion_killed_at_any_step_leaves_the_old_or_the_new_champion(better,
         raw = s.model_dump(by_alias=True)
         raw["evaluate"]["champion"] = str(case / "production")
         (case / "settings.json").write_text(json.dumps(raw))
-        proc = subprocess.run([sys.executable, "-c", KILLER, str(case / "settings.json"), str(k), str(conftest.TEST_ROOT)],
-                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-c", KILLER, str(case / "settings.json"), str(k), str(conftest.TEST_ROOT)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         verified_champion(case / "production")  # whole and verified after the kill
         now = sha256_file(case / "production/manifest.json")
         assert now in (old, new), k
@@ -167,8 +175,13 @@ def test_promotion_killed_at_any_step_leaves_the_old_or_the_new_champion(better,
             assert now == new and k > 3, proc.stdout
             break
         assert proc.returncode == -signal.SIGKILL, proc.stderr
-        again = subprocess.run([sys.executable, "-c", KILLER, str(case / "settings.json"), "1000", str(conftest.TEST_ROOT)],
-                               cwd=ROOT, capture_output=True, text=True, timeout=120)
+        again = subprocess.run(
+            [sys.executable, "-c", KILLER, str(case / "settings.json"), "1000", str(conftest.TEST_ROOT)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert again.returncode == 0 and "promoted:" in again.stdout, again.stderr
         assert sha256_file(case / "production/manifest.json") == new
         k += 1
@@ -185,8 +198,11 @@ def test_a_corrupt_champion_stops_the_gate_instead_of_being_replaced(features, c
     before = sha256_file(production / "model.onnx")
     s = candidate(features, tmp_path / "c", production, **STRONG)
     train(s)
-    with pytest.raises(UserError, match=r"the champion at .*production cannot be scored: .*model.onnx does not match its "
-                                        r"sha256 .*The gate does not promote over a model it cannot check"):
+    with pytest.raises(
+        UserError,
+        match=r"the champion at .*production cannot be scored: .*model.onnx does not match its "
+        r"sha256 .*The gate does not promote over a model it cannot check",
+    ):
         evaluate(s)
     assert sha256_file(production / "model.onnx") == before and not (tmp_path / "c/eval/gate.json").exists()
     # altered files with a manifest rewritten to match: the promotion's record (the link's target) no longer does
@@ -222,8 +238,10 @@ def test_a_slice_that_gets_worse_blocks_promotion():
     slices_r = {"region": {"north": {**champ, "rmse": 1.1, "n": 200}, "south": {**champ, "rmse": 0.98, "n": 800}}}
     gate = decide(cfg, cand, champ, "champion P", slices_c, slices_r)
     assert gate["decision"] == "keep"
-    assert gate["message"] == ("not promoted: test RMSE 0.9000 vs champion P 1.0000: 10.00% better (needs more than 0.00% better), "
-                               "but 1 slice(s) got worse by more than 5%, e.g. region=north (n=200): RMSE 1.3000 vs 1.1000, 18.2% worse")
+    assert gate["message"] == (
+        "not promoted: test RMSE 0.9000 vs champion P 1.0000: 10.00% better (needs more than 0.00% better), "
+        "but 1 slice(s) got worse by more than 5%, e.g. region=north (n=200): RMSE 1.3000 vs 1.1000, 18.2% worse"
+    )
     slices_r["region"]["north"]["n"] = 10  # too few rows to judge
     assert decide(cfg, cand, champ, "champion P", slices_c, slices_r)["decision"] == "promote"
 
@@ -248,8 +266,15 @@ def test_evaluation_outputs_slices_plots_and_the_archive(champion):
     raw = pd.read_parquet(Path(s.preprocess.out_dir) / "test_raw")
     np.testing.assert_array_equal(from_tar.predict(raw), from_dir.predict(raw))
     card = (Path(s.package.out_dir) / "MODEL_CARD.md").read_text()
-    for part in ("## Intended use", "## Data", "## Metrics (held-out test split)", "### By MedInc", "## Limitations",
-                 "## Training", f"{metrics['rmse']:.4f}"):
+    for part in (
+        "## Intended use",
+        "## Data",
+        "## Metrics (held-out test split)",
+        "### By MedInc",
+        "## Limitations",
+        "## Training",
+        f"{metrics['rmse']:.4f}",
+    ):
         assert part in card
     manifest = from_dir.manifest
     assert manifest["trainflow_version"] == "0.1.0" and manifest["data"]["dvc"]["params_sha256"]

@@ -1,14 +1,13 @@
 """Gradient sync modes and gradient accumulation on real 2-rank gloo process groups."""
 
-
 import pytest
 
 from tasks.settings import UserError
 from tasks.train import train
 from tests.conftest import same_parameters, variant
 
-
 pytestmark = pytest.mark.slow  # real clusters, servers, flows or several ranks: `make test-fast` skips them
+
 
 def test_accumulated_micro_batches_give_the_same_step(features, tmp_path):
     """2 ranks x 4 micro-batches (synced once per step) = 1 process with the whole batch, to 1e-5."""

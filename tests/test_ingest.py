@@ -4,9 +4,8 @@ import pandas as pd
 import pytest
 
 from tasks.ingest import ingest
-from tests.conftest import parse
 from tasks.settings import UserError
-from tests.conftest import ROOT, project_params, real_slice, small_params
+from tests.conftest import ROOT, parse, project_params, real_slice, small_params
 
 
 def test_default_source_is_the_real_dataset(tmp_path):

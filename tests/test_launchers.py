@@ -14,16 +14,15 @@ import torch
 from distributed import Client
 
 from tasks.cluster import cluster_workers
+from tasks.settings import UserError
+from tasks.train import train
 from tasks.training.launch_dask import gpu_workers
 from tasks.training.model import load_model
-from tasks.settings import UserError
-from tests.conftest import parse
-from tasks.train import train
-from tests.conftest import ROOT, cli_root, same_parameters, variant
+from tests.conftest import ROOT, cli_root, parse, same_parameters, variant
 from tests.test_dask_cluster import DASK, free_port, wait_for_workers
 
-
 pytestmark = pytest.mark.slow  # real clusters, servers, flows or several ranks: `make test-fast` skips them
+
 
 @pytest.fixture(scope="module")
 def local_two(features, tmp_path_factory):
@@ -42,11 +41,26 @@ def dask_gpu_cluster(cwd: Path, gpu: int = 2, plain: int = 0, nanny: bool = True
     common = ["--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"] + ([] if nanny else ["--no-nanny"])
     logs = cwd / "dask-logs"  # kept with the test's temporary directory
     logs.mkdir(exist_ok=True)
-    procs = [subprocess.Popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1], "--no-dashboard"],
-                              cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=(logs / "scheduler.log").open("w"))]
-    procs += [subprocess.Popen([DASK, "worker", address, *common, *extra], cwd=cwd, env=env, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=(logs / f"worker{i}.log").open("w"))
-              for i, extra in enumerate([["--resources", "GPU=1"]] * gpu + [[]] * plain)]
+    procs = [
+        subprocess.Popen(
+            [DASK, "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1], "--no-dashboard"],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=(logs / "scheduler.log").open("w"),
+        )
+    ]
+    procs += [
+        subprocess.Popen(
+            [DASK, "worker", address, *common, *extra],
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=(logs / f"worker{i}.log").open("w"),
+        )
+        for i, extra in enumerate([["--resources", "GPU=1"]] * gpu + [[]] * plain)
+    ]
     try:
         wait_for_workers(address, gpu + plain)
         yield address
@@ -85,9 +99,12 @@ def test_dask_launcher_trains_on_the_gpu_workers_to_the_local_parameters(feature
 
 def test_dask_launcher_refuses_more_ranks_than_gpu_workers_instead_of_hanging(features, gpu_cluster, tmp_path):
     t0 = time.perf_counter()
-    with pytest.raises(UserError, match=r"train.world_size=3 needs 3 Dask workers with a GPU resource, but the scheduler "
-                                        r"at tcp://127.0.0.1:\d+ has 2 \(3 workers in all\); start more with `dask worker "
-                                        r"tcp://127.0.0.1:\d+ --resources GPU=1`"):
+    with pytest.raises(
+        UserError,
+        match=r"train.world_size=3 needs 3 Dask workers with a GPU resource, but the scheduler "
+        r"at tcp://127.0.0.1:\d+ has 2 \(3 workers in all\); start more with `dask worker "
+        r"tcp://127.0.0.1:\d+ --resources GPU=1`",
+    ):
         train(on_cluster(features, tmp_path, gpu_cluster, world_size=3, epochs=1))
     assert time.perf_counter() - t0 < 30
     assert not (tmp_path / "model").exists()
@@ -102,9 +119,14 @@ def test_torchrun_launcher_trains_to_the_local_parameters(features, local_two, t
 
 def test_torchrun_by_hand_with_another_world_size_is_refused(features, tmp_path):
     s = variant(features, tmp_path, launcher="torchrun", world_size=2, epochs=1)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", "-m",
-                           "tasks.train"], cwd=cli_root(s), env={**os.environ, "PYTHONPATH": str(ROOT)},
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", "-m", "tasks.train"],
+        cwd=cli_root(s),
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "torchrun started 1 ranks but train.world_size is 2; set train.world_size to nnodes × nproc-per-node" in proc.stderr
 

@@ -57,7 +57,11 @@ ATTACKS = [  # (changes, the stage whose CLI is run, what the message must name)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("changes,stage,named", ATTACKS, ids=[next(iter(a[0].items()))[0] + "=" + str(next(iter(a[0].values())))[-24:] for a in ATTACKS])
+@pytest.mark.parametrize(
+    "changes,stage,named",
+    ATTACKS,
+    ids=[next(iter(a[0].items()))[0] + "=" + str(next(iter(a[0].values())))[-24:] for a in ATTACKS],
+)
 def test_output_paths_that_would_destroy_data_are_refused(repo, changes, stage, named):
     OUTSIDE.mkdir(exist_ok=True)
     (OUTSIDE / "keep.txt").write_text("not Trainflow's")
@@ -96,8 +100,11 @@ def test_staging_left_by_a_killed_process_is_cleared_and_a_live_ones_kept(tmp_pa
     out = tmp_path / "out"
     host = socket.gethostname()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
-    stale, live, foreign = (tmp_path / f".out.{host}-{dead}.abc.tmp", tmp_path / f".out.{host}-{os.getppid()}.def.tmp",
-                            tmp_path / f".out.otherhost-{dead}.ghi.tmp")
+    stale, live, foreign = (
+        tmp_path / f".out.{host}-{dead}.abc.tmp",
+        tmp_path / f".out.{host}-{os.getppid()}.def.tmp",
+        tmp_path / f".out.otherhost-{dead}.ghi.tmp",
+    )
     for d in (stale, live, foreign):
         d.mkdir()
     with atomic_dir(out) as stage:
@@ -111,8 +118,10 @@ def test_bad_params_under_dvc_repro_leave_every_output_in_place(repo):
     """DVC used to delete a stage's outputs before running it; they are persist outputs now, replaced only by
     a stage that succeeds."""
     good = (repo / "params.yaml").read_text()
-    kept = {p: sha256_file(repo / p) for p in ("models/train/model.pt", "reports/train/metrics.json",
-                                               "reports/train/plots/metrics/train/loss.tsv")}
+    kept = {
+        p: sha256_file(repo / p)
+        for p in ("models/train/model.pt", "reports/train/metrics.json", "reports/train/plots/metrics/train/loss.tsv")
+    }
     try:
         (repo / "params.yaml").write_text(yaml.safe_dump(with_params(repo, **{"train.epochs": 0}), sort_keys=False))
         proc = sh(repo, "dvc", "repro", check=False)
@@ -128,8 +137,9 @@ def test_a_new_source_of_the_same_data_is_recorded_in_the_package(repo):
     good = (repo / "params.yaml").read_text()
     shutil.copy(repo / "data/sources/slice.parquet", repo / "data/sources/copy.parquet")
     try:
-        (repo / "params.yaml").write_text(yaml.safe_dump(with_params(repo, **{"dataset.source": "data/sources/copy.parquet"}),
-                                                         sort_keys=False))
+        (repo / "params.yaml").write_text(
+            yaml.safe_dump(with_params(repo, **{"dataset.source": "data/sources/copy.parquet"}), sort_keys=False)
+        )
         assert "package" in json.loads(sh(repo, "dvc", "status", "--json").stdout)
         sh(repo, "dvc", "repro")
         manifest = json.loads((repo / "models/package/manifest.json").read_text())
@@ -147,18 +157,24 @@ def test_a_flow_cannot_start_while_dvc_repro_runs_a_stage(repo):
     from flows.workspace import Workspace
 
     good = (repo / "params.yaml").read_text()
-    (repo / "params.yaml").write_text(yaml.safe_dump(with_params(repo, **{"train.epochs": 300, "train.patience": 300}),
-                                                     sort_keys=False))
+    (repo / "params.yaml").write_text(
+        yaml.safe_dump(with_params(repo, **{"train.epochs": 300, "train.patience": 300}), sort_keys=False)
+    )
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    repro = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+    repro = subprocess.Popen(
+        ["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and "models/train" not in _read(repo / ".dvc/tmp/rwlock"):  # train's command runs
             time.sleep(0.1)
-        with pytest.raises(UserError, match=r"is busy: another Trainflow run or DVC command holds its lock \(.dvc/tmp/(rw)?lock\)"):
-            with Workspace(repo).locked():
-                pass
+        with (
+            pytest.raises(
+                UserError, match=r"is busy: another Trainflow run or DVC command holds its lock \(.dvc/tmp/(rw)?lock\)"
+            ),
+            Workspace(repo).locked(),
+        ):
+            pass
     finally:
         os.killpg(repro.pid, signal.SIGKILL)  # dvc and the stage command it runs
         repro.wait()
@@ -174,6 +190,7 @@ def _read(path: Path) -> str:
 
 
 # packages ----------------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def package_copy(packaged, tmp_path) -> Path:
@@ -205,8 +222,12 @@ def test_onnx_external_data_is_refused_even_when_listed(package_copy):
     model = onnx.load(str(package_copy / "model.onnx"))
     convert_model_to_external_data(model, all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
     onnx.save(model, str(package_copy / "model.onnx"))
-    rewrite_manifest(package_copy, lambda m: m["files"].update({
-        "model.onnx": sha256_file(package_copy / "model.onnx"), "weights.bin": sha256_file(package_copy / "weights.bin")}))
+    rewrite_manifest(
+        package_copy,
+        lambda m: m["files"].update(
+            {"model.onnx": sha256_file(package_copy / "model.onnx"), "weights.bin": sha256_file(package_copy / "weights.bin")}
+        ),
+    )
     with pytest.raises(UserError, match="stored as ONNX external data, which a package never holds"):
         open_package(package_copy).__enter__()
 
@@ -270,8 +291,11 @@ def test_predicting_from_an_archive_leaves_no_temp_dir(packaged, tmp_path):
 # secrets -----------------------------------------------------------------------------------------------
 
 SECRET = "hunter2-s3cr3t"
-CREDENTIALED = [f"https://alice:{SECRET}@data.example.com/housing.csv", f"s3://bucket/housing.csv?X-Amz-Signature={SECRET}",
-                f"https://data.example.com/housing.parquet?token={SECRET}"]
+CREDENTIALED = [
+    f"https://alice:{SECRET}@data.example.com/housing.csv",
+    f"s3://bucket/housing.csv?X-Amz-Signature={SECRET}",
+    f"https://data.example.com/housing.parquet?token={SECRET}",
+]
 
 
 @pytest.mark.slow
@@ -289,8 +313,11 @@ def test_credentials_in_a_source_url_are_refused_and_never_printed(repo, url):
     assert "give credentials through the environment" in proc.stderr.lower()
     assert SECRET not in proc.stdout + proc.stderr  # (DVC's own error for the dependency repeats the URL on the terminal)
     assert repro.returncode != 0 and snapshot(repo) == before  # dvc.lock and every output as they were
-    assert not any(SECRET.encode() in p.read_bytes() for p in repo.rglob("*") if p.is_file() and ".git" not in p.parts
-                   and p.name != "params.yaml")
+    assert not any(
+        SECRET.encode() in p.read_bytes()
+        for p in repo.rglob("*")
+        if p.is_file() and ".git" not in p.parts and p.name != "params.yaml"
+    )
 
 
 def test_the_flow_parameter_schema_refuses_credentials_before_a_run_exists():
@@ -309,12 +336,16 @@ def test_the_flow_parameter_schema_refuses_credentials_before_a_run_exists():
 
 # listening sockets -------------------------------------------------------------------------------------
 
+
 def listening(pids: set[int]) -> set[tuple[str, int]]:
     found = set()
     for pid in pids:
         try:
-            found |= {(c.laddr.ip, c.laddr.port) for c in psutil.Process(pid).net_connections(kind="inet")
-                      if c.status == psutil.CONN_LISTEN}
+            found |= {
+                (c.laddr.ip, c.laddr.port)
+                for c in psutil.Process(pid).net_connections(kind="inet")
+                if c.status == psutil.CONN_LISTEN
+            }
         except psutil.Error:
             pass
     return found
@@ -373,13 +404,17 @@ def test_the_temporary_prefect_server_listens_on_loopback_only():
 
 # smaller -----------------------------------------------------------------------------------------------
 
+
 def test_a_model_too_large_for_the_machine_is_refused_before_training(features):
     from tasks.training.data import check_inputs
     from tests.conftest import variant
 
     s = variant(features, Path(tempfile.mkdtemp(dir=Path(features.ingest.out).parents[2])), hidden=[65536, 65536, 65536])
-    with pytest.raises(UserError, match=r"train.hidden=\[65536, 65536, 65536\] makes a mlp of [\d,]+ parameters, about .* GiB "
-                                        r"to train .* lower train.hidden"):
+    with pytest.raises(
+        UserError,
+        match=r"train.hidden=\[65536, 65536, 65536\] makes a mlp of [\d,]+ parameters, about .* GiB "
+        r"to train .* lower train.hidden",
+    ):
         check_inputs(s)
     raw = dump_settings(load_settings(ROOT / "params.yaml"))
     raw["train"]["hidden"] = [1_000_000, 1_000_000]

@@ -14,9 +14,8 @@ import yaml
 from tests.conftest import ROOT, STAGES, make_repo, sh
 from tests.harness import Server, browser, stop
 
-
-
 pytestmark = pytest.mark.slow  # real clusters, servers, flows or several ranks: `make test-fast` skips them
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
@@ -84,15 +83,31 @@ def test_served_deployments_start_runs_from_every_door(server, repo, served):
 
     # one key from the shell: every other key is params.yaml's; it trains with it, as a DVC experiment
     t0 = time.perf_counter()
-    out = sh(repo, "prefect", "deployment", "run", "training-pipeline/training-pipeline", "--params",
-             json.dumps({"train": {"epochs": 2}}), "--watch", env=server.env, timeout=300)
+    out = sh(
+        repo,
+        "prefect",
+        "deployment",
+        "run",
+        "training-pipeline/training-pipeline",
+        "--params",
+        json.dumps({"train": {"epochs": 2}}),
+        "--watch",
+        env=server.env,
+        timeout=300,
+    )
     print(f"CLI trigger -> finished run: {time.perf_counter() - t0:.1f} s")
     run_id = re.search(r"UUID: ([0-9a-f-]{36})", out.stdout)[1]
     run = server.call("GET", f"/flow_runs/{run_id}")
     assert run["state"]["type"] == "COMPLETED" and run["parameters"] == {"train": {"epochs": 2}}
-    assert server.task_states(run_id) == {"ingest": "Cached", "validate": "Cached", "preprocess": "Cached",
-                                           "train": "Completed", "evaluate": "Completed", "package": "Completed",
-                                           "promote": "Completed"}
+    assert server.task_states(run_id) == {
+        "ingest": "Cached",
+        "validate": "Cached",
+        "preprocess": "Cached",
+        "train": "Completed",
+        "evaluate": "Completed",
+        "package": "Completed",
+        "promote": "Completed",
+    }
     summary = server.artifacts(run_id)["training-summary"]
     assert "`train.epochs`: 3 → 2" in summary and "DVC experiment `prefect-" in summary
     shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)

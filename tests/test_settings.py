@@ -14,13 +14,16 @@ def test_project_params_load():
     assert (s.preprocess.split.train, s.preprocess.split.val, s.preprocess.split.test) == (0.64, 0.16, 0.20)
 
 
-@pytest.mark.parametrize("section,key,value,expected", [
-    ("train", "lr", -1, "train.lr = -1"),
-    ("train", "world_size", 0, "train.world_size = 0"),
-    ("train", "dropout", 1.5, "train.dropout = 1.5"),
-    ("preprocess", "scaler", "minmax", "preprocess.scaler = 'minmax'"),
-    ("dask", "n_workers", "two", "dask.n_workers = 'two'"),
-])
+@pytest.mark.parametrize(
+    "section,key,value,expected",
+    [
+        ("train", "lr", -1, "train.lr = -1"),
+        ("train", "world_size", 0, "train.world_size = 0"),
+        ("train", "dropout", 1.5, "train.dropout = 1.5"),
+        ("preprocess", "scaler", "minmax", "preprocess.scaler = 'minmax'"),
+        ("dask", "n_workers", "two", "dask.n_workers = 'two'"),
+    ],
+)
 def test_bad_value_names_the_key(section, key, value, expected):
     raw = project_params()
     raw[section][key] = value
@@ -56,20 +59,31 @@ def test_cli_reports_bad_params_without_traceback(tmp_path):
     raw = project_params()
     raw["train"]["lr"] = -1
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    proc = subprocess.run([sys.executable, "-m", "tasks.ingest"], cwd=tmp_path, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.ingest"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 2
     assert "train.lr = -1" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "data").exists()  # nothing was produced
 
 
-@pytest.mark.parametrize("change,expected", [
-    ({"columns": {"MedInc": "text"}}, "dataset.columns.MedInc = 'text': Input should be 'numeric', 'categorical', 'datetime' or 'ignore'"),
-    ({"key": ["block"]}, "key columns ['block'] are not in columns"),
-    ({"target": "MedInc"}, "the target 'MedInc' is also listed in columns"),
-    ({"task": "ranking"}, "dataset.task = 'ranking'"),
-])
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        (
+            {"columns": {"MedInc": "text"}},
+            "dataset.columns.MedInc = 'text': Input should be 'numeric', 'categorical', 'datetime' or 'ignore'",
+        ),
+        ({"key": ["block"]}, "key columns ['block'] are not in columns"),
+        ({"target": "MedInc"}, "the target 'MedInc' is also listed in columns"),
+        ({"task": "ranking"}, "dataset.task = 'ranking'"),
+    ],
+)
 def test_bad_dataset_sections_name_the_key(change, expected):
     raw = project_params()
     raw["dataset"].update(change)
@@ -82,17 +96,28 @@ def test_use_switches_the_dataset_section_and_keeps_the_rest(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text((ROOT / "params.yaml").read_text())
     before = params.read_text()
-    proc = subprocess.run([sys.executable, "-m", "tasks.settings", "use", str(ROOT / "data/datasets/flights.yaml")],
-                          cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.settings", "use", str(ROOT / "data/datasets/flights.yaml")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 0, proc.stderr
     s = load_settings(params)
     assert (s.dataset.name, s.dataset.target, s.dataset.columns["carrier"]) == ("flights", "arr_delay", "categorical")
     assert before.split("# end of dataset")[1] == params.read_text().split("# end of dataset")[1]  # comments kept
     from tasks.settings import use_dataset
+
     use_dataset(str(ROOT / "data/datasets/california_housing.yaml"), params)
     assert params.read_text() == before
-    proc = subprocess.run([sys.executable, "-m", "tasks.settings", "use", "nope"], cwd=tmp_path, capture_output=True,
-                          text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.settings", "use", "nope"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 2 and "shipped datasets: ['california_housing', 'flights']" in proc.stderr
 
 

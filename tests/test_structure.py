@@ -65,7 +65,7 @@ def find_cycles(g: dict[str, set[str]]) -> list[list[str]]:
         state[node] = "open"
         for nxt in sorted(g.get(node, ())):
             if state.get(nxt) == "open":
-                cycles.append(path[path.index(nxt):] + [nxt])
+                cycles.append(path[path.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt, path + [nxt])
         state[node] = "done"

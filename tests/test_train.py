@@ -47,8 +47,11 @@ def test_batch_larger_than_train_split_is_refused_and_old_model_kept(features, t
 
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_diverging_loss_stops_naming_the_step_the_rank_and_the_key(features, tmp_path, world_size):
-    with pytest.raises(UserError, match=r"loss became (nan|inf) at step \d+ \(epoch 1\) on rank [01]; .* keeps the last good "
-                                        r"model\. Lower train.lr \(now 10.0\)"):
+    with pytest.raises(
+        UserError,
+        match=r"loss became (nan|inf) at step \d+ \(epoch 1\) on rank [01]; .* keeps the last good "
+        r"model\. Lower train.lr \(now 10.0\)",
+    ):
         # AdamW scales weights by -9 a step
         train(variant(features, tmp_path, lr=10.0, weight_decay=1.0, epochs=3, world_size=world_size))
 
@@ -72,17 +75,25 @@ def test_features_that_disagree_with_their_metadata_are_refused(features, tmp_pa
     (feat / "schema.json").write_text(json.dumps(schema))
     raw = variant(features, tmp_path, epochs=1).model_dump(by_alias=True)
     raw["preprocess"]["out_dir"] = str(feat)
-    with pytest.raises(UserError, match=r"feature 'HouseAge' holds code .* but schema.json gives it 3 categories .* the "
-                                        r"features and their metadata disagree; rerun the preprocess stage"):
+    with pytest.raises(
+        UserError,
+        match=r"feature 'HouseAge' holds code .* but schema.json gives it 3 categories .* the "
+        r"features and their metadata disagree; rerun the preprocess stage",
+    ):
         train(parse(raw))
     assert not (tmp_path / "model").exists()
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"strategy": "fsdp", "grad_sync": "powersgd"},
-     "train: grad_sync=powersgd works with strategy ddp only .* set grad_sync: allreduce or strategy: ddp"),
-    ({"launcher": "dask"}, "train.launcher=dask places ranks on the GPU workers of an existing cluster: set dask.address"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            {"strategy": "fsdp", "grad_sync": "powersgd"},
+            "train: grad_sync=powersgd works with strategy ddp only .* set grad_sync: allreduce or strategy: ddp",
+        ),
+        ({"launcher": "dask"}, "train.launcher=dask places ranks on the GPU workers of an existing cluster: set dask.address"),
+    ],
+)
 def test_settings_that_cannot_work_together_are_refused(features, tmp_path, monkeypatch, overrides, message):
     monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
     with pytest.raises(UserError, match=message):
@@ -108,5 +119,5 @@ def test_compiled_model_trains_like_the_eager_one(features, tmp_path):
 @pytest.mark.parametrize("n, batch, world", [(1305, 128, 2), (1305, 128, 3), (10, 4, 3), (7, 7, 7)])
 def test_ranks_take_disjoint_slices_that_cover_every_row_once_per_epoch(n, batch, world):
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    taken = [rank_slice(perm[start:start + batch], r, world) for start in range(0, n, batch) for r in range(world)]
+    taken = [rank_slice(perm[start : start + batch], r, world) for start in range(0, n, batch) for r in range(world)]
     assert sorted(torch.cat(taken).tolist()) == list(range(n))

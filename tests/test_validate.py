@@ -24,7 +24,9 @@ def test_real_slice_passes(ws):
     # plain text marks, and each expectation's bound and observed value
     assert "| PASS | expect_column_values_to_be_between | Latitude | between 32.0 and 42.5 | 0 rows unexpected (0.00%) |" in md
     assert "| PASS | expect_table_row_count_to_be_between | (table) | between 1000 and 100000000 | `2064` |" in md
-    assert "| PASS | expect_column_values_to_be_in_type_list | MedInc | type in ['float64', 'float32', 'Float64', 'Float32'] |" in md
+    assert (
+        "| PASS | expect_column_values_to_be_in_type_list | MedInc | type in ['float64', 'float32', 'Float64', 'Float32'] |" in md
+    )
     assert md.isascii() or not any(ch in md for ch in "✅❌")
     assert "Not checked: no reference yet (" in md and "the first accepted" in md  # why drift was not checked
 
@@ -68,7 +70,10 @@ def test_allowed_categories_are_enforced(tmp_path):
     ingest(s)
     with pytest.raises(UserError) as e:
         validate(s)
-    assert "expect_column_values_to_be_in_set column region: 2 rows (0.10%) unexpected, e.g. row 4: 'atlantis', row 8: 'atlantis'" in str(e.value)
+    assert (
+        "expect_column_values_to_be_in_set column region: 2 rows (0.10%) unexpected, e.g. row 4: 'atlantis', row 8: 'atlantis'"
+        in str(e.value)
+    )
 
 
 def test_quarantine_moves_failing_rows_aside_and_counts_add_up(tmp_path):
@@ -86,7 +91,10 @@ def test_quarantine_moves_failing_rows_aside_and_counts_add_up(tmp_path):
     assert sorted(quarantined["_row"]) == [1, 2, 3, 5]
     reasons = dict(zip(quarantined["_row"], quarantined["_reason"]))
     assert reasons[1] == "AveRooms: expect_column_values_to_be_between"
-    assert set(reasons[3].split("; ")) == {"AveRooms: expect_column_values_to_be_between", "MedInc: expect_column_values_to_not_be_null"}
+    assert set(reasons[3].split("; ")) == {
+        "AveRooms: expect_column_values_to_be_between",
+        "MedInc: expect_column_values_to_not_be_null",
+    }
     assert (clean["AveRooms"] >= 0).all() and clean["MedInc"].notna().all()
     assert sum(preprocess(s)["rows"].values()) == 2060  # the run goes on with the clean rows only
 
@@ -100,7 +108,9 @@ def test_quarantine_below_the_clean_fraction_stops_and_keeps_the_last_output(tmp
     frame.loc[:99, "AveRooms"] = -1.0  # 100 of 2,064 rows: 95.2% clean
     frame.to_parquet(s.dataset.source, index=False)
     ingest(s)
-    with pytest.raises(UserError, match=r"only 1,964 of 2,064 rows .* pass \(95\.2%\), fewer than validate.min_clean_fraction=0.99"):
+    with pytest.raises(
+        UserError, match=r"only 1,964 of 2,064 rows .* pass \(95\.2%\), fewer than validate.min_clean_fraction=0.99"
+    ):
         validate(s)
     assert Path(s.validate_.out).read_bytes() == before
 

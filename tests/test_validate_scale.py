@@ -11,14 +11,14 @@ import pytest
 import yaml
 from distributed import LocalCluster
 
-from tasks.validation.drift import column_stats
 from tasks.ingest import ingest
 from tasks.settings import UserError
 from tasks.validate import validate
+from tasks.validation.drift import column_stats
 from tests.conftest import ROOT, real_slice, workspace
 
-
 pytestmark = pytest.mark.slow  # real clusters, servers, flows or several ranks: `make test-fast` skips them
+
 
 @pytest.fixture(scope="module")
 def scheduler():
@@ -35,19 +35,22 @@ def messy(text: bool = False) -> pd.DataFrame:
         frame.loc[[5, 1800], "AveBedrms"] = ["n/a", "none"]
     frame.insert(0, "block", np.arange(len(frame)) * 7)
     frame.insert(1, "region", np.where(frame["Latitude"] > 36, "north", "south").astype(object))
-    frame.loc[1500, "block"] = frame.loc[3, "block"]      # a duplicate key in another partition
-    frame.loc[[10, 11], "block"] = 5                       # ... and one inside a partition
+    frame.loc[1500, "block"] = frame.loc[3, "block"]  # a duplicate key in another partition
+    frame.loc[[10, 11], "block"] = 5  # ... and one inside a partition
     frame.loc[[40, 900, 2000], "region"] = "atlantis"
     frame.loc[[7, 650, 1300, 1999], "MedInc"] = [-1.0, 25.0, np.inf, -3.0]
-    frame.loc[[20, 800, 1700], "HouseAge"] = np.nan           # allowed: at most 1% missing
-    frame.loc[[30, 1600], "AveRooms"] = np.nan                # not allowed
+    frame.loc[[20, 800, 1700], "HouseAge"] = np.nan  # allowed: at most 1% missing
+    frame.loc[[30, 1600], "AveRooms"] = np.nan  # not allowed
     return frame
 
 
 def suite_file(tmp_path: Path) -> str:
     suite = yaml.safe_load((ROOT / "data/suites/california_housing.yaml").read_text())
-    suite["columns"] = {"block": {"type": "int", "unique": True},
-                        "region": {"type": "str", "values": ["north", "south"]}, **suite["columns"]}
+    suite["columns"] = {
+        "block": {"type": "int", "unique": True},
+        "region": {"type": "str", "values": ["north", "south"]},
+        **suite["columns"],
+    }
     suite["columns"]["HouseAge"]["nulls"] = 0.01
     (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite, sort_keys=False))
     return str(tmp_path / "suite.yaml")
@@ -60,8 +63,15 @@ def reference_of(frame: pd.DataFrame) -> dict:
 
 def run(tmp_path: Path, name: str, source: Path, scheduler: str, **overrides):
     root = tmp_path / name
-    s = workspace(root, None, dataset__source=str(source), dataset__suite=suite_file(tmp_path),
-                  dask__address=scheduler, validate__drift="warn", **overrides)
+    s = workspace(
+        root,
+        None,
+        dataset__source=str(source),
+        dataset__suite=suite_file(tmp_path),
+        dask__address=scheduler,
+        validate__drift="warn",
+        **overrides,
+    )
     ingest(s)
     Path(s.validate_.reference).parent.mkdir(parents=True, exist_ok=True)
     Path(s.validate_.reference).write_text(json.dumps(reference_of(messy())))
@@ -97,8 +107,9 @@ def test_partitioned_validation_equals_in_memory(tmp_path, scheduler, case):
     kw = {"validate__on_failure": on_failure, "validate__min_clean_fraction": 0.99}
     src = sources(tmp_path / "sources", messy(text=case == "text"))
     base, base_out = run(tmp_path, "memory", src / "one.parquet", scheduler, **kw)
-    groups, groups_out = run(tmp_path, "groups", src / "groups.parquet", scheduler,
-                             validate__in_memory_max_rows=0, validate__partition_rows=700, **kw)
+    groups, groups_out = run(
+        tmp_path, "groups", src / "groups.parquet", scheduler, validate__in_memory_max_rows=0, validate__partition_rows=700, **kw
+    )
     folder, folder_out = run(tmp_path, "dir", src / "dir", scheduler, **kw)
 
     for s, mode, partitions in ((base, "in-memory", 1), (groups, "partitioned", 4), (folder, "partitioned", 3)):
@@ -111,12 +122,16 @@ def test_partitioned_validation_equals_in_memory(tmp_path, scheduler, case):
     if on_failure == "fail":
         assert isinstance(base_out, UserError)
         if case == "text":
-            assert "column AveBedrms should be float but holds 2 values that are not numbers, e.g. row 5: 'n/a', " \
-                   "row 1800: 'none'" in str(base_out)
+            assert (
+                "column AveBedrms should be float but holds 2 values that are not numbers, e.g. row 5: 'n/a', "
+                "row 1800: 'none'" in str(base_out)
+            )
         for name, out in (("groups", groups_out), ("dir", folder_out)):
             assert str(out).replace(str(tmp_path / name), str(tmp_path / "memory")) == str(base_out)
-        assert "expect_column_values_to_be_between column MedInc: 4 rows (0.19%) unexpected, e.g. row 7: -1.0, " \
-               "row 650: 25.0, row 1300: 'inf', row 1999: -3.0" in str(base_out)
+        assert (
+            "expect_column_values_to_be_between column MedInc: 4 rows (0.19%) unexpected, e.g. row 7: -1.0, "
+            "row 650: 25.0, row 1300: 'inf', row 1999: -3.0" in str(base_out)
+        )
         return
     assert base_out["rows"] == {"input": 2064, "clean": 2051, "quarantined": 13}
     assert set(base_out["drift"]) == {"MedInc", "region"}
@@ -144,10 +159,13 @@ def test_a_clean_partitioned_input_is_copied_as_it_is(tmp_path):
     assert len(pd.read_parquet(s.validate_.quarantine)) == 0
 
 
-@pytest.mark.parametrize("bad,expected", [
-    ("schema", "part-1.parquet differs from part-0.parquet: missing ['AveOccup']; every file of a dataset must have"),
-    ("corrupt", "part-1.parquet is a corrupt or truncated Parquet file"),
-])
+@pytest.mark.parametrize(
+    "bad,expected",
+    [
+        ("schema", "part-1.parquet differs from part-0.parquet: missing ['AveOccup']; every file of a dataset must have"),
+        ("corrupt", "part-1.parquet is a corrupt or truncated Parquet file"),
+    ],
+)
 def test_a_bad_file_in_a_partitioned_dataset_is_named_and_nothing_is_overwritten(tmp_path, bad, expected):
     good = workspace(tmp_path / "ws")
     ingest(good)
@@ -172,8 +190,12 @@ def test_a_worker_killed_during_partitioned_validation_changes_nothing(tmp_path,
     the survivor (the nanny restarts the dead worker) and every output equals an undisturbed run's."""
     from tests.test_dask_cluster import killing_a_busy_worker
 
-    kw = {"validate__on_failure": "quarantine", "validate__min_clean_fraction": 0.99, "validate__in_memory_max_rows": 0,
-          "validate__partition_rows": 300}
+    kw = {
+        "validate__on_failure": "quarantine",
+        "validate__min_clean_fraction": 0.99,
+        "validate__in_memory_max_rows": 0,
+        "validate__partition_rows": 300,
+    }
     src = sources(tmp_path / "sources", messy())
     calm, _ = run(tmp_path, "calm", src / "groups.parquet", scheduler, **kw)
     with killing_a_busy_worker(scheduler) as killed:

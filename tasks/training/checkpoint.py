@@ -30,15 +30,41 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 NAME = re.compile(r"^step-(\d{8})\.pt$")
-REQUIRED = {"format", "fingerprint", "arch", "model", "optimizer", "scheduler", "epoch", "step_in_epoch", "steps",
-            "order_state", "rng", "best", "history"}
+REQUIRED = {
+    "format",
+    "fingerprint",
+    "arch",
+    "model",
+    "optimizer",
+    "scheduler",
+    "epoch",
+    "step_in_epoch",
+    "steps",
+    "order_state",
+    "rng",
+    "best",
+    "history",
+}
 
 
 def fingerprint(train: dict, features: dict) -> str:
     """What makes two runs the same run: the training settings that shape the result, and the features."""
-    keep = {k: v for k, v in train.items() if k not in (
-        "out_dir", "log_dir", "keep_checkpoints", "checkpoint_every", "max_restarts", "step_timeout_s", "launcher",
-        "elastic", "rejoin_timeout_s")}
+    keep = {
+        k: v
+        for k, v in train.items()
+        if k
+        not in (
+            "out_dir",
+            "log_dir",
+            "keep_checkpoints",
+            "checkpoint_every",
+            "max_restarts",
+            "step_timeout_s",
+            "launcher",
+            "elastic",
+            "rejoin_timeout_s",
+        )
+    }
     return hashlib.sha256(json.dumps({"train": keep, "features": features}, sort_keys=True).encode()).hexdigest()
 
 
@@ -81,13 +107,17 @@ def read(path: Path) -> dict:
         raise ValueError(f"{path.name} does not match its sha256: corrupt or truncated")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - weights_only refuses anything but tensors and plain containers
-        raise UserError(f"{path} is not a Trainflow checkpoint (it holds objects a checkpoint never does, and was not "
-                        f"unpickled): {str(e).splitlines()[0]}") from None
+    except Exception as e:
+        raise UserError(
+            f"{path} is not a Trainflow checkpoint (it holds objects a checkpoint never does, and was not "
+            f"unpickled): {str(e).splitlines()[0]}"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         got = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise UserError(f"{path} is checkpoint format {got}, and this Trainflow reads format {FORMAT}; it was written by "
-                        "another version: delete it (or the run's staging directory) to train from the start")
+        raise UserError(
+            f"{path} is checkpoint format {got}, and this Trainflow reads format {FORMAT}; it was written by "
+            "another version: delete it (or the run's staging directory) to train from the start"
+        )
     missing = REQUIRED - set(state)
     if missing:
         raise UserError(f"{path} lacks {sorted(missing)}: not a Trainflow checkpoint")
@@ -119,6 +149,8 @@ def load_from(path: str | Path, arch: dict) -> dict:
     if state["arch"] != arch:
         differ = sorted(k for k in set(arch) | set(state["arch"]) if arch.get(k) != state["arch"].get(k))
         shown = "; ".join(f"{k}: {state['arch'].get(k)!r} there, {arch.get(k)!r} now" for k in differ)
-        raise UserError(f"train.resume_from: {path} was trained with another model config ({shown}); it is not loaded, "
-                        "not even in part. Restore the settings it was trained with, or set train.resume_from: null")
+        raise UserError(
+            f"train.resume_from: {path} was trained with another model config ({shown}); it is not loaded, "
+            "not even in part. Restore the settings it was trained with, or set train.resume_from: null"
+        )
     return state | {"path": str(path)}

@@ -20,12 +20,17 @@ EVAL_CHUNK = 65536  # rows scored at once (bounded memory on any device)
 
 
 def load_split(directory: Path, features: list[str], target: str) -> tuple[torch.Tensor, torch.Tensor]:
-    names = set(pq.read_schema(next(iter(sorted(Path(directory).glob("*.parquet"))), directory)
-                               if Path(directory).is_dir() else directory).names)
+    names = set(
+        pq.read_schema(
+            next(iter(sorted(Path(directory).glob("*.parquet"))), directory) if Path(directory).is_dir() else directory
+        ).names
+    )
     missing = [c for c in features + [target] if c not in names]
     if missing:
-        raise UserError(f"{directory} lacks the columns {missing} that the model expects: the features and the model "
-                        "come from different runs; rerun the preprocess and train stages (dvc repro)")
+        raise UserError(
+            f"{directory} lacks the columns {missing} that the model expects: the features and the model "
+            "come from different runs; rerun the preprocess and train stages (dvc repro)"
+        )
     table = pq.read_table(directory, columns=features + [target])
     x = np.stack([table.column(c).to_numpy() for c in features], axis=1).astype(np.float32)
     y = table.column(target).to_numpy().astype(np.float32)
@@ -37,14 +42,18 @@ def check_features(schema: dict, x: torch.Tensor) -> None:
     index its embedding table (an out-of-range code is a cryptic device-side assert on GPU)."""
     for c in schema.get("categorical", []):
         if not 0 <= c["index"] < x.shape[1]:
-            raise UserError(f"schema.json gives categorical column {c.get('name')!r} index {c['index']}, but the features "
-                            f"have {x.shape[1]} columns; rerun the preprocess stage")
+            raise UserError(
+                f"schema.json gives categorical column {c.get('name')!r} index {c['index']}, but the features "
+                f"have {x.shape[1]} columns; rerun the preprocess stage"
+            )
         codes = x[:, c["index"]]
         top = float(codes.max()) if len(codes) else 0.0
         if top >= c["cardinality"] or float(codes.min()) < 0 or not torch.equal(codes, codes.round()):
-            raise UserError(f"feature {c.get('name')!r} holds code {top:g}, but schema.json gives it {c['cardinality']} "
-                            "categories (codes 0..cardinality-1): the features and their metadata disagree; rerun the "
-                            "preprocess stage")
+            raise UserError(
+                f"feature {c.get('name')!r} holds code {top:g}, but schema.json gives it {c['cardinality']} "
+                "categories (codes 0..cardinality-1): the features and their metadata disagree; rerun the "
+                "preprocess stage"
+            )
 
 
 @dataclass
@@ -79,7 +88,7 @@ def load_features(feat_dir: Path, device: torch.device, objective) -> Features:
 def rank_slice(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """Rank r's part of a global batch: contiguous, sizes differing by at most one, together the whole batch."""
     m = len(batch)
-    return batch[rank * m // world:(rank + 1) * m // world]
+    return batch[rank * m // world : (rank + 1) * m // world]
 
 
 def check_inputs(s) -> dict:
@@ -93,9 +102,11 @@ def check_inputs(s) -> dict:
         raise UserError(f"train.batch_size={cfg.batch_size} exceeds the {n_train:,} training rows; lower train.batch_size")
     check_model_fits(cfg, schema)
     if cfg.batch_size < cfg.world_size * cfg.grad_accum_steps:
-        raise UserError(f"train.batch_size={cfg.batch_size} gives each of the {cfg.world_size} ranks fewer rows per step than "
-                        f"train.grad_accum_steps={cfg.grad_accum_steps} micro-batches; raise train.batch_size or lower "
-                        "train.grad_accum_steps")
+        raise UserError(
+            f"train.batch_size={cfg.batch_size} gives each of the {cfg.world_size} ranks fewer rows per step than "
+            f"train.grad_accum_steps={cfg.grad_accum_steps} micro-batches; raise train.batch_size or lower "
+            "train.grad_accum_steps"
+        )
     return schema
 
 
@@ -118,6 +129,8 @@ def check_model_fits(cfg, schema: dict) -> None:
 
         have, where = psutil.virtual_memory().available, "memory available here"
     if need > have:
-        raise UserError(f"train.hidden={list(cfg.hidden)} makes a {cfg.model} of {n:,} parameters, about {need / 2**30:,.1f} GiB "
-                        f"to train ({cfg.world_size} rank(s): weights, gradients, AdamW state, copies), more than the "
-                        f"{have / 2**30:,.1f} GiB of {where}; lower train.hidden")
+        raise UserError(
+            f"train.hidden={list(cfg.hidden)} makes a {cfg.model} of {n:,} parameters, about {need / 2**30:,.1f} GiB "
+            f"to train ({cfg.world_size} rank(s): weights, gradients, AdamW state, copies), more than the "
+            f"{have / 2**30:,.1f} GiB of {where}; lower train.hidden"
+        )

@@ -40,7 +40,7 @@ from tasks.training.progress import Progress
 from tasks.training.watchdog import Watchdog
 
 SETTINGS_ENV = "TRAINFLOW_SETTINGS"  # settings of ranks started by the stage's own torchrun (JSON file)
-ERRORS_ENV = "TRAINFLOW_ERRORS"      # where such ranks record their classified errors
+ERRORS_ENV = "TRAINFLOW_ERRORS"  # where such ranks record their classified errors
 
 
 def launch(s: Settings, on_epoch=None) -> dict:
@@ -75,15 +75,26 @@ def attempts(s: Settings, out: Path) -> tuple[list[str], list[dict]]:
         try:
             return run(s, restart=bool(failures)), failures
         except InfrastructureError as e:
-            failures.append({"attempt": len(failures) + 1, "kind": "infrastructure", "cause": str(e),
-                             "seconds": round(time.monotonic() - t0, 1)})
+            failures.append(
+                {
+                    "attempt": len(failures) + 1,
+                    "kind": "infrastructure",
+                    "cause": str(e),
+                    "seconds": round(time.monotonic() - t0, 1),
+                }
+            )
             if len(failures) > cfg.max_restarts:
                 listed = "; ".join(f"#{x['attempt']} {x['kind']}: {x['cause']}" for x in failures)
                 kept = f" The checkpoints are kept in {out / 'checkpoints'}." if (out / "checkpoints").exists() else ""
-                raise RestartsExhausted(f"train: gave up after {cfg.max_restarts} restart(s) (train.max_restarts): "
-                                        f"{listed}.{kept}") from None
-            print(f"train: infrastructure failure ({e}); restarting the {cfg.world_size} rank(s) from the last checkpoint "
-                  f"(restart {len(failures)} of at most {cfg.max_restarts})", file=sys.stderr, flush=True)
+                raise RestartsExhausted(
+                    f"train: gave up after {cfg.max_restarts} restart(s) (train.max_restarts): {listed}.{kept}"
+                ) from None
+            print(
+                f"train: infrastructure failure ({e}); restarting the {cfg.world_size} rank(s) from the last checkpoint "
+                f"(restart {len(failures)} of at most {cfg.max_restarts})",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def exit_cause(who: str, code: int, step_timeout_s: float) -> str:
@@ -115,6 +126,7 @@ def reporting_errors(s: Settings, rank: int, errors: Path, *args, **kwargs) -> N
 
 # local -------------------------------------------------------------------------------------------------
 
+
 def _spawned(rank: int, s: Settings, world: int, init_method: str, errors: Path) -> None:
     stacks_on_sigterm()
     for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):  # ranks of one host talk over loopback only
@@ -133,8 +145,16 @@ def loopback_store(timeout_s: float):
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     port = sock.getsockname()[1]
-    store = dist.TCPStore("127.0.0.1", port, None, True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False,
-                          master_listen_fd=sock.detach(), use_libuv=False)  # (only this backend takes a socket)
+    store = dist.TCPStore(
+        "127.0.0.1",
+        port,
+        None,
+        True,
+        timeout=timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+        master_listen_fd=sock.detach(),
+        use_libuv=False,
+    )  # (only this backend takes a socket)
     return store, f"store://127.0.0.1:{port}"
 
 
@@ -144,8 +164,10 @@ def on_local(s: Settings, restart: bool = False) -> list[str]:
     available = torch.cuda.device_count() if cuda else os.cpu_count() or 1
     if cfg.world_size > available:
         what = "GPUs" if cuda else "CPU cores"
-        raise UserError(f"train.world_size={cfg.world_size} exceeds the {available} {what} here (one rank each); lower "
-                        "train.world_size, or place ranks on more machines with train.launcher: dask or torchrun")
+        raise UserError(
+            f"train.world_size={cfg.world_size} exceeds the {available} {what} here (one rank each); lower "
+            "train.world_size, or place ranks on more machines with train.launcher: dask or torchrun"
+        )
     if cfg.world_size == 1 and cfg.strategy == "ddp":
         Watchdog.fired = False
         try:
@@ -176,6 +198,7 @@ def on_local(s: Settings, restart: bool = False) -> list[str]:
 
 # torchrun ----------------------------------------------------------------------------------------------
 
+
 def on_torchrun(s: Settings, restart: bool = False) -> list[str]:
     """torchrun on this host, train.world_size ranks; its ranks read these settings, not params.yaml."""
     errors = staging_dir(s.train.out_dir) / "errors"
@@ -183,8 +206,16 @@ def on_torchrun(s: Settings, restart: bool = False) -> list[str]:
         settings = Path(tmp) / "settings.json"
         settings.write_text(absolute_paths(s).model_dump_json(by_alias=True))
         env = dict(os.environ, **{SETTINGS_ENV: str(settings), ERRORS_ENV: str(errors)})
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-               f"--nproc-per-node={s.train.world_size}", "-m", "tasks.train"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nnodes=1",
+            f"--nproc-per-node={s.train.world_size}",
+            "-m",
+            "tasks.train",
+        ]
         proc = subprocess.run(cmd, env=env, stdout=sys.stdout, stderr=subprocess.PIPE, text=True)
     if not proc.returncode:
         return [f"torchrun local rank {r}" for r in range(s.train.world_size)]
@@ -213,8 +244,10 @@ def torchrun_rank(s: Settings) -> None:
     errors = Path(os.environ.get(ERRORS_ENV) or staging_dir(s.train.out_dir) / "errors")
     try:
         if world != s.train.world_size:
-            raise UserError(f"torchrun started {world} ranks but train.world_size is {s.train.world_size}; set "
-                            "train.world_size to nnodes × nproc-per-node")
+            raise UserError(
+                f"torchrun started {world} ranks but train.world_size is {s.train.world_size}; set "
+                "train.world_size to nnodes × nproc-per-node"
+            )
         if not by_stage and rank == 0:
             check_inputs(s)
             staging_dir(s.train.out_dir).mkdir(parents=True, exist_ok=True)  # checkpoints of an interrupted run stay
@@ -223,8 +256,9 @@ def torchrun_rank(s: Settings) -> None:
         raise
     reporting = not by_stage and rank == 0  # (started by the stage, the stage reports)
     with Progress(staging_dir(s.train.out_dir) / PROGRESS, s.train.epochs) if reporting else nullcontext():
-        reporting_errors(s, rank, errors, world, local, init_method="env://",
-                         local_world=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        reporting_errors(
+            s, rank, errors, world, local, init_method="env://", local_world=int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        )
     if reporting:
         (staging_dir(s.train.out_dir) / PROGRESS).unlink(missing_ok=True)
         replace_dir(staging_dir(s.train.out_dir), s.train.out_dir)

@@ -51,8 +51,9 @@ def on_dask(s: Settings, restart: bool = False) -> list[str]:
     try:
         client = Client(address, timeout=10)
     except (OSError, TimeoutError) as e:
-        raise UserError(f"train.launcher=dask: no Dask scheduler answers at {address} ({e}); start it (dask scheduler) "
-                        "or fix dask.address") from None
+        raise UserError(
+            f"train.launcher=dask: no Dask scheduler answers at {address} ({e}); start it (dask scheduler) or fix dask.address"
+        ) from None
     with client:
         workers = _rank_workers(client, cfg, address, restart)
         world = len(workers)
@@ -60,10 +61,12 @@ def on_dask(s: Settings, restart: bool = False) -> list[str]:
         schema = str(Path(s.preprocess.out_dir) / "schema.json")
         blind = [w for w, seen in client.run(os.path.exists, schema, workers=workers).items() if not seen]
         if blind:
-            raise UserError(f"Dask workers {blind} cannot read {schema}: the dask launcher needs the workspace on a "
-                            "filesystem the workers share, at the same path")
+            raise UserError(
+                f"Dask workers {blind} cannot read {schema}: the dask launcher needs the workspace on a "
+                "filesystem the workers share, at the same path"
+            )
         hosts = [urlparse(w).hostname for w in workers]
-        per_host, seen = Counter(hosts), Counter()
+        per_host, seen = Counter(hosts), Counter[str | None]()
         local_ranks = []
         for h in hosts:
             local_ranks.append(seen[h])
@@ -71,10 +74,23 @@ def on_dask(s: Settings, restart: bool = False) -> list[str]:
         port = client.run(free_port, "", workers=[workers[0]])[workers[0]]
         init = f"tcp://{hosts[0]}:{port}"
         run = uuid.uuid4().hex[:8]
-        futures = [client.submit(_dask_rank, s, r, world, local_ranks[r], per_host[hosts[r]], init,
-                                 key=f"trainflow-train-rank{r}-{run}", workers=[w], resources={"GPU": 1}, pure=False,
-                                 allow_other_workers=False)
-                   for r, w in enumerate(workers)]
+        futures = [
+            client.submit(
+                _dask_rank,
+                s,
+                r,
+                world,
+                local_ranks[r],
+                per_host[hosts[r]],
+                init,
+                key=f"trainflow-train-rank{r}-{run}",
+                workers=[w],
+                resources={"GPU": 1},
+                pure=False,
+                allow_other_workers=False,
+            )
+            for r, w in enumerate(workers)
+        ]
         _watch(client, futures, workers, staging_dir(cfg.out_dir))
     return workers
 
@@ -83,6 +99,7 @@ def _rank_workers(client, cfg, address: str, restart: bool) -> list[str]:
     """The GPU workers that take the ranks. A relaunch waits up to train.rejoin_timeout_s for replacements of
     lost workers; with train.elastic, any attempt then goes on with the GPU workers there are (at least one),
     and without it a first attempt with too few is refused at once."""
+
     def available() -> tuple[list[str], int]:
         workers = cluster_workers(client)
         return gpu_workers(workers), len(workers)
@@ -93,19 +110,25 @@ def _rank_workers(client, cfg, address: str, restart: bool) -> list[str]:
         time.sleep(0.5)
         workers, n_all = available()
     if len(workers) >= cfg.world_size:
-        return workers[:cfg.world_size]
+        return workers[: cfg.world_size]
     if not restart and not (cfg.elastic and workers):
         raise UserError(
             f"train.world_size={cfg.world_size} needs {cfg.world_size} Dask workers with a GPU resource, but the "
             f"scheduler at {address} has {len(workers)} ({n_all} workers in all); start more with "
-            f"`dask worker {address} --resources GPU=1` or lower train.world_size")
+            f"`dask worker {address} --resources GPU=1` or lower train.world_size"
+        )
     if not cfg.elastic or not workers:
-        raise InfrastructureError(f"{len(workers)} of the {cfg.world_size} GPU workers after waiting train.rejoin_timeout_s="
-                                  f"{cfg.rejoin_timeout_s:g} s for replacements"
-                                  + ("; train.elastic: true would go on with fewer" if workers else ""))
-    print(f"train: {len(workers)} of the {cfg.world_size} GPU workers after train.rejoin_timeout_s="
-          f"{cfg.rejoin_timeout_s:g} s; going on with {len(workers)} rank(s) (train.elastic): the same global batch, "
-          "split over fewer ranks", file=sys.stderr, flush=True)
+        raise InfrastructureError(
+            f"{len(workers)} of the {cfg.world_size} GPU workers after waiting train.rejoin_timeout_s="
+            f"{cfg.rejoin_timeout_s:g} s for replacements" + ("; train.elastic: true would go on with fewer" if workers else "")
+        )
+    print(
+        f"train: {len(workers)} of the {cfg.world_size} GPU workers after train.rejoin_timeout_s="
+        f"{cfg.rejoin_timeout_s:g} s; going on with {len(workers)} rank(s) (train.elastic): the same global batch, "
+        "split over fewer ranks",
+        file=sys.stderr,
+        flush=True,
+    )
     return workers
 
 
@@ -139,7 +162,7 @@ def _watch(client, futures: list, workers: list[str], out: Path, poll_s: float =
             if running:
                 try:
                     client.restart_workers(running, timeout=120, raise_for_error=False)
-                except Exception as e:  # noqa: BLE001 - e.g. a worker that left meanwhile (its own watchdog ended it)
+                except Exception as e:
                     print(f"train: restarting Dask workers {running} to end their ranks: {e!r}", file=sys.stderr, flush=True)
             raise failure
         time.sleep(poll_s)
@@ -155,7 +178,9 @@ def _dask_failure(futures: list, workers: list[str], lost: list[int], failed: li
         hung = out / f"hung-rank{r}.log"
         if hung.exists() and hung.stat().st_mtime >= since:
             return InfrastructureError(f"rank {r} on {workers[r]} hung (no step in train.step_timeout_s; stacks in {hung})")
-        return InfrastructureError(f"Dask worker {workers[r]} running rank {r} was lost (killed, out of memory, or its machine gone)")
+        return InfrastructureError(
+            f"Dask worker {workers[r]} running rank {r} was lost (killed, out of memory, or its machine gone)"
+        )
     r = failed[0]
     error = futures[r].exception() if futures[r].status == "error" else None
     if isinstance(error, TrainflowError):
@@ -163,5 +188,3 @@ def _dask_failure(futures: list, workers: list[str], lost: list[int], failed: li
     if error is None or isinstance(error, (KilledWorker, OSError, TimeoutError)):  # cancelled, or Dask lost the task
         return InfrastructureError(f"rank {r} on {workers[r]}: {error!r}")
     return RuntimeError(f"train rank {r} on {workers[r]} failed: {error!r}")  # a bug
-
-

@@ -10,8 +10,13 @@ from tasks.files import atomic_path
 
 # what dvclive logs: losses, the validation metric, the LR and speed; the step time's split per epoch is in
 # summary.json and the flow's training-epochs artifact
-LIVE_KEYS = (("train/loss", "train_loss"), ("val/loss", "val_loss"), ("val/rmse", "val_rmse"), ("lr", "lr"),
-             ("perf/samples_per_s", "samples_per_s"))
+LIVE_KEYS = (
+    ("train/loss", "train_loss"),
+    ("val/loss", "val_loss"),
+    ("val/rmse", "val_rmse"),
+    ("lr", "lr"),
+    ("perf/samples_per_s", "samples_per_s"),
+)
 PROGRESS = "progress.jsonl"
 
 

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,8 +33,10 @@ from tasks.training.state import full_checkpoint, full_model_state, gathered, re
 from tasks.training.sync import Clock, Wrapped, step_times
 from tasks.training.watchdog import Watchdog
 
-def run_rank(s: Settings, rank: int, world: int, local_rank: int, init_method: str, local_world: int | None = None,
-             log: bool = True) -> None:
+
+def run_rank(
+    s: Settings, rank: int, world: int, local_rank: int, init_method: str, local_world: int | None = None, log: bool = True
+) -> None:
     """One rank of a training run. init_method "" means one process and no process group; "store://HOST:PORT" a
     store the launcher hosts (this rank connects as a client and listens on nothing itself)."""
     cuda = torch.cuda.is_available()
@@ -43,12 +46,18 @@ def run_rank(s: Settings, rank: int, world: int, local_rank: int, init_method: s
     if init_method:
         # a collective waits on a dead or hung peer a little longer than the watchdog (which logs the stacks)
         timeout = timedelta(seconds=s.train.step_timeout_s + 60)
-        where: dict = {"init_method": init_method}
+        where: dict[str, Any] = {"init_method": init_method}
         if init_method.startswith("store://"):
             host, port = init_method.removeprefix("store://").rsplit(":", 1)
             where = {"store": dist.TCPStore(host, int(port), world, is_master=False, timeout=timeout)}
-        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world, timeout=timeout, **where,
-                                **({"device_id": device} if cuda else {}))
+        dist.init_process_group(
+            "nccl" if cuda else "gloo",
+            rank=rank,
+            world_size=world,
+            timeout=timeout,
+            **where,
+            **({"device_id": device} if cuda else {}),  # type: ignore[arg-type]
+        )
     try:
         Trainer(s, rank, world, device, grouped=bool(init_method), local_world=local_world or world, log=log).fit()
     except RuntimeError as e:
@@ -110,24 +119,38 @@ class Trainer:
         self.resumed = self.resume()
         self.live = open_live(cfg.log_dir, len(self.at.history) if self.resumed else None) if self.master and log else None
         # rank 0's writes (metrics, checkpoints) run in one background thread, in order
-        self.writer, self.writes = ThreadPoolExecutor(1, thread_name_prefix="trainflow-writer"), []
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="trainflow-writer")
+        self.writes: list = []
 
     def resume(self) -> dict | None:
         """An interrupted run of the same settings and features continues from its last valid checkpoint."""
         cfg, ckpts = self.cfg, self.out / "checkpoints"
-        state = checkpoint.load_from(cfg.resume_from, self.arch) if cfg.resume_from else checkpoint.load_latest(ckpts, self.run_id)
+        state = (
+            checkpoint.load_from(cfg.resume_from, self.arch) if cfg.resume_from else checkpoint.load_latest(ckpts, self.run_id)
+        )
         self.at = RunState()
         if state is not None:
             set_full_state(self.net.model, self.opt, self.net.fsdp, state["model"], state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
             self.order.set_state(state["order_state"])
             b = state["best"]
-            self.at = RunState(state["epoch"], state["step_in_epoch"], state["steps"], b["val"], b["epoch"], b["state"], b["stale"],
-                               list(state["history"]))
+            self.at = RunState(
+                state["epoch"],
+                state["step_in_epoch"],
+                state["steps"],
+                b["val"],
+                b["epoch"],
+                b["state"],
+                b["stale"],
+                list(state["history"]),
+            )
             set_rng(state["rng"], self.rank, self.world, self.device)
             if self.master:
-                print(f"train: resuming from {state['path']} (epoch {self.at.epoch}, step {self.at.skip} of it, "
-                      f"{self.at.steps} steps done)", flush=True)
+                print(
+                    f"train: resuming from {state['path']} (epoch {self.at.epoch}, step {self.at.skip} of it, "
+                    f"{self.at.steps} steps done)",
+                    flush=True,
+                )
         elif self.master:
             import shutil
 
@@ -139,7 +162,9 @@ class Trainer:
     def fit(self) -> None:
         cfg, at = self.cfg, self.at
         in_process = not self.grouped and not os.environ.get("RANK")
-        self.watchdog = Watchdog(cfg.step_timeout_s, self.rank, in_process=in_process, dump_to=self.out / f"hung-rank{self.rank}.log")
+        self.watchdog = Watchdog(
+            cfg.step_timeout_s, self.rank, in_process=in_process, dump_to=self.out / f"hung-rank{self.rank}.log"
+        )
         self.resumed_at = time.time()  # training (re)starts here: with a fault's time, the time to recover
         t0, rows = time.perf_counter(), 0
         epoch = at.epoch - 1
@@ -175,18 +200,18 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> tuple[torch.Tensor, list, int]:
         """One epoch's steps: this rank's loss per step (on the device: no host sync), step timings, rows seen."""
-        cfg, at, B = self.cfg, self.at, self.cfg.batch_size
+        at, B = self.at, self.cfg.batch_size
         self.net.model.train()
         epoch_order = self.order.get_state()  # with the position in the epoch, the data-order state
         perm = torch.randperm(self.data.n_train, generator=self.order).to(self.device)
         sse = torch.zeros(self.steps_per_epoch, device=self.device)
         if at.skip and self.resumed is not None and self.resumed.get("partial_sse") is not None:
-            sse[:at.skip] = resumed_sse(self.resumed["partial_sse"], self.rank, self.world)
+            sse[: at.skip] = resumed_sse(self.resumed["partial_sse"], self.rank, self.world)
         marks, previous, rows = [], self.clock.now(), 0
         for i, start in enumerate(range(0, self.data.n_train, B)):
             if i < at.skip:  # done before the interruption: the same batches, not trained again
                 continue
-            idx = perm[start:start + B]
+            idx = perm[start : start + B]
             sse[i], taken = self.step(idx)
             end = self.clock.now()
             marks.append((previous, taken, *self.net.sync.take(), end))
@@ -195,7 +220,7 @@ class Trainer:
             self.watchdog.step()
             if self.unit == "step" and at.steps % self.every == 0 and i + 1 < self.steps_per_epoch:  # (an epoch's end: later)
                 # every rank's losses so far: a resumed epoch reports the same loss
-                self.save(epoch, i + 1, epoch_order, gathered(sse[:i + 1].double().cpu().tolist(), self.world, self.grouped))
+                self.save(epoch, i + 1, epoch_order, gathered(sse[: i + 1].double().cpu().tolist(), self.world, self.grouped))
         at.skip = 0
         return sse, marks, rows
 
@@ -227,16 +252,21 @@ class Trainer:
         with torch.no_grad(), self.autocast:
             shard = torch.arange(self.rank, len(x), world, device=self.device)
             chunks = max(1, math.ceil(math.ceil(len(x) / world) / EVAL_CHUNK))
-            total = sum((self.objective.loss_sum(self.net.model(x[c]), y[c]) for c in shard.tensor_split(chunks)),
-                        torch.zeros((), device=self.device))
+            total = sum(
+                (self.objective.loss_sum(self.net.model(x[c]), y[c]) for c in shard.tensor_split(chunks)),
+                torch.zeros((), device=self.device),
+            )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.watchdog.beat()
         return total
 
     def reduce(self, sse: torch.Tensor, val: torch.Tensor, timing: dict) -> torch.Tensor:
-        totals = torch.tensor([float(sse.sum()), float(val), timing["data"], timing["compute"], timing["sync"], timing["train"]],
-                              dtype=torch.float64, device=self.device)
+        totals = torch.tensor(
+            [float(sse.sum()), float(val), timing["data"], timing["compute"], timing["sync"], timing["train"]],
+            dtype=torch.float64,
+            device=self.device,
+        )
         if self.grouped:
             dist.all_reduce(totals)
         totals[2:] /= self.world  # step times: the mean over ranks
@@ -244,38 +274,62 @@ class Trainer:
 
     def record(self, epoch: int, sse: torch.Tensor, totals: torch.Tensor, seconds: float) -> dict:
         """The epoch in figures; a loss that became nan or inf stops the run, naming the step and the rank."""
-        record = {"epoch": epoch, **self.objective.record(totals[0].item(), totals[1].item(), self.data.n_train, len(self.data.x_val))}
+        record = {
+            "epoch": epoch,
+            **self.objective.record(totals[0].item(), totals[1].item(), self.data.n_train, len(self.data.x_val)),
+        }
         if not math.isfinite(record["train_loss"]):
             self.diverged(epoch, sse, record["train_loss"])
         step_s = totals[5].item()
-        return record | {"lr": self.sched.get_last_lr()[0], "samples_per_s": self.data.n_train / step_s if step_s > 0 else None,
-                         "data_s": totals[2].item(), "compute_s": totals[3].item(),
-                         "sync_s": totals[4].item() if self.grouped and not self.net.fsdp else None, "seconds": seconds}
+        return record | {
+            "lr": self.sched.get_last_lr()[0],
+            "samples_per_s": self.data.n_train / step_s if step_s > 0 else None,
+            "data_s": totals[2].item(),
+            "compute_s": totals[3].item(),
+            "sync_s": totals[4].item() if self.grouped and not self.net.fsdp else None,
+            "seconds": seconds,
+        }
 
     def diverged(self, epoch: int, sse: torch.Tensor, loss: float) -> None:
         bad = ~torch.isfinite(sse)
-        mine = torch.tensor(self.at.steps - self.steps_per_epoch + int(bad.nonzero()[0]) + 1 if bad.any() else -1, device=self.device)
+        mine = torch.tensor(
+            self.at.steps - self.steps_per_epoch + int(bad.nonzero()[0]) + 1 if bad.any() else -1, device=self.device
+        )
         firsts = [torch.zeros_like(mine) for _ in range(self.world)] if self.grouped else [mine]
         if self.grouped:
             dist.all_gather(firsts, mine)
         step, where = min((int(b), r) for r, b in enumerate(firsts) if int(b) >= 0)
         ckpts = self.out / "checkpoints"
         kept = f"; the checkpoints before it are in {ckpts}" if checkpoint.listed(ckpts) or self.writes else ""
-        raise UserError(f"train: loss became {loss} at step {step} (epoch {epoch}) on rank {where}{kept}; "
-                        f"{self.cfg.out_dir} keeps the last good model. Lower train.lr (now {self.cfg.lr})")
+        raise UserError(
+            f"train: loss became {loss} at step {step} (epoch {epoch}) on rank {where}{kept}; "
+            f"{self.cfg.out_dir} keeps the last good model. Lower train.lr (now {self.cfg.lr})"
+        )
 
     def save(self, epoch: int, step_in_epoch: int, order_state: torch.Tensor, partial: list | None) -> None:
         """A checkpoint of the contract's state (gathered on every rank; rank 0 writes it in the background)."""
         at, master = self.at, self.master
-        model_state, optim_state = full_checkpoint(self.net.model, self.opt, self.net.fsdp) if master or self.net.fsdp else (None, None)
+        model_state, optim_state = (
+            full_checkpoint(self.net.model, self.opt, self.net.fsdp) if master or self.net.fsdp else (None, None)
+        )
         rngs = gathered(rng_state(self.device), self.world, self.grouped)
         if not master:
             return
-        state = {"fingerprint": self.run_id, "arch": self.arch, "model": model_state, "optimizer": optim_state,
-                 "scheduler": copy.deepcopy(self.sched.state_dict()), "epoch": epoch, "step_in_epoch": step_in_epoch,
-                 "steps": at.steps, "order_state": order_state.clone(), "rng": rngs, "partial_sse": partial,
-                 "best": {"val": at.best_val, "epoch": at.best_epoch, "state": at.best_state, "stale": at.stale},
-                 "history": copy.deepcopy(at.history)}
+        state = {
+            "fingerprint": self.run_id,
+            "arch": self.arch,
+            "model": model_state,
+            "optimizer": optim_state,
+            "scheduler": copy.deepcopy(self.sched.state_dict()),
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "steps": at.steps,
+            "order_state": order_state.clone(),
+            "rng": rngs,
+            "partial_sse": partial,
+            "best": {"val": at.best_val, "epoch": at.best_epoch, "state": at.best_state, "stale": at.stale},
+            "history": copy.deepcopy(at.history),
+        }
         self.writes.append(self.writer.submit(checkpoint.save, self.out / "checkpoints", state, self.cfg.keep_checkpoints))
 
     def finish(self, epoch: int, rows: int, seconds: float) -> None:
@@ -283,8 +337,17 @@ class Trainer:
         at, data = self.at, self.data
         if self.master:
             with atomic_path(self.out / "model.pt") as tmp:
-                torch.save({"arch": self.arch, "model": at.best_state, "features": data.schema["features"],
-                            "target": data.schema["target"], "target_mean": self.objective.mean, "target_std": self.objective.std}, tmp)
+                torch.save(
+                    {
+                        "arch": self.arch,
+                        "model": at.best_state,
+                        "features": data.schema["features"],
+                        "target": data.schema["target"],
+                        "target_mean": self.objective.mean,
+                        "target_std": self.objective.std,
+                    },
+                    tmp,
+                )
             write_json(self.out / "summary.json", self.summary(epoch, rows, seconds))
             if self.live is not None:
                 self.live.end()
@@ -294,13 +357,25 @@ class Trainer:
     def summary(self, epoch: int, rows: int, seconds: float) -> dict:
         at, state = self.at, self.resumed
         summary = {
-            "best_epoch": at.best_epoch, "epochs_run": epoch,
-            "best_val_rmse": math.sqrt(at.best_val) * self.objective.std, "world_size": self.world,
-            "device": self.device.type, "strategy": self.cfg.strategy, "precision": "bf16" if self.bf16 else "fp32",
-            "steps": at.steps, "seconds": round(seconds, 3), "samples_per_s": round(rows / seconds, 1),
-            "resumed_from": None if state is None else {"checkpoint": state["path"], "epoch": state["epoch"],
-                                                        "step_in_epoch": state["step_in_epoch"], "steps": state["steps"],
-                                                        "at": self.resumed_at},
+            "best_epoch": at.best_epoch,
+            "epochs_run": epoch,
+            "best_val_rmse": math.sqrt(at.best_val) * self.objective.std,
+            "world_size": self.world,
+            "device": self.device.type,
+            "strategy": self.cfg.strategy,
+            "precision": "bf16" if self.bf16 else "fp32",
+            "steps": at.steps,
+            "seconds": round(seconds, 3),
+            "samples_per_s": round(rows / seconds, 1),
+            "resumed_from": None
+            if state is None
+            else {
+                "checkpoint": state["path"],
+                "epoch": state["epoch"],
+                "step_in_epoch": state["step_in_epoch"],
+                "steps": state["steps"],
+                "at": self.resumed_at,
+            },
             "time_split_s": {k: round(sum(h[f"{k}_s"] or 0.0 for h in at.history), 4) for k in ("data", "compute", "sync")},
             "epochs": at.history,
         }

@@ -11,22 +11,26 @@ from tasks.errors import UserError
 
 
 def embedding_dim(cardinality: int) -> int:
-    return max(2, min(16, round(1.6 * cardinality ** 0.56)))  # fast.ai's rule of thumb, capped
+    return max(2, min(16, round(1.6 * cardinality**0.56)))  # fast.ai's rule of thumb, capped
 
 
 class Embedder(nn.Module):
     """The model input: one float matrix (the transform's features) in which categorical columns hold codes
     (0 = out of vocabulary). Numeric columns pass as they are; each code column becomes its embedding."""
 
+    cat_index: torch.Tensor  # buffers: the positions of the code columns and of the numeric ones
+    num_index: torch.Tensor
+
     def __init__(self, n_features: int, categorical: list[dict] | None = None):
         super().__init__()
         categorical = categorical or []
         cat_index = [c["index"] for c in categorical]
         self.register_buffer("cat_index", torch.tensor(cat_index, dtype=torch.long), persistent=False)
-        self.register_buffer("num_index", torch.tensor([i for i in range(n_features) if i not in cat_index], dtype=torch.long),
-                             persistent=False)
+        self.register_buffer(
+            "num_index", torch.tensor([i for i in range(n_features) if i not in cat_index], dtype=torch.long), persistent=False
+        )
         self.embeddings = nn.ModuleList(nn.Embedding(c["cardinality"], embedding_dim(c["cardinality"])) for c in categorical)
-        self.out_features = n_features - len(categorical) + sum(e.embedding_dim for e in self.embeddings)
+        self.out_features = n_features - len(categorical) + sum(embedding_dim(c["cardinality"]) for c in categorical)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not len(self.embeddings):
@@ -66,9 +70,17 @@ class ResMLP(nn.Module):
         self.inputs = Embedder(n_features, categorical)
         width = hidden[0]
         self.project = nn.Linear(self.inputs.out_features, width)
-        self.blocks = nn.ModuleList(nn.Sequential(
-            nn.LayerNorm(width), nn.Linear(width, h), nn.SiLU(), _dropout(dropout), nn.Linear(h, width), _dropout(dropout),
-        ) for h in hidden)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                nn.LayerNorm(width),
+                nn.Linear(width, h),
+                nn.SiLU(),
+                _dropout(dropout),
+                nn.Linear(h, width),
+                _dropout(dropout),
+            )
+            for h in hidden
+        )
         self.head = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,8 +95,13 @@ MODELS = {"mlp": MLP, "resmlp": ResMLP}
 
 def architecture(cfg, schema: dict) -> dict:
     """What the model file records of the model: enough to build it again (train settings + feature metadata)."""
-    return {"model": cfg.model, "n_features": len(schema["features"]), "hidden": list(cfg.hidden), "dropout": cfg.dropout,
-            "categorical": schema.get("categorical", [])}
+    return {
+        "model": cfg.model,
+        "n_features": len(schema["features"]),
+        "hidden": list(cfg.hidden),
+        "dropout": cfg.dropout,
+        "categorical": schema.get("categorical", []),
+    }
 
 
 def build_model(arch: dict) -> nn.Module:
@@ -110,8 +127,9 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict]:
 def shard_units(model: nn.Module) -> list[nn.Module]:
     """The submodules FSDP shards on their own (each gathered just before it runs, freed after): the
     categorical embeddings, each layer or residual block, the head. The root holds whatever is left."""
+    units: list[nn.Module]
     if isinstance(model, ResMLP):
         units = [model.inputs, model.project, *model.blocks, model.head]
     else:
-        units = [model.inputs] + [m for m in model.net if isinstance(m, nn.Linear)]
+        units = [model.get_submodule("inputs")] + [m for m in model.get_submodule("net").children() if isinstance(m, nn.Linear)]
     return [u for u in units if any(True for _ in u.parameters())]

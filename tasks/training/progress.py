@@ -13,14 +13,17 @@ import contextvars
 import json
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 
 def describe(record: dict, epochs: int, eta_s: float) -> str:
     speed = f"  {record['samples_per_s']:,.0f} samples/s" if record.get("samples_per_s") else ""
-    return (f"train: epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f}  val RMSE {record['val_rmse']:.4f}"
-            f"  lr {record['lr']:.2e}{speed}  {record['seconds']:.1f} s  ETA {eta(eta_s)}")
+    return (
+        f"train: epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f}  val RMSE {record['val_rmse']:.4f}"
+        f"  lr {record['lr']:.2e}{speed}  {record['seconds']:.1f} s  ETA {eta(eta_s)}"
+    )
 
 
 def eta(seconds: float) -> str:
@@ -36,14 +39,16 @@ class Progress:
         self.offset = self.path.stat().st_size if self.path.exists() else 0  # epochs of an earlier attempt: reported then
         self.seconds: list[float] = []
         self.stopped = threading.Event()
-        self.bar = None
+        self.bar: Any = None  # a rich progress bar on a terminal
 
     def __enter__(self) -> Progress:
         if sys.stderr.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import Progress as Bar
 
-            self.bar = Bar(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"), TimeElapsedColumn(),
-                           transient=True)
+            self.bar = Bar(
+                TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"), TimeElapsedColumn(), transient=True
+            )
             self.task = self.bar.add_task("train", total=self.epochs)
             self.bar.start()
         context = contextvars.copy_context()  # the Prefect task's: its logger and print capture work in the thread
@@ -68,7 +73,7 @@ class Progress:
         with open(self.path) as f:
             f.seek(self.offset)
             chunk = f.read()
-        complete = chunk[:chunk.rfind("\n") + 1]  # a line being written is read next time
+        complete = chunk[: chunk.rfind("\n") + 1]  # a line being written is read next time
         self.offset += len(complete.encode())
         for line in complete.splitlines():
             self.report(json.loads(line))

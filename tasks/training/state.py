@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,10 +14,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 def rng_state(device: torch.device) -> dict:
-    npk = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "numpy": [npk[0], torch.from_numpy(npk[1].astype(np.int64)), int(npk[2]), int(npk[3]), float(npk[4])],
-            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+    npk: Any = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": [npk[0], torch.from_numpy(npk[1].astype(np.int64)), int(npk[2]), int(npk[3]), float(npk[4])],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
 
 
 def set_rng(states: list[dict], rank: int, world: int, device: torch.device) -> None:
@@ -77,8 +81,13 @@ def set_full_state(model, opt, fsdp: bool, model_state: dict, optim_state: dict)
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        set_state_dict(model, opt, model_state_dict=model_state, optim_state_dict=optim_state,
-                       options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+        set_state_dict(
+            model,
+            opt,
+            model_state_dict=model_state,
+            optim_state_dict=optim_state,
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False),
+        )
         return
     unwrapped(model).load_state_dict(model_state)
     opt.load_state_dict(optim_state)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 import warnings
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -88,7 +89,7 @@ def _bf16_compress_hook(_state, bucket):
     return future.then(decompress)
 
 
-def grad_sync(model: DDP, cfg, timer: SyncTimer):
+def grad_sync(model: Any, cfg, timer: SyncTimer):
     """Install train.grad_sync on a DDP model (timed); returns the parameter averager of local SGD (else None)."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
@@ -96,15 +97,17 @@ def grad_sync(model: DDP, cfg, timer: SyncTimer):
         from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 
         return PeriodicModelAverager(period=cfg.local_sgd_period, warmup_steps=0)
-    state, hook = None, default_hooks.allreduce_hook
+    state: Any = None
+    hook: Any = default_hooks.allreduce_hook
     if cfg.grad_sync == "fp16":
         hook = default_hooks.fp16_compress_hook
     elif cfg.grad_sync == "bf16":  # torch's bf16 hook insists on NCCL; gloo all-reduces bfloat16 as well
         hook = _bf16_compress_hook
     elif cfg.grad_sync == "powersgd":
         # rank-1 compression with error feedback, after 10 exact warm-up steps
-        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=1, start_powerSGD_iter=10,
-                                            min_compression_rate=2)
+        state = powerSGD_hook.PowerSGDState(
+            process_group=None, matrix_approximation_rank=1, start_powerSGD_iter=10, min_compression_rate=2
+        )
         hook = powerSGD_hook.powerSGD_hook
     model.register_comm_hook(state, timer.wrap(hook))
     return None
@@ -122,6 +125,7 @@ class Wrapped:
         self.fsdp = cfg.strategy == "fsdp"
         self.ddp = grouped and not self.fsdp
         self.sync = SyncTimer(clock)
+        self.model: Any  # plain, DDP or FSDP: torch's types for them share no interface
         if self.fsdp:
             from torch.distributed.fsdp import fully_shard
 

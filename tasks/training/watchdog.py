@@ -47,11 +47,17 @@ class Watchdog:
         while not self.stopped.wait(min(1.0, self.timeout / 4)):
             idle = time.monotonic() - self.last
             if idle > self.timeout:
-                print(f"train: rank {self.rank} finished no step in {idle:.0f} s (train.step_timeout_s={self.timeout:g}): "
-                      "hung. Its Python stacks:", file=sys.stderr, flush=True)
+                print(
+                    f"train: rank {self.rank} finished no step in {idle:.0f} s (train.step_timeout_s={self.timeout:g}): "
+                    "hung. Its Python stacks:",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
                 sys.stderr.flush()
                 try:
+                    if self.dump_to is None:
+                        raise TypeError("no file to dump to")
                     with open(self.dump_to, "w") as f:
                         f.write(f"rank {self.rank} finished no step in {idle:.0f} s (train.step_timeout_s={self.timeout:g})\n")
                         f.flush()

@@ -16,7 +16,7 @@ TOP = 1000  # categories kept per column
 
 
 def column_stat(col: pd.Series) -> dict:
-    s = {"count": int(col.notna().sum()), "null_rate": float(col.isna().mean()) if len(col) else 0.0}
+    s: dict = {"count": int(col.notna().sum()), "null_rate": float(col.isna().mean()) if len(col) else 0.0}
     if pd.api.types.is_numeric_dtype(col):
         x = _finite(col)
         if len(x):
@@ -75,6 +75,8 @@ def compare(reference: dict, frame: pd.DataFrame, max_mean_shift: float, max_psi
 
 def describe(name: str, d: dict, max_mean_shift: float, max_psi: float) -> str:
     if "psi" in d:
-        return (f"  - column {name}: mean moved {d['mean_shift_std']:.2f} std (max {max_mean_shift}), "
-                f"PSI {d['psi']:.3f} (max {max_psi})")
+        return (
+            f"  - column {name}: mean moved {d['mean_shift_std']:.2f} std (max {max_mean_shift}), "
+            f"PSI {d['psi']:.3f} (max {max_psi})"
+        )
     return f"  - column {name}: new categories {d['new_categories']}, vanished {d['vanished_categories']}"

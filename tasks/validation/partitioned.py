@@ -43,9 +43,14 @@ def check_piece(piece: Piece, suite: dict, duplicates: dict[str, list]) -> dict:
 def unique_rows(col: pd.Series, duplicates: list) -> dict:
     present = col.notna()
     bad = col[present & col.isin(duplicates)]
-    return {"unexpected_count": len(bad), "_rows": [int(i) for i in bad.index], "_n": len(col),
-            "_missing": int((~present).sum()), "sample_rows": [int(i) for i in bad.index[:SAMPLES]],
-            "sample_values": [json_value(v) for v in bad.head(SAMPLES)]}
+    return {
+        "unexpected_count": len(bad),
+        "_rows": [int(i) for i in bad.index],
+        "_n": len(col),
+        "_missing": int((~present).sum()),
+        "sample_rows": [int(i) for i in bad.index[:SAMPLES]],
+        "sample_values": [json_value(v) for v in bad.head(SAMPLES)],
+    }
 
 
 def merge(parts: list[dict], offsets: list[int], total_rows: int) -> list[dict]:
@@ -75,9 +80,14 @@ def merge_one(rs: list[dict], offsets: list[int], total_rows: int) -> dict:
     percent = unexpected / considered * 100 if considered > 0 else 0.0
     samples = [(i + off, v) for r, off in zip(rs, offsets) for i, v in zip(r["sample_rows"], r["sample_values"])][:SAMPLES]
     return first | {
-        "success": success, "unexpected_count": unexpected, "unexpected_percent": round(float(percent), 4),
-        "sample_values": [v for _, v in samples], "sample_rows": [i for i, _ in samples],
-        "_rows": [i + off for r, off in zip(rs, offsets) for i in r["_rows"]], "_n": n, "_missing": missing,
+        "success": success,
+        "unexpected_count": unexpected,
+        "unexpected_percent": round(float(percent), 4),
+        "sample_values": [v for _, v in samples],
+        "sample_rows": [i for i, _ in samples],
+        "_rows": [i + off for r, off in zip(rs, offsets) for i in r["_rows"]],
+        "_n": n,
+        "_missing": missing,
     }
 
 
@@ -103,7 +113,7 @@ class Partitioned:
         self.client, self.files, self.suite, self.drift = client, files, suite, drift
         self.pieces = pieces(files, partition_rows)
         self.partitions = len(self.pieces)
-        self.summaries = None
+        self.summaries: dict = {}
 
     def duplicates(self) -> dict[str, list]:
         """Values that occur more than once in each unique-key column, over all partitions."""
@@ -111,7 +121,7 @@ class Partitioned:
 
         keys = [c for c, spec in self.suite["columns"].items() if spec.get("unique")]
         present = set(pq.read_schema(self.files[0]).names)
-        found = {}
+        found: dict[str, list] = {}
         for c in keys:
             if c not in present:
                 found[c] = []
@@ -139,8 +149,18 @@ class Partitioned:
     def submit_summaries(self, files: list[Path]) -> dict:
         names = pq.read_schema(files[0]).names
         ref, paths = self.drift.reference, [str(f) for f in files]
-        return {n: self.client.submit(summarize_column, paths, n, ref.get(n) if ref is not None else None,
-                                      self.drift.max_mean_shift, self.drift.max_psi, pure=False) for n in names}
+        return {
+            n: self.client.submit(
+                summarize_column,
+                paths,
+                n,
+                ref.get(n) if ref is not None else None,
+                self.drift.max_mean_shift,
+                self.drift.max_psi,
+                pure=False,
+            )
+            for n in names
+        }
 
     def write(self, out: Path, reasons: pd.Series) -> pd.DataFrame:
         """With rows to remove, the clean rows as a directory of part files at `out` (else it holds the

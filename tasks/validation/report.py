@@ -11,6 +11,7 @@ import pandas as pd
 from tasks.files import atomic_path, write_json
 from tasks.validation.suite import SAMPLES, json_value
 
+
 def describe_failure(f: dict, expected_columns: list[str]) -> str:
     where = f" column {f['column']}:" if f["column"] else ""
     line = f"  - {f['expectation']}{where}"
@@ -39,21 +40,34 @@ def non_numbers(frame: pd.DataFrame, suite: dict, offset: int = 0) -> dict:
         if spec["type"] in ("float", "int") and name in frame and frame[name].dtype == object:
             col = frame[name]
             bad = col[pd.to_numeric(col, errors="coerce").isna() & col.notna()]
-            found[name] = {"type": spec["type"], "count": len(bad),
-                           "samples": [[int(i) + offset, json_value(v)] for i, v in bad.head(SAMPLES).items()]}
+            found[name] = {
+                "type": spec["type"],
+                "count": len(bad),
+                "samples": [[int(i) + offset, json_value(v)] for i, v in bad.head(SAMPLES).items()],
+            }
     return found
 
 
 def describe_non_numbers(found: dict) -> list[str]:
-    return [f"  column {name} should be {d['type']} but holds {d['count']} values that are not numbers, e.g. "
-            + ", ".join(f"row {i}: {v!r}" for i, v in d["samples"]) for name, d in found.items()]
+    return [
+        f"  column {name} should be {d['type']} but holds {d['count']} values that are not numbers, e.g. "
+        + ", ".join(f"row {i}: {v!r}" for i, v in d["samples"])
+        for name, d in found.items()
+    ]
 
 
 def root_causes(failed: list[dict], missing: set[str]) -> list[dict]:
     """Table-level failures first; for a missing or mistyped column, only that fact (not what it breaks)."""
     mistyped = {f["column"] for f in failed if f["expectation"] == "expect_column_values_to_be_in_type_list"}
-    keep = [f for f in failed if f["column"] is None or (
-        f["column"] not in missing and (f["column"] not in mistyped or f["expectation"] == "expect_column_values_to_be_in_type_list"))]
+    keep = [
+        f
+        for f in failed
+        if f["column"] is None
+        or (
+            f["column"] not in missing
+            and (f["column"] not in mistyped or f["expectation"] == "expect_column_values_to_be_in_type_list")
+        )
+    ]
     return sorted(keep, key=lambda f: f["column"] is not None)
 
 
@@ -63,8 +77,9 @@ def failure_message(head: str, results: list[dict], failed: list[dict], text: di
     causes = root_causes(failed, missing=set(suite["columns"]) - set(columns or suite["columns"]))
     lines = "\n".join([describe_failure(f, list(suite["columns"])) for f in causes] + describe_non_numbers(text))
     more = f"\n  ({len(failed) - len(causes)} more failed as a consequence; see the report)" if len(causes) < len(failed) else ""
-    return (f"{head}:\n{lines}{more}\n"
-            f"Full report: {report_path}. Fix the data (dataset.source) or, if the data is right, the suite.")
+    return (
+        f"{head}:\n{lines}{more}\nFull report: {report_path}. Fix the data (dataset.source) or, if the data is right, the suite."
+    )
 
 
 def markdown_report(report: dict) -> str:
@@ -77,18 +92,27 @@ def markdown_report(report: dict) -> str:
             observed = f"not evaluated: {r['error']}"
         elif "unexpected_count" in r:
             samples = ", ".join(f"row {i}: `{v!r}`" for i, v in zip(r["sample_rows"], r["sample_values"]))
-            observed = f"{r['unexpected_count']:,} rows unexpected ({r['unexpected_percent']:.2f}%)" + (f"; {samples}" if samples else "")
+            observed = f"{r['unexpected_count']:,} rows unexpected ({r['unexpected_percent']:.2f}%)" + (
+                f"; {samples}" if samples else ""
+            )
         else:
             observed = _short(r.get("observed"))
-        rows.append(f"| {'PASS' if r['success'] else 'FAIL'} | {r['expectation']} | {r['column'] or '(table)'} | {r.get('bound', '')} "
-                    f"| {observed} |")
-    return (f"# Validation {verdict}: {report['passed']} of {report['evaluated']} expectations "
-            f"({report['pass_rate']:.1%})\n\n"
-            f"- data: `{d['path']}`, {d['rows']:,} rows, sha256 `{d['sha256']}`\n- suite: `{report['suite']}`\n"
-            f"- checked: {_checked(report['checked'])}\n"
-            f"- rows: {report['rows']['clean']:,} clean + {report['rows']['quarantined']:,} quarantined = {report['rows']['input']:,}\n\n"
-            "| result | expectation | column | required | observed |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
-            + _drift_md(report["drift"]))
+        rows.append(
+            f"| {'PASS' if r['success'] else 'FAIL'} | {r['expectation']} | {r['column'] or '(table)'} | {r.get('bound', '')} "
+            f"| {observed} |"
+        )
+    return (
+        f"# Validation {verdict}: {report['passed']} of {report['evaluated']} expectations "
+        f"({report['pass_rate']:.1%})\n\n"
+        f"- data: `{d['path']}`, {d['rows']:,} rows, sha256 `{d['sha256']}`\n- suite: `{report['suite']}`\n"
+        f"- checked: {_checked(report['checked'])}\n"
+        f"- rows: {report['rows']['clean']:,} clean + {report['rows']['quarantined']:,} quarantined "
+        f"= {report['rows']['input']:,}\n\n"
+        "| result | expectation | column | required | observed |\n|---|---|---|---|---|\n"
+        + "\n".join(rows)
+        + "\n"
+        + _drift_md(report["drift"])
+    )
 
 
 def _short(value) -> str:
@@ -100,7 +124,9 @@ def _short(value) -> str:
 
 
 def _checked(c: dict) -> str:
-    return "in memory, one GX validation" if c["mode"] == "in-memory" else f"per Dask partition ({c['partitions']}), results merged"
+    return (
+        "in memory, one GX validation" if c["mode"] == "in-memory" else f"per Dask partition ({c['partitions']}), results merged"
+    )
 
 
 def _drift_md(drift: dict) -> str:
@@ -108,14 +134,23 @@ def _drift_md(drift: dict) -> str:
         return f"\n## Drift\nNot checked: {drift.get('reason', 'validation failed')}.\n"
     if not drift["columns"]:
         return f"\n## Drift\nNone beyond the bounds, against `{drift['reference']}`.\n"
-    rows = "\n".join(f"| {c} | {d.get('mean_shift_std', '')} | {d.get('psi', '')} | {d.get('new_categories', '')} | "
-                     f"{d.get('vanished_categories', '')} |" for c, d in drift["columns"].items())
-    return (f"\n## Drift ({drift['policy']})\nAgainst `{drift['reference']}`:\n\n"
-            "| column | mean shift (std) | PSI | new categories | vanished |\n|---|---|---|---|---|\n" + rows + "\n")
+    rows = "\n".join(
+        f"| {c} | {d.get('mean_shift_std', '')} | {d.get('psi', '')} | {d.get('new_categories', '')} | "
+        f"{d.get('vanished_categories', '')} |"
+        for c, d in drift["columns"].items()
+    )
+    return (
+        f"\n## Drift ({drift['policy']})\nAgainst `{drift['reference']}`:\n\n"
+        "| column | mean shift (std) | PSI | new categories | vanished |\n|---|---|---|---|---|\n" + rows + "\n"
+    )
 
 
-ROW_LEVEL = {"expect_column_values_to_not_be_null", "expect_column_values_to_be_between",
-             "expect_column_values_to_be_in_set", "expect_column_values_to_be_unique"}
+ROW_LEVEL = {
+    "expect_column_values_to_not_be_null",
+    "expect_column_values_to_be_between",
+    "expect_column_values_to_be_in_set",
+    "expect_column_values_to_be_unique",
+}
 
 
 def row_reasons(failed: list[dict]) -> pd.Series:

@@ -28,8 +28,10 @@ def load_suite(path: str | Path) -> dict:
     except FileNotFoundError:
         raise UserError(f"dataset.suite: {path} does not exist; point dataset.suite at an expectation suite YAML") from None
     except yaml.YAMLError as e:  # a syntax error, or a tag such as !!python/object that safe_load refuses
-        raise UserError(f"dataset.suite: {path} is not a plain YAML suite ({str(e).splitlines()[0]}); write it with plain "
-                        "mappings, lists and values only") from None
+        raise UserError(
+            f"dataset.suite: {path} is not a plain YAML suite ({str(e).splitlines()[0]}); write it with plain "
+            "mappings, lists and values only"
+        ) from None
     if not isinstance(suite, dict) or not isinstance(suite.get("columns"), dict) or not suite["columns"]:
         raise UserError(f"dataset.suite: {path} must map 'columns' to {{name: {{type: ..., min: ..., max: ...}}}}")
     for name, spec in suite["columns"].items():
@@ -47,7 +49,7 @@ def build_expectations(suite: dict) -> list:
     import great_expectations.expectations as gxe
 
     cols = suite["columns"]
-    exps = [gxe.ExpectTableColumnsToMatchOrderedList(column_list=list(cols))]
+    exps: list = [gxe.ExpectTableColumnsToMatchOrderedList(column_list=list(cols))]
     if "row_count" in suite:
         rc = suite["row_count"]
         exps.append(gxe.ExpectTableRowCountToBeBetween(min_value=rc.get("min"), max_value=rc.get("max")))
@@ -65,7 +67,7 @@ def build_expectations(suite: dict) -> list:
 
 def import_gx() -> None:
     """GX takes seconds to import: started early, beside reading the data, it is ready when needed."""
-    import great_expectations  # noqa: F401
+    import great_expectations
     import great_expectations.expectations  # noqa: F401
 
 
@@ -129,8 +131,12 @@ def bound(kind: str, kwargs: dict) -> str:
 
 def _summarize(r) -> dict:
     cfg, res = r.expectation_config, r.result or {}
-    out = {"expectation": cfg.type, "column": cfg.kwargs.get("column"), "success": bool(r.success),
-           "bound": bound(cfg.type, cfg.kwargs)}
+    out = {
+        "expectation": cfg.type,
+        "column": cfg.kwargs.get("column"),
+        "success": bool(r.success),
+        "bound": bound(cfg.type, cfg.kwargs),
+    }
     if "unexpected_count" in res:
         out["unexpected_count"] = int(res["unexpected_count"])
         out["unexpected_percent"] = round(float(res.get("unexpected_percent") or 0.0), 4)

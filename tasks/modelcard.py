@@ -1,0 +1,93 @@
+"""The package's model card (MODEL_CARD.md): what the model predicts, from what data, how well (overall, per
+slice, against what it was compared with), its limits, and how it was trained."""
+
+from __future__ import annotations
+
+from tasks.metrics import NAMES
+
+MIN_SLICE_ROWS = 30
+
+
+def fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def model_card(m: dict, slices: dict, compared: dict, s) -> str:
+    parts = [header(m, s), data(m), metrics(m["metrics"], compared), by_slice(slices), limitations(slices), training(m, s)]
+    return "\n\n".join(parts) + "\n"
+
+
+def header(m: dict, s) -> str:
+    git = f"git {str(m['git']['commit'])[:12]}{', uncommitted changes' if m['git']['dirty'] else ''}"
+    return (
+        f"# Model card: {m['target']} on {m['data']['dataset']}\n\n"
+        f"Built {m['created']} by Trainflow {m['trainflow_version']} "
+        f"({git}; Prefect flow run {m['prefect_flow_run_id'] or 'none'}).\n\n"
+        f"## Intended use\nPredicts `{m['target']}` ({s.dataset.task}) for rows shaped like the training data: the columns of "
+        "`suite.yaml` without the target, each within the ranges the suite allows. Batch inference: `trainflow predict "
+        "PACKAGE INPUT OUTPUT` validates every row with the suite first and writes rejected rows apart, with reasons."
+    )
+
+
+def data(m: dict) -> str:
+    rows = m["data"]["rows"]
+    return (
+        f"## Data\n`{m['data']['source']}` (sha256 `{m['data']['raw']['sha256']}`), split by a hash of "
+        f"{m['key'] or 'the whole row'}: {rows['train']:,} train, {rows['val']:,} validation, {rows['test']:,} test rows."
+    )
+
+
+def metrics(met: dict, compared: dict) -> str:
+    names = [k for k in NAMES if k in met]
+    lines = [
+        "## Metrics (held-out test split)",
+        "",
+        "| | " + " | ".join(NAMES[k] for k in names) + " | rows |",
+        "|---" * (len(names) + 2) + "|",
+        "| this model | " + " | ".join(fmt(met.get(k)) for k in names) + f" | {met['n']:,} |",
+    ]
+    labels = {"champion": "the champion it was compared with", "baseline": "the baseline (the train mean)"}
+    for name, label in labels.items():
+        other = compared.get(name)
+        if isinstance(other, dict):
+            lines.append(f"| {label} | " + " | ".join(fmt(other.get(k)) for k in names) + f" | {other['n']:,} |")
+    return "\n".join(lines)
+
+
+def by_slice(slices: dict) -> str:
+    parts = []
+    for col, by in (slices.get("candidate") or {}).items():
+        rows = [f"| {k} | {v['n']:,} | {fmt(v.get('rmse'))} | {fmt(v.get('mae'))} |" for k, v in sorted(by.items())]
+        parts.append(f"### By {col}\n\n| slice | rows | RMSE | MAE |\n|---|---|---|---|\n" + "\n".join(rows))
+    return "\n\n".join(parts) if parts else "(no slices configured: dataset.slices)"
+
+
+def limitations(slices: dict) -> str:
+    scored = [
+        (v["rmse"], f"{c}={k}")
+        for c, by in (slices.get("candidate") or {}).items()
+        for k, v in by.items()
+        if v.get("rmse") is not None and v["n"] >= MIN_SLICE_ROWS
+    ]
+    worst = sorted(scored, reverse=True)[:3]
+    lines = [
+        "## Limitations",
+        "- Trained on the data above only: inputs outside the suite's ranges are rejected, not extrapolated.",
+        "- Categories not seen in training (or rarer than preprocess.min_frequency) share one out-of-vocabulary code.",
+        "- Missing numeric values are imputed with the train mean (with a missing indicator when train had any).",
+    ]
+    if worst:
+        lines.append("- Weakest slices (test RMSE): " + ", ".join(f"{name} {v:.4f}" for v, name in worst) + ".")
+    return "\n".join(lines)
+
+
+def training(m: dict, s) -> str:
+    p, tr = s.train, m["training"]
+    return (
+        f"## Training\n{p.model} (hidden {list(p.hidden)}, dropout {p.dropout}), AdamW lr {p.lr}, weight decay {p.weight_decay}, "
+        f"batch {p.batch_size}, {tr['epochs_run']} epochs (best {tr['best_epoch']}, early stopping patience {p.patience}), "
+        f"{tr['world_size']} rank(s) on {tr['device']} ({tr.get('launcher', 'local')}, {tr.get('strategy', 'ddp')}, "
+        f"{tr.get('precision', 'fp32')}); training took {tr['seconds']:.1f} s ({tr['samples_per_s']:,.0f} samples/s).\n\n"
+        "Files: `model.onnx` (ONNX, onnxruntime), `transform.json` (the fitted feature transform), `suite.yaml` "
+        "(input expectations), `manifest.json` (lineage, params, metrics, sha256 of every file)."
+    )
