@@ -46,12 +46,13 @@ SECTIONS: dict[str, Any] = {
     "dvc": DvcSettings,
 }
 FORM = {  # per run, in the order the form shows them
-    "dataset": ["source", "sha256", "target", "task", "key", "columns", "slices", "name", "suite"],
+    "dataset": ["source", "sha256", "target", "task", "target_transform", "key", "columns", "slices", "name", "suite"],
     "train": [
         "epochs",
         "lr",
         "batch_size",
         "weight_decay",
+        "class_weights",
         "model",
         "hidden",
         "dropout",

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.errors import TrainflowError, UserError
+from tasks.paths import INPUTS, REPLACED, WRITTEN_INTO
 
 PARAMS = "params.yaml"
 MAX_WIDTH = 65536  # of a hidden layer
@@ -34,6 +35,15 @@ class Section(BaseModel):
 
 
 ColumnKind = Literal["numeric", "categorical", "datetime", "ignore"]
+Task = Literal["regression", "binary", "multiclass"]
+MAX_CLASSES = 1000  # labels of a multiclass target
+
+# the metrics evaluate.primary may name, per task, and the one `use` picks when a dataset's task needs another
+PRIMARY = {
+    "regression": ["rmse", "mae", "r2", "mape", "rmse_transformed"],
+    "binary": ["roc_auc", "accuracy", "balanced_accuracy", "f1_macro", "log_loss"],
+    "multiclass": ["accuracy", "balanced_accuracy", "f1_macro", "log_loss", "roc_auc"],
+}
 
 
 class DatasetSettings(Section):
@@ -50,16 +60,24 @@ class DatasetSettings(Section):
         pattern=r"^[0-9a-f]{64}$",
     )
     suite: str = Field(description="Expectation suite (YAML) the raw data must pass.")
-    task: Literal["regression"] = Field(description="What is predicted: regression (classification is planned).")
+    task: Task = Field(
+        description="What is predicted: regression (a number), binary (one of two labels) or multiclass (one of several labels; at most MAX_CLASSES)."
+    )
     target: str = Field(description="Column to predict; rows where it is missing are left out of training and counted.")
+    target_transform: Literal["none", "log", "log1p"] = Field(
+        "none",
+        description="regression: train on log(target) or log(1 + target) (prices, counts); predictions and metrics stay in the target's units, plus rmse_transformed in the transformed ones.",
+    )
     key: list[str] = Field(
-        description="Columns whose values identify a row: a hash of them assigns its split, so appended rows never move old ones. Empty: the whole row."
+        [],
+        description="Columns whose values identify a row: a hash of them assigns its split, so appended rows never move old ones. Empty: the feature columns (never the target, so transforming it moves no row).",
     )
     columns: dict[str, ColumnKind] = Field(
         description="Every other column of the data: numeric, categorical (a vocabulary with an out-of-vocabulary bucket), datetime (expanded to year, month, day, weekday, hour) or ignore."
     )
     slices: list[str] = Field(
-        description="Columns the evaluation also scores separately: each category of a categorical column (the 20 most frequent; the rest as 'other'), or evaluate.slice_bins quantile bins of a numeric one."
+        [],
+        description="Columns the evaluation also scores separately: each category of a categorical column (the 20 most frequent; the rest as 'other'), or evaluate.slice_bins quantile bins of a numeric one.",
     )
 
     @field_validator("source")
@@ -199,6 +217,10 @@ class TrainSettings(Section):
     batch_size: int = Field(ge=1, description="Global batch size, split evenly across ranks.")
     lr: float = Field(gt=0, le=10, description="Peak learning rate of AdamW (cosine decay).")
     weight_decay: float = Field(ge=0, le=1, description="AdamW weight decay.")
+    class_weights: Literal["none", "balanced"] = Field(
+        "none",
+        description="binary and multiclass: none, or balanced (each class's loss weighted by n_rows / (n_classes × its train rows), for rare classes).",
+    )
     model: Literal["mlp", "resmlp"] = Field(
         description="mlp: feed-forward layers; resmlp: residual blocks with layer norm (deeper models, categorical embeddings). Both embed categorical codes."
     )
@@ -263,7 +285,11 @@ class EvaluateSettings(Section):
     champion: str = Field(
         description="The promoted model package the candidate must beat (replaced on promotion); without one, the candidate must beat predicting the train mean."
     )
-    primary: Literal["rmse", "mae", "r2", "mape"] = Field(description="The metric the gate compares.")
+    primary: Literal[
+        "rmse", "mae", "r2", "mape", "rmse_transformed", "accuracy", "balanced_accuracy", "f1_macro", "log_loss", "roc_auc"
+    ] = Field(
+        description="The metric the gate compares, in the direction it improves (lower RMSE or log-loss, higher accuracy or ROC-AUC): regression rmse, mae, r2, mape, rmse_transformed (with a target_transform); binary and multiclass accuracy, balanced_accuracy, f1_macro (macro-averaged F1), log_loss, roc_auc (multiclass: macro one-vs-rest)."
+    )
     min_improvement: float = Field(
         ge=0,
         lt=1,
@@ -290,23 +316,7 @@ class DvcSettings(Section):
 
 
 # the settings that name files (relative to the project root unless absolute or a URL)
-PATH_KEYS = [
-    ("dataset", "source"),
-    ("dataset", "suite"),
-    ("ingest", "out"),
-    ("validate", "out"),
-    ("validate", "quarantine"),
-    ("validate", "report"),
-    ("validate", "report_md"),
-    ("validate", "reference"),
-    ("preprocess", "out_dir"),
-    ("train", "out_dir"),
-    ("train", "log_dir"),
-    ("evaluate", "out_dir"),
-    ("evaluate", "champion"),
-    ("package", "out_dir"),
-    ("package", "archive"),
-]
+PATH_KEYS = INPUTS + REPLACED + WRITTEN_INTO
 
 
 class Settings(Section):
@@ -321,6 +331,24 @@ class Settings(Section):
     dvc: DvcSettings
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, hide_input_in_errors=True)
+
+    @model_validator(mode="after")
+    def _fits_the_task(self) -> Settings:
+        task, d = self.dataset.task, self.dataset
+        if self.evaluate.primary not in PRIMARY[task]:
+            raise ValueError(
+                f"evaluate.primary={self.evaluate.primary} does not score a {task} model (dataset.task={task}); "
+                f"choose one of {PRIMARY[task]}"
+            )
+        if self.evaluate.primary == "rmse_transformed" and d.target_transform == "none":
+            raise ValueError("evaluate.primary=rmse_transformed needs a dataset.target_transform (log or log1p); choose rmse")
+        if task != "regression" and d.target_transform != "none":
+            raise ValueError(
+                f"dataset.target_transform={d.target_transform} transforms a number; dataset.task={task} predicts labels: set it to none"
+            )
+        if task == "regression" and self.train.class_weights != "none":
+            raise ValueError("train.class_weights=balanced weights classes; dataset.task=regression has none: set it to none")
+        return self
 
     @model_validator(mode="after")
     def _cluster_for_dask_launcher(self) -> Settings:
@@ -561,6 +589,11 @@ def use_dataset(name_or_path: str, params: str | Path = PARAMS) -> DatasetSettin
             f"paste the section of {path} there instead"
         )
     new = text[: start + 1] + block.rstrip("\n").split(END_OF_DATASET)[0].rstrip("\n") + "\n" + text[end:]
+    primary = ((yaml.safe_load(new) or {}).get("evaluate") or {}).get("primary")
+    task = section.get("task")
+    if task in PRIMARY and primary not in PRIMARY[task]:  # the gate's metric must score this task
+        new = edit_params(new, {"evaluate.primary": PRIMARY[task][0]})
+        print(f"evaluate.primary: {primary} -> {PRIMARY[task][0]} (a {task} metric)", file=sys.stderr)
     settings = parse_settings(yaml.safe_load(new), f"{path} in {params}", root=Path(params).resolve().parent)
     Path(params).write_text(new)
     return settings.dataset
