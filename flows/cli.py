@@ -83,7 +83,7 @@ def use(
     dataset: Annotated[str, typer.Argument(help="a name in data/datasets/ (california_housing, flights) or a dataset YAML")],
 ) -> None:
     """Make a dataset the one params.yaml trains on (its `dataset:` section replaces params.yaml's)."""
-    from tasks.settings import main
+    from tasks.datasets import main
 
     main(["use", dataset])
 

@@ -28,6 +28,7 @@ from flows.workspace import Workspace, changed_params, experiment_name
 from tasks.errors import TrainflowError, UserError
 from tasks.evaluate import evaluate
 from tasks.ingest import ingest
+from tasks.metrics import NAMES, shown
 from tasks.package import package
 from tasks.preprocess import preprocess
 from tasks.promote import promote
@@ -101,7 +102,7 @@ def collect(s: Settings, ws: Workspace) -> dict:
         "metrics": report.read_json(Path(s.evaluate.out_dir) / "metrics.json"),
         "gate": report.read_json(Path(s.evaluate.out_dir) / "gate.json"),
         "training": report.read_json(Path(s.train.out_dir) / "summary.json"),
-        "learning_curve": report.image(Path(s.evaluate.out_dir) / "learning_curve.png", "learning curves"),
+        "learning_curve": report.image(Path(s.evaluate.out_dir) / "figures" / "learning_curve.png", "learning curves"),
         "package_manifest": report.read_json(Path(s.package.out_dir) / "manifest.json"),
         "data_version": ws.lock_entry("ingest").get("outs", [{}])[0].get("md5"),
     }
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     m = out["metrics"]
     print("\nstages: " + ", ".join(f"{k} {v['status']} {v['seconds']:.1f}s" for k, v in out["stages"].items()))
-    print(f"test metrics:  RMSE {m['rmse']:.4f}  MAE {m['mae']:.4f}  R² {m['r2']:.4f}  (n={m['n']:,})")
+    print("test metrics:  " + "  ".join(f"{NAMES[k]} {m[k]:.4f}" for k in shown(m)) + f"  (n={m['n']:,})")
     print(f"package:       {out['package']}/")
     print(f"gate:          {(out.get('gate') or {}).get('message', 'n/a')}")
     print(f"wall time:     {time.perf_counter() - t0:.1f} s")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from tasks.metrics import LOWER_IS_BETTER, NAMES
+from tasks.metrics import LOWER_IS_BETTER, NAMES, val_metric
 
-DIRECTION = "lower is better for RMSE, MAE and MAPE, higher for R²"
+DIRECTION = "lower is better for RMSE, MAE, MAPE, log-loss and ECE; higher for R², accuracy, macro-F1 and ROC-AUC"
 
 
 def read_json(path: str | Path) -> dict | None:
@@ -174,7 +174,7 @@ class TrainingProgress:
         from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
         done = 100.0 * record["epoch"] / record["epochs"]
-        text = f"epoch {record['epoch']} of at most {record['epochs']}, val RMSE {record['val_rmse']:.4f}"
+        text = f"epoch {record['epoch']} of at most {record['epochs']}, {val_metric(record)}"
         if self.id is None:
             self.id = create_progress_artifact(done, key="training-progress", description=text)
         else:

@@ -85,7 +85,7 @@ def champion_status(champion: Path) -> str:
     m = manifest.get("metrics", {})
     return (
         f"{champion} -> version {version[:12]}, promoted {record.get('promoted', '?')}: "
-        f"test RMSE {m.get('rmse', float('nan')):.4f}, "
+        f"test {headline(m)}, "
         f"trained on {manifest.get('data', {}).get('dataset')} ({manifest.get('created')})"
     )
 
@@ -96,7 +96,7 @@ def last_run(s) -> list[str]:
     if metrics.exists():
         m = json.loads(metrics.read_text())
         when = datetime.fromtimestamp(os.path.getmtime(metrics), UTC).isoformat(timespec="seconds")
-        out.append(f"evaluated {when}: test RMSE {m['rmse']:.4f}  MAE {m['mae']:.4f}  R² {m['r2']:.4f}  (n={m['n']:,})")
+        out.append(f"evaluated {when}: test {headline(m)}  (n={m['n']:,})")
     if gate.exists():
         out.append(f"gate: {json.loads(gate.read_text())['message']}")
     summary = Path(s.train.out_dir) / "summary.json"
@@ -137,3 +137,10 @@ def show() -> int:
     for line in last_run(s):
         console.print(f"  {line}", markup=False)
     return 0
+
+
+def headline(m: dict) -> str:
+    """The test metrics a person reads first: 'RMSE 0.5006  MAE 0.3296  R² 0.8096'."""
+    from tasks.metrics import NAMES, shown
+
+    return "  ".join(f"{NAMES[k]} {m[k]:.4f}" for k in shown(m)[:4]) or "no metrics"

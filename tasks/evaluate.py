@@ -2,19 +2,27 @@
 Run: python -m tasks.evaluate
 
 Writes to evaluate.out_dir:
-- metrics.json: RMSE, MAE, R², MAPE in target units (a DVC metric: `dvc metrics diff`), and the
-  champion's and the train-mean baseline's on the same rows;
-- slices.json: the same metrics per slice (each category, or quantile bin, of the dataset.slices columns);
-- gate.json: the champion/challenger decision (promote or keep), with the metric and the margin;
-- predictions.csv (actual vs predicted), residuals.csv (their histogram): DVC plots (`dvc plots diff`);
-- pred_vs_actual.png, residuals.png, learning_curve.png.
+- metrics.json (a DVC metric: `dvc metrics diff`): regression RMSE, MAE, R², MAPE in the target's units (and
+  rmse_transformed with a dataset.target_transform); classification accuracy, balanced accuracy, macro-F1,
+  log-loss, ROC-AUC and expected calibration error; with `promote` and the improvement;
+- slices.json: the same metrics per slice (each category, or quantile bin, of the dataset.slices columns), and
+  for classification per class precision, recall, F1 and support;
+- gate.json: the champion/challenger decision (promote or keep), with the metric and the margin, and the
+  champion's and the baseline's metrics on the same rows;
+- predictions.csv: actual and predicted (classification: labels, then one probability column per class), a
+  DVC plot (scatter, or confusion matrix); residuals.csv: the histogram of predicted - actual (classification:
+  of 1 - the probability of the actual class);
+- figures/: PNGs: pred_vs_actual and residuals (regression), confusion and calibration (classification),
+  learning_curve.
 
 The gate: the champion is the promoted package (evaluate.champion), scored here by its own transform and
-model on the raw test rows. The candidate must beat it by evaluate.min_improvement on evaluate.primary, and
-no slice of at least MIN_SLICE_ROWS rows may get worse by more than evaluate.max_slice_regression. With no
-champion, the candidate must beat predicting the train mean. A champion that fails its checks (altered,
-incomplete, unreadable) stops the run: the gate never promotes over a model it cannot score. The promote
-stage (tasks/promote.py) acts on the decision.
+model on the raw test rows. It must be a model of the same dataset, target, target transform, task, classes
+and input columns, or the gate stops naming what differs: it never compares (let alone promotes over) a model
+that predicts something else. The candidate must beat it by evaluate.min_improvement on evaluate.primary
+(in the metric's direction), and no slice of at least MIN_SLICE_ROWS rows may get worse by more than
+evaluate.max_slice_regression. With no champion, the candidate must beat the baseline: the train mean
+(regression) or the train split's class frequencies (classification). A champion that fails its checks
+(altered, incomplete, unreadable) stops the run. The promote stage (tasks/promote.py) acts on the decision.
 """
 
 from __future__ import annotations
@@ -28,11 +36,12 @@ import torch
 
 from tasks.errors import UserError
 from tasks.files import atomic_path, sha256_file, write_json
-from tasks.metrics import NAMES, compared, improvement, regression_metrics
+from tasks.metrics import NAMES, class_report, compared, improvement, task_metrics
+from tasks.modelpackage import check_comparable, identity, split_of
 from tasks.paths import champion_path
 from tasks.settings import Settings, cli
 from tasks.training.data import EVAL_CHUNK, load_split
-from tasks.training.model import load_model
+from tasks.training.model import load_model, servable
 
 MIN_SLICE_ROWS = 30  # smaller slices are reported but not gated: their metrics are mostly noise
 TOP_CATEGORIES = 20
@@ -40,10 +49,11 @@ ROUNDING = 1e-6  # a smaller relative difference is float rounding (the same mod
 
 
 def predict(model: torch.nn.Module, meta: dict, x: torch.Tensor) -> np.ndarray:
-    """Model inputs -> predictions in target units."""
+    """Model inputs -> predictions in target units, or class probabilities (n, K): the package's own head."""
+    head, _ = servable(model, meta)
     with torch.no_grad():
-        scaled = torch.cat([model(c) for c in x.split(EVAL_CHUNK)]) if len(x) else torch.empty(0)
-    return (scaled.double() * meta["target_std"] + meta["target_mean"]).numpy()
+        out = torch.cat([head(c) for c in x.split(EVAL_CHUNK)]) if len(x) else torch.empty(0)
+    return out.double().numpy()
 
 
 def slice_labels(column: pd.Series, kind: str, bins: int) -> pd.Series:
@@ -67,14 +77,17 @@ def slice_labels(column: pd.Series, kind: str, bins: int) -> pd.Series:
 def slice_metrics(raw: pd.DataFrame, actual: np.ndarray, predicted: np.ndarray, s: Settings) -> dict:
     """{column: {slice: metrics}} for every dataset.slices column."""
     out = {}
+    transform = s.dataset.target_transform
     for col in s.dataset.slices:
         labels = slice_labels(raw[col], s.dataset.columns[col], s.evaluate.slice_bins).to_numpy()
-        out[col] = {str(lab): regression_metrics(actual[labels == lab], predicted[labels == lab]) for lab in pd.unique(labels)}
+        out[col] = {
+            str(lab): task_metrics(actual[labels == lab], predicted[labels == lab], transform) for lab in pd.unique(labels)
+        }
     return out
 
 
-def score_champion(s: Settings, raw: pd.DataFrame, actual: np.ndarray) -> dict | None:
-    """The champion package's metrics and slices on the same test rows; None when there is no champion."""
+def score_champion(s: Settings, raw: pd.DataFrame, candidate: dict) -> dict | None:
+    """The champion package's predictions on the same test rows; None when there is no champion."""
     from tasks.modelpackage import ModelPackage, verified_champion
 
     path = champion_path(s.evaluate.champion)
@@ -82,8 +95,11 @@ def score_champion(s: Settings, raw: pd.DataFrame, actual: np.ndarray) -> dict |
         return None
     try:
         champion = ModelPackage(*verified_champion(path))
+        check_comparable(identity({**champion.manifest, "transform": champion.transform}), candidate, path)
         predicted = champion.predict(raw)
     except UserError as e:
+        if str(e).startswith("evaluate: the champion"):
+            raise
         raise UserError(
             f"evaluate: the champion at {path} cannot be scored: {e}. The gate does not promote over a model it "
             f"cannot check: restore {path} (e.g. from the last promoted package), or remove it deliberately "
@@ -152,6 +168,16 @@ def decide(cfg, candidate: dict, reference: dict, against: str, cand_slices: dic
     }
 
 
+def baseline(meta: dict, schema: dict, n: int) -> tuple[np.ndarray, str]:
+    """What the candidate must beat without a champion: the train mean (in target units), or the train split's
+    class frequencies as every row's probabilities."""
+    if meta.get("task", "regression") == "regression":
+        head, _ = servable(torch.nn.Identity(), meta)  # the mean of the (transformed) target, mapped back
+        return np.full(n, float(head(torch.zeros(1)).item())), "the train-mean baseline"
+    rows = np.asarray(schema["class_rows"]["train"], dtype=np.float64)
+    return np.tile(rows / rows.sum(), (n, 1)), "the class-prior baseline"
+
+
 def evaluate(s: Settings) -> dict:
     out, feat_dir = Path(s.evaluate.out_dir), Path(s.preprocess.out_dir)
     model, meta = load_model(Path(s.train.out_dir) / "model.pt")
@@ -163,82 +189,70 @@ def evaluate(s: Settings) -> dict:
         raise UserError(
             f"evaluate: {feat_dir}/test_raw has {len(raw):,} rows but test has {len(y):,}; rerun the preprocess stage"
         )
+    schema = json.loads((feat_dir / "schema.json").read_text())
+    transform = json.loads((feat_dir / "transform.json").read_text())
     predicted, actual = predict(model, meta, x), y.double().numpy()
-    metrics = regression_metrics(actual, predicted)
+    metrics = task_metrics(actual, predicted, s.dataset.target_transform)
     slices = slice_metrics(raw, actual, predicted, s)
-
-    baseline = np.full(len(actual), meta["target_mean"])  # predicting the train mean
-    champion = score_champion(s, raw, actual)
+    base, base_name = baseline(meta, schema, len(actual))
+    candidate = identity(
+        {"data": {"dataset": s.dataset.name}, "target": meta["target"], "transform": transform, "split": split_of(s)}
+    )
+    champion = score_champion(s, raw, candidate)
     if champion is None:
-        ref, ref_slices, against = regression_metrics(actual, baseline), None, "the train-mean baseline"
+        ref, ref_slices, against = task_metrics(actual, base, s.dataset.target_transform), None, base_name
     else:
-        ref, ref_slices, against = (
-            regression_metrics(actual, champion["predicted"]),
-            slice_metrics(raw, actual, champion["predicted"], s),
-            f"champion {champion['path']}",
-        )
+        ref = task_metrics(actual, champion["predicted"], s.dataset.target_transform)
+        ref_slices, against = slice_metrics(raw, actual, champion["predicted"], s), f"champion {champion['path']}"
     gate = decide(s.evaluate, metrics, ref, against, slices, ref_slices)
     gate["champion"] = None if champion is None else {k: champion[k] for k in ("path", "manifest_sha256", "created")}
-    gate["compared"] = {"baseline": regression_metrics(actual, baseline), "champion": ref if champion is not None else None}
+    gate["compared"] = {
+        "baseline": task_metrics(actual, base, s.dataset.target_transform),
+        "champion": ref if champion is not None else None,
+    }
+    write_outputs(out, s, meta, actual, predicted, metrics, slices, ref_slices, gate)
+    print(gate["message"])
+    return dict(metrics, promote=int(gate["decision"] == "promote"), improvement=round(gate["improvement"], 6))
 
-    # the DVC metric: the figures a person compares across runs (the details are in gate.json and slices.json)
-    figures = dict(metrics, promote=int(gate["decision"] == "promote"), improvement=round(gate["improvement"], 6))
+
+def write_outputs(out: Path, s: Settings, meta: dict, actual, predicted, metrics, slices, ref_slices, gate) -> None:
+    """The files of the module docstring, each written atomically; metrics.json last."""
+    from tasks.figures import figures
+
+    classes = meta.get("classes")
     with atomic_path(out / "predictions.csv") as tmp:
-        pd.DataFrame({"actual": actual, "predicted": predicted}).to_csv(tmp, index=False, float_format="%.9g")
-    residuals = predicted - actual
+        predictions_frame(actual, predicted, meta).to_csv(tmp, index=False, float_format="%.9g")
+    if classes:
+        residuals = 1 - predicted[np.arange(len(actual)), actual.astype(np.int64)]
+    else:
+        residuals = predicted - actual
     counts, edges = np.histogram(residuals, bins=50) if len(residuals) else (np.zeros(0), np.zeros(1))
     with atomic_path(out / "residuals.csv") as tmp:  # bins as [residual, residual_to): the histogram plot template
         pd.DataFrame({"residual": edges[:-1], "residual_to": edges[1:], "rows": counts}).to_csv(
             tmp, index=False, float_format="%.6g"
         )
-    plots(actual, predicted, meta["target"], metrics, Path(s.train.out_dir) / "summary.json", out)
-    write_json(out / "slices.json", {"primary": s.evaluate.primary, "candidate": slices, "champion": ref_slices})
-    write_json(out / "gate.json", gate)
-    write_json(out / "metrics.json", figures)
-    print(gate["message"])
-    return figures
-
-
-def plots(actual: np.ndarray, predicted: np.ndarray, target: str, metrics: dict, summary: Path, out: Path) -> None:
-    """Predicted vs actual, the residual histogram and the learning curves, as PNG files."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def save(fig, name: str) -> None:
-        fig.tight_layout()
-        with atomic_path(out / name) as tmp:
-            fig.savefig(tmp, format="png")
-        plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
-    ax.scatter(actual, predicted, s=3, alpha=0.3)
-    if len(actual):
-        lo, hi = float(min(actual.min(), predicted.min())), float(max(actual.max(), predicted.max()))
-        ax.plot([lo, hi], [lo, hi], color="black", linewidth=1)
-    ax.set(
-        xlabel=f"actual {target}",
-        ylabel=f"predicted {target}",
-        title=f"test RMSE {metrics['rmse']:.4f}  R² {metrics['r2']:.3f}  (n={metrics['n']:,})",
+    figures(out / "figures", actual, predicted, meta, metrics, Path(s.train.out_dir) / "summary.json")
+    per_class = None
+    if classes:
+        reports = class_report(actual.astype(np.int64), predicted.argmax(1), len(classes))
+        per_class = {str(c): r for c, r in zip(classes, reports)}
+    write_json(
+        out / "slices.json", {"primary": s.evaluate.primary, "candidate": slices, "champion": ref_slices, "classes": per_class}
     )
-    save(fig, "pred_vs_actual.png")
+    write_json(out / "gate.json", gate)
+    # the DVC metric: the figures a person compares across runs (the details are in gate.json and slices.json)
+    figures_ = dict(metrics, promote=int(gate["decision"] == "promote"), improvement=round(gate["improvement"], 6))
+    write_json(out / "metrics.json", figures_)
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.hist(predicted - actual, bins=50)
-    ax.axvline(0, color="black", linewidth=1)
-    ax.set(xlabel=f"residual (predicted - actual {target})", ylabel="test rows", title="Residuals")
-    save(fig, "residuals.png")
 
-    epochs = json.loads(summary.read_text()).get("epochs", []) if summary.exists() else []
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    if epochs:
-        ax.plot([e["epoch"] for e in epochs], [e["train_loss"] for e in epochs], label="train loss")
-        ax.plot([e["epoch"] for e in epochs], [e["val_loss"] for e in epochs], label="validation loss")
-        ax.set_yscale("log")
-        ax.legend()
-    ax.set(xlabel="epoch", ylabel="MSE (standardised target)", title="Learning curves")
-    save(fig, "learning_curve.png")
+def predictions_frame(actual: np.ndarray, predicted: np.ndarray, meta: dict) -> pd.DataFrame:
+    """actual and predicted (labels for classification, with one probability column p_<label> per class)."""
+    classes = meta.get("classes")
+    if not classes:
+        return pd.DataFrame({"actual": actual, "predicted": predicted})
+    names = np.asarray(classes, dtype=object)
+    frame = pd.DataFrame({"actual": names[actual.astype(np.int64)], "predicted": names[predicted.argmax(1)]})
+    return pd.concat([frame, pd.DataFrame(predicted, columns=[f"p_{c}" for c in classes])], axis=1)
 
 
 if __name__ == "__main__":

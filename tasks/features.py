@@ -14,10 +14,17 @@ Per column kind (dataset.columns):
   sorted order, coded 1..K; 0 is the out-of-vocabulary bucket (rare, unseen and missing values). The
   model embeds these codes;
 - ignore: not read.
+
+The target, per dataset.task:
+- regression: standardised for training (train mean and std), after dataset.target_transform (log or log1p,
+  inverted inside the package: predictions and metrics stay in the target's units);
+- binary / multiclass: the labels seen in the train split, in sorted order, are the classes 0..K-1; a label
+  is compared as text (`label_text`: 1, 1.0 and "1" are one label), and the package maps back to the label.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from statistics import NormalDist
 
 import numpy as np
@@ -27,7 +34,7 @@ import pyarrow.compute as pc
 
 from tasks.settings import UserError
 
-VERSION = 2
+VERSION = 3  # 3: the task, classes and target transform
 HASH_BUCKETS = 1_000_000
 CLIP = 1e-7  # quantile levels are clipped to [CLIP, 1 - CLIP] before the normal ppf, as sklearn does
 DATE_PARTS = ("year", "month", "day", "dayofweek", "hour")
@@ -44,6 +51,37 @@ def _text_as_categorical(col: pd.Series) -> pd.Categorical:
         pc.fill_null(enc.indices, -1).to_numpy(zero_copy_only=False),
         categories=pd.Index(enc.dictionary.to_pylist(), dtype=object),
     )
+
+
+TARGET_TRANSFORMS: dict[str, tuple[Callable, Callable]] = {  # forward, inverse
+    "none": (lambda y: y, lambda y: y),
+    "log": (np.log, np.exp),
+    "log1p": (np.log1p, np.expm1),
+}
+LOWEST = {"log": (0.0, "> 0"), "log1p": (-1.0, "> -1")}  # a transformed target must exceed this
+
+
+def label_text(col: pd.Series) -> pd.Series:
+    """Labels as text, one spelling per label: integral numbers without '.0', booleans as True/False."""
+    if pd.api.types.is_bool_dtype(col):
+        return col.astype("string").str.capitalize()
+    if pd.api.types.is_numeric_dtype(col):
+        x = col.astype("float64")
+        integral = x.notna() & np.isfinite(x) & (x == np.round(x))
+        text = x.astype("string")
+        return text.where(~integral, x.where(integral).astype("Int64").astype("string"))
+    return col.astype("string")
+
+
+def label_value(text: str, dtype: str):
+    """A label's text back as a value of the target's type (for predictions and the model card)."""
+    if dtype == "int":
+        return int(text)
+    if dtype == "float":
+        return float(text)
+    if dtype == "bool":
+        return text == "True"
+    return text
 
 
 def assign_split(part: pd.DataFrame, fractions: tuple[float, float, float]) -> pd.Series:
@@ -82,11 +120,15 @@ def numeric_names(kinds: dict[str, str]) -> list[str]:
     return out
 
 
-def train_stats(part: pd.DataFrame, kinds: dict[str, str], target: str) -> dict:
+def train_stats(part: pd.DataFrame, kinds: dict[str, str], target: str, target_transform: str | None = "none") -> dict:
     """Statistics of one piece of the expanded train split that merge exactly (counts) or stably (mean and
-    sum of squared deviations, combined as Chan et al.): one small result per Dask partition."""
-    numeric = numeric_names(kinds) + [target]
+    sum of squared deviations, combined as Chan et al.): one small result per Dask partition. A regression
+    target's are of the transformed target; a label's (target_transform None) are counted elsewhere."""
+    numeric = numeric_names(kinds) + ([target] if target_transform is not None else [])
     x = part[numeric].to_numpy(dtype=np.float64, na_value=np.nan)
+    if target_transform not in (None, "none"):
+        with np.errstate(invalid="ignore", divide="ignore"):  # (a non-positive target is refused before)
+            x[:, -1] = TARGET_TRANSFORMS[target_transform][0](x[:, -1])
     present = ~np.isnan(x)
     n = present.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -113,7 +155,7 @@ def merge_stats(parts: list[dict]) -> dict:
 def fit(
     stats: dict,
     kinds: dict[str, str],
-    target: str,
+    target: dict,
     scaler: str,
     n_quantiles: int,
     min_frequency: int,
@@ -121,7 +163,8 @@ def fit(
     quantiles: pd.DataFrame | None = None,
 ) -> dict:
     """The transform from the merged train statistics (and, for the quantile scaler, the train quantiles
-    of the numeric columns at np.linspace(0, 1, n_quantiles))."""
+    of the numeric columns at np.linspace(0, 1, n_quantiles)). `target`: name, task, transform (regression),
+    classes and dtype (classification: the label texts of the train split, sorted, and the target's type)."""
     numeric = numeric_names(kinds)
     categorical = [c for c, k in kinds.items() if k == "categorical"]
     col = {c: j for j, c in enumerate(stats["columns"])}
@@ -141,21 +184,16 @@ def fit(
             q = quantiles[c].to_numpy(dtype=np.float64)
             p["quantiles"] = np.where(np.isnan(q), m, q).tolist()
         columns[c] = p
-    vocab = {}
-    for c in categorical:
-        vc = stats["counts"][c]
-        if len(vc) > max_categories:
-            raise UserError(
-                f"dataset.columns: categorical column {c!r} has {len(vc):,} distinct values in the train split, "
-                f"more than preprocess.max_categories={max_categories:,}: a vocabulary that large does not generalise "
-                "and would not fit an embedding. Declare it ignore (an identifier) or numeric, or raise preprocess.max_categories"
-            )
-        vocab[c] = sorted(str(v) for v, n in vc.items() if n >= min_frequency)
+    vocab = vocabularies(stats["counts"], categorical, min_frequency, max_categories)
     features = numeric + [f"{c}{MISSING}" for c in numeric if columns[c]["indicator"]] + categorical
-    t_mean, t_std = mean_std(target)
+    regression = target["task"] == "regression"
+    t_mean, t_std = mean_std(target["name"]) if regression else (0.0, 1.0)
     return {
         "version": VERSION,
-        "task": "regression",
+        "task": target["task"],
+        "target_transform": target.get("transform", "none") if regression else "none",
+        "classes": None if regression else list(target["classes"]),
+        "label_dtype": None if regression else target["dtype"],
         "inputs": {c: k for c, k in kinds.items() if k != "ignore"},
         "scaler": scaler,
         "references": [NormalDist().inv_cdf(p) for p in np.clip(np.linspace(0, 1, n_quantiles), CLIP, 1 - CLIP)]
@@ -164,10 +202,33 @@ def fit(
         "numeric": columns,
         "categorical": {c: {"vocabulary": vocab[c]} for c in categorical},
         "features": features,
-        "target": target,
+        "target": target["name"],
         "target_mean": t_mean,
         "target_std": t_std,
     }
+
+
+def vocabularies(counts: dict, categorical: list[str], min_frequency: int, max_categories: int) -> dict[str, list[str]]:
+    """Each categorical column's vocabulary: the train values seen at least min_frequency times, sorted."""
+    vocab = {}
+    for c in categorical:
+        vc = counts[c]
+        if len(vc) > max_categories:
+            raise UserError(
+                f"dataset.columns: categorical column {c!r} has {len(vc):,} distinct values in the train split, "
+                f"more than preprocess.max_categories={max_categories:,}: a vocabulary that large does not generalise "
+                "and would not fit an embedding. Declare it ignore (an identifier) or numeric, or raise preprocess.max_categories"
+            )
+        vocab[c] = sorted(str(v) for v, n in vc.items() if n >= min_frequency)
+    return vocab
+
+
+def encode_target(transform: dict, col: pd.Series) -> np.ndarray:
+    """The target as training reads it: a regression target as it is (float32); a label as its class index
+    (float32; -1 for a label that is not a class)."""
+    if transform["task"] == "regression":
+        return col.to_numpy(dtype=np.float32, na_value=np.nan)
+    return pd.Index(transform["classes"]).get_indexer(label_text(col).fillna("<NA>")).astype(np.float32)
 
 
 def categorical_features(transform: dict) -> list[dict]:
@@ -180,7 +241,7 @@ def categorical_features(transform: dict) -> list[dict]:
 
 def apply_transform(transform: dict, frame: pd.DataFrame) -> np.ndarray:
     """Raw input columns -> float32 model inputs (n_rows, n_features), in transform["features"] order."""
-    if transform.get("version") != VERSION:
+    if transform.get("version") not in (2, VERSION):  # 2: a regression transform of before (the same encoding)
         raise UserError(f"transform version {transform.get('version')} is not {VERSION}; rerun the preprocess stage")
     return encode(transform, expand(frame, transform["inputs"]))
 

@@ -3,7 +3,7 @@ slice, against what it was compared with), its limits, and how it was trained.""
 
 from __future__ import annotations
 
-from tasks.metrics import NAMES
+from tasks.metrics import LOWER_IS_BETTER, NAMES, shown
 
 MIN_SLICE_ROWS = 30
 
@@ -23,17 +23,27 @@ def header(m: dict, s) -> str:
         f"# Model card: {m['target']} on {m['data']['dataset']}\n\n"
         f"Built {m['created']} by Trainflow {m['trainflow_version']} "
         f"({git}; Prefect flow run {m['prefect_flow_run_id'] or 'none'}).\n\n"
-        f"## Intended use\nPredicts `{m['target']}` ({s.dataset.task}) for rows shaped like the training data: the columns of "
+        f"## Intended use\nPredicts `{m['target']}` ({what(m, s)}) for rows shaped like the training data: the columns of "
         "`suite.yaml` without the target, each within the ranges the suite allows. Batch inference: `trainflow predict "
         "PACKAGE INPUT OUTPUT` validates every row with the suite first and writes rejected rows apart, with reasons."
     )
 
 
+def what(m: dict, s) -> str:
+    """The task in words: 'regression', 'regression, trained on log(target)', 'binary: <=50K, >50K'."""
+    classes = m.get("classes")
+    if classes:
+        return f"{s.dataset.task}: {', '.join(map(str, classes[:10]))}{' …' if len(classes) > 10 else ''}"
+    transform = m.get("target_transform", "none")
+    return "regression" + (f", trained on {transform}(target), predicted in the target's units" if transform != "none" else "")
+
+
 def data(m: dict) -> str:
     rows = m["data"]["rows"]
+    key = (m.get("split") or {}).get("key") or m["key"] or "the whole row"
     return (
         f"## Data\n`{m['data']['source']}` (sha256 `{m['data']['raw']['sha256']}`), split by a hash of "
-        f"{m['key'] or 'the whole row'}: {rows['train']:,} train, {rows['val']:,} validation, {rows['test']:,} test rows."
+        f"{key}: {rows['train']:,} train, {rows['val']:,} validation, {rows['test']:,} test rows."
     )
 
 
@@ -46,7 +56,7 @@ def metrics(met: dict, compared: dict) -> str:
         "|---" * (len(names) + 2) + "|",
         "| this model | " + " | ".join(fmt(met.get(k)) for k in names) + f" | {met['n']:,} |",
     ]
-    labels = {"champion": "the champion it was compared with", "baseline": "the baseline (the train mean)"}
+    labels = {"champion": "the champion it was compared with", "baseline": "the baseline (train mean, or class prior)"}
     for name, label in labels.items():
         other = compared.get(name)
         if isinstance(other, dict):
@@ -55,19 +65,29 @@ def metrics(met: dict, compared: dict) -> str:
 
 
 def by_slice(slices: dict) -> str:
+    primary = slices.get("primary") or "rmse"
     parts = []
     for col, by in (slices.get("candidate") or {}).items():
-        rows = [f"| {k} | {v['n']:,} | {fmt(v.get('rmse'))} | {fmt(v.get('mae'))} |" for k, v in sorted(by.items())]
-        parts.append(f"### By {col}\n\n| slice | rows | RMSE | MAE |\n|---|---|---|---|\n" + "\n".join(rows))
+        names = list(dict.fromkeys([primary] + shown(next(iter(by.values()), {}))))[:3]
+        head = "| slice | rows | " + " | ".join(NAMES[k] for k in names) + " |\n|---|---|" + "---|" * len(names)
+        rows = [f"| {k} | {v['n']:,} | " + " | ".join(fmt(v.get(n)) for n in names) + " |" for k, v in sorted(by.items())]
+        parts.append(f"### By {col}\n\n{head}\n" + "\n".join(rows))
+    per_class = slices.get("classes")
+    if per_class:
+        rows = [
+            f"| {c} | {r['support']:,} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} |" for c, r in per_class.items()
+        ]
+        parts.append("### By class\n\n| class | test rows | precision | recall | F1 |\n|---|---|---|---|---|\n" + "\n".join(rows))
     return "\n\n".join(parts) if parts else "(no slices configured: dataset.slices)"
 
 
 def limitations(slices: dict) -> str:
+    primary = slices.get("primary") or "rmse"
     scored = [
-        (v["rmse"], f"{c}={k}")
+        (v[primary] if LOWER_IS_BETTER[primary] else -v[primary], f"{c}={k}", v[primary])
         for c, by in (slices.get("candidate") or {}).items()
         for k, v in by.items()
-        if v.get("rmse") is not None and v["n"] >= MIN_SLICE_ROWS
+        if v.get(primary) is not None and v["n"] >= MIN_SLICE_ROWS
     ]
     worst = sorted(scored, reverse=True)[:3]
     lines = [
@@ -77,7 +97,7 @@ def limitations(slices: dict) -> str:
         "- Missing numeric values are imputed with the train mean (with a missing indicator when train had any).",
     ]
     if worst:
-        lines.append("- Weakest slices (test RMSE): " + ", ".join(f"{name} {v:.4f}" for v, name in worst) + ".")
+        lines.append(f"- Weakest slices (test {NAMES[primary]}): " + ", ".join(f"{name} {v:.4f}" for _, name, v in worst) + ".")
     return "\n".join(lines)
 
 

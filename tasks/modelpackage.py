@@ -42,16 +42,20 @@ MAX_MEMBERS = 64
 MAX_BYTES = 4 << 30
 MAX_RATIO = 20  # unpacked / packed: ONNX weights hardly compress; a bomb is ~1000x
 CHUNK = 65536
+SAME = ("dataset", "target", "target_transform", "task", "classes", "inputs", "split")  # what a champion must share
+SPLIT_RULE = "hash of dataset.key, else of every column but the target"  # (before: the whole row, target included)
 
 
 class ModelPackage:
-    """A verified package: `predict(frame)` maps raw feature columns to predictions."""
+    """A verified package: `predict(frame)` maps raw feature columns to predictions (a number per row), or to
+    class probabilities (n, K) in the order of `classes`; `labels(probabilities)` gives each row's label."""
 
     def __init__(self, directory: Path, manifest: dict):
         import onnxruntime as ort
 
         self.directory, self.manifest = directory, manifest
         self.transform = json.loads((directory / "transform.json").read_text())
+        self.classes: list | None = self.transform.get("classes")
         self.session = ort.InferenceSession(str(directory / "model.onnx"), providers=["CPUExecutionProvider"])
 
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
@@ -63,8 +67,17 @@ class ModelPackage:
     def run(self, x: np.ndarray) -> np.ndarray:
         """The ONNX model on transformed features, in chunks of 65,536 rows (bounded memory)."""
         if not len(x):
-            return np.empty(0, dtype=np.float32)
+            return np.empty((0, len(self.classes)) if self.classes else 0, dtype=np.float32)
         return np.concatenate([self.session.run(None, {"features": c})[0] for c in np.array_split(x, -(-len(x) // CHUNK))])
+
+    def labels(self, probabilities: np.ndarray) -> pd.Series:
+        """The most probable class of each row, as a value of the target's type."""
+        from tasks.features import label_value
+
+        assert self.classes is not None, "a regression package predicts numbers"
+        dtype = self.transform.get("label_dtype") or "str"
+        values = [label_value(c, dtype) for c in self.classes]
+        return pd.Series([values[i] for i in probabilities.argmax(1)], dtype="object" if dtype == "str" else None)
 
 
 @contextmanager
@@ -224,3 +237,55 @@ def verified_champion(champion: Path) -> tuple[Path, dict]:
             "the champion was altered after it was promoted"
         )
     return verified(champion)
+
+
+def identity(manifest: dict) -> dict:
+    """What a package predicts, from what: its dataset, target, target transform, task, classes, inputs and
+    how rows were split (a champion split otherwise may have trained on this run's test rows)."""
+    transform = manifest.get("transform") or {}
+    split = manifest.get("split") or {  # a package of before: split by a hash of the whole row
+        "key": manifest.get("key") or "the whole row",
+        "fractions": list((manifest.get("params") or {}).get("preprocess", {}).get("split", {}).values()),
+        "rule": "hash of dataset.key, else of the whole row",
+    }
+    return {
+        "split": split,
+        "dataset": manifest.get("data", {}).get("dataset"),
+        "target": manifest.get("target"),
+        "target_transform": transform.get("target_transform", "none"),
+        "task": transform.get("task", "regression"),
+        "classes": transform.get("classes"),
+        "inputs": transform.get("inputs"),
+    }
+
+
+def check_comparable(champion: dict, candidate: dict, path: Path) -> None:
+    """The gate compares models of the same thing only; a champion of another dataset, target, target scale,
+    task or feature schema is refused, naming what differs."""
+    differ = [k for k in SAME if champion.get(k) != candidate.get(k)]
+    if not differ:
+        return
+    shown = "; ".join(f"{k}: champion {_short(champion.get(k))} vs this run {_short(candidate.get(k))}" for k in differ)
+    raise UserError(
+        f"evaluate: the champion at {path} predicts something else ({shown}), so the two cannot be compared and this "
+        f"model is not promoted over it. Switch datasets with `trainflow use NAME` (each dataset and target keeps its own "
+        f"champion), or, to make this model the first of a new line, move the champion aside deliberately "
+        f"(mv {path} {path}.old)"
+    )
+
+
+def split_of(s) -> dict:
+    """How this run's rows were split (recorded in the package manifest)."""
+    fractions = s.preprocess.split
+    return {
+        "key": list(s.dataset.key) or "every column but the target",
+        "fractions": [fractions.train, fractions.val, fractions.test],
+        "rule": SPLIT_RULE,
+    }
+
+
+def _short(value) -> str:
+    if isinstance(value, dict) and "rule" in value:  # a split
+        return f"split by a hash of {value['key']}, fractions {value['fractions']}"
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."

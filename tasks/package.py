@@ -20,11 +20,9 @@ evaluate stage's to 1e-5.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import subprocess
-import warnings
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -36,58 +34,19 @@ import torch
 from tasks.errors import UserError
 from tasks.files import atomic_dir, sha256_file, write_json
 from tasks.modelcard import model_card
-from tasks.modelpackage import FORMAT_VERSION, SIGNING_ENV, ModelPackage, signature, verified
+from tasks.modelpackage import FORMAT_VERSION, SIGNING_ENV, ModelPackage, signature, split_of, verified
+from tasks.onnx_export import export
 from tasks.settings import Settings, cli, dump_settings
-from tasks.training.model import load_model
+from tasks.training.model import load_model, servable
 
 PARITY_TOL = 1e-5  # in target standard deviations: float32 rounding of a prediction of ~1000 is ~1e-4
 
 
-class Denormalized(torch.nn.Module):
-    """Model inputs -> predictions in target units."""
-
-    def __init__(self, model: torch.nn.Module, mean: float, std: float):
-        super().__init__()
-        self.model, self.mean, self.std = model, mean, std
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.model(features) * self.std + self.mean
-
-
 def export_onnx(model: torch.nn.Module, meta: dict, path: Path) -> None:
-    wrapped = Denormalized(model, meta["target_mean"], meta["target_std"]).eval()
-    example = torch.zeros(2, meta["arch"]["n_features"])
-    # the exporter warns about torchvision ops and torch-internal deprecations that do not concern us
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.onnx.export(
-            wrapped,
-            (example,),
-            str(path),
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-            input_names=["features"],
-            output_names=["prediction"],
-            dynamic_shapes=({0: torch.export.Dim("batch")},),
-        )
-    reproducible(path)
+    from tasks.training.factory import example_batch
 
-
-def reproducible(path: Path) -> None:
-    """Drop the exporter's per-node debug metadata (Python stack traces with this machine's absolute paths): the
-    same model then exports to the same bytes anywhere, and a package reveals nothing of where it was built."""
-    import onnx
-
-    model = onnx.load(str(path))
-    graphs = [model.graph]
-    while graphs:
-        graph = graphs.pop()
-        for node in graph.node:
-            del node.metadata_props[:]
-            graphs += [a.g for a in node.attribute if a.HasField("g")] + [g for a in node.attribute for g in a.graphs]
-    onnx.save(model, str(path))
+    wrapped, output = servable(model, meta)
+    export(wrapped, example_batch(meta["arch"], 2), path, output)
 
 
 def write_archive(directory: Path, archive: Path) -> None:
@@ -191,7 +150,11 @@ def package(s: Settings) -> dict:
             },
             "features": meta["features"],
             "target": meta["target"],
+            "task": s.dataset.task,
+            "target_transform": s.dataset.target_transform,
+            "classes": meta.get("classes"),
             "key": list(s.dataset.key),
+            "split": split_of(s),
             "params": dump_settings(s),
             "metrics": metrics,
             "training": training,
@@ -202,18 +165,31 @@ def package(s: Settings) -> dict:
         if os.environ.get(SIGNING_ENV):
             (stage / "manifest.sig").write_text(signature((stage / "manifest.json").read_bytes(), os.environ[SIGNING_ENV]) + "\n")
 
-        # the package must reproduce the evaluate stage before it replaces the previous one
-        predicted = ModelPackage(*verified(stage)).predict(pd.read_parquet(feat_dir / "test_raw"))
-        expected = pd.read_csv(eval_dir / "predictions.csv")["predicted"].to_numpy()
-        gap = float(np.max(np.abs(predicted - expected))) if len(expected) else 0.0
-        scale = json.loads((feat_dir / "transform.json").read_text())["target_std"]
-        if predicted.shape != expected.shape or gap > PARITY_TOL * scale:
-            raise RuntimeError(
-                f"package: predictions differ from evaluate's by {gap:.3g} "
-                f"(> {PARITY_TOL} target std = {PARITY_TOL * scale:.3g}); not published"
-            )
+        gap = check_parity(stage, feat_dir, eval_dir)  # before the new package replaces the previous one
     write_archive(Path(s.package.out_dir), Path(s.package.archive))
     return {"out_dir": s.package.out_dir, "archive": s.package.archive, "parity_max_abs_diff": gap, "files": files}
+
+
+def check_parity(stage: Path, feat_dir: Path, eval_dir: Path) -> float:
+    """The package must reproduce the evaluate stage: predictions within PARITY_TOL of the target's spread
+    (the transformed target's: its predictions' spread), probabilities within PARITY_TOL."""
+    package = ModelPackage(*verified(stage))
+    predicted = package.predict(pd.read_parquet(feat_dir / "test_raw"))
+    table = pd.read_csv(eval_dir / "predictions.csv")
+    if package.classes:
+        expected, scale, unit = table[[f"p_{c}" for c in package.classes]].to_numpy(), 1.0, "probability"
+    else:
+        expected = table["predicted"].to_numpy()
+        transformed = package.transform.get("target_transform", "none") != "none"
+        scale = float(np.std(expected)) if transformed and len(expected) else package.transform["target_std"]
+        unit = "prediction std" if transformed else "target std"
+    gap = float(np.max(np.abs(predicted - expected))) if len(expected) else 0.0
+    if predicted.shape != expected.shape or gap > PARITY_TOL * scale:
+        raise RuntimeError(
+            f"package: predictions differ from evaluate's by {gap:.3g} (> {PARITY_TOL} {unit} = {PARITY_TOL * scale:.3g}); "
+            "not published"
+        )
+    return gap
 
 
 if __name__ == "__main__":

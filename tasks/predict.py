@@ -11,7 +11,8 @@ checked against the package's expectation suite as it applies to rows to score:
   file (the input row, its row number `_row` and the reasons `_reason`) instead of the predictions;
 - a category the model never saw is not an error: it gets the out-of-vocabulary code, and is counted.
 OUTPUT (.parquet or .csv) holds the input's row key (the dataset's key columns, or `_row`) and
-`prediction`. Predictions + rejects = input rows, always.
+`prediction` (classification: the label, as the target's type, and `p_<label>`, each class's probability).
+Predictions + rejects = input rows, always.
 """
 
 from __future__ import annotations
@@ -100,7 +101,16 @@ def score(package, frame: pd.DataFrame, offset: int, suite: dict, key: list[str]
     for name, p in package.transform["categorical"].items():
         values = good[name].dropna().astype(str)
         unseen[name] = int((~values.isin(set(p["vocabulary"]))).sum())
-    return Scored(ids.assign(prediction=predicted.astype(np.float64)), rejects.reset_index(drop=True), unseen)
+    return Scored(ids.assign(**predicted_columns(package, predicted)), rejects.reset_index(drop=True), unseen)
+
+
+def predicted_columns(package, predicted: np.ndarray) -> dict:
+    """`prediction`: the number, or the label (with one probability column `p_<label>` per class)."""
+    if not package.classes:
+        return {"prediction": predicted.astype(np.float64)}
+    out = {"prediction": package.labels(predicted).to_numpy()}
+    out |= {f"p_{c}": predicted[:, j].astype(np.float64) for j, c in enumerate(package.classes)}
+    return out
 
 
 def _score_piece(package_dir: str, version: str, piece, suite: dict, key: list[str], target: str, source: str) -> Scored:
@@ -135,7 +145,9 @@ def read_input(path: Path) -> tuple[list, pd.DataFrame | None, int]:
         frame, _ = read_table(str(path))
     except UserError as e:
         raise UserError(str(e).replace("dataset.source: ", "predict: ")) from None
-    return [], frame, len(frame)
+    from tasks.tables import as_validated
+
+    return [], as_validated(frame), len(frame)
 
 
 def _is_parquet(path: Path) -> bool:

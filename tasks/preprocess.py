@@ -30,18 +30,21 @@ import pyarrow.parquet as pq
 
 from tasks.cluster import dask_client, show_progress
 from tasks.features import (  # noqa: F401 (apply_transform: re-exported)
+    LOWEST,
     apply_transform,
     assign_split,
     categorical_features,
     encode,
+    encode_target,
     expand,
     fit,
+    label_text,
     merge_stats,
     numeric_names,
     train_stats,
 )
 from tasks.files import atomic_dir, sha256_path, write_json
-from tasks.settings import Settings, UserError, cli
+from tasks.settings import MAX_CLASSES, Settings, UserError, cli
 from tasks.tables import count_rows, parquet_files
 
 log = logging.getLogger(__name__)
@@ -90,14 +93,83 @@ def check_columns(s: Settings, files: list[Path]) -> pa.Schema:
                 "declare it categorical, or fix the data"
             )
     t = schema.field(d.target).type
-    if not (pa.types.is_integer(t) or pa.types.is_floating(t)):
-        raise UserError(f"dataset.target: column {d.target!r} holds {t} values; a regression target must be numeric")
+    if d.task == "regression" and not (pa.types.is_integer(t) or pa.types.is_floating(t)):
+        raise UserError(
+            f"dataset.target: column {d.target!r} holds {t} values; a regression target must be numeric "
+            "(for labels set dataset.task: binary or multiclass)"
+        )
+    if d.task != "regression" and pa.types.is_nested(t):
+        raise UserError(f"dataset.target: column {d.target!r} holds {t} values; labels must be text, numbers or booleans")
     return schema
+
+
+def label_dtype(t: pa.DataType) -> str:
+    """How a label is written back in predictions: as the target column's type."""
+    return (
+        "bool" if pa.types.is_boolean(t) else "int" if pa.types.is_integer(t) else "float" if pa.types.is_floating(t) else "str"
+    )
+
+
+def check_target(counts: dict, d, lowest: tuple[float, str] | None) -> list[str]:
+    """The target across the splits, before the transform is fitted: classification's classes (the train
+    split's labels, sorted), each in every split and none only outside train; a transformed regression target
+    in the transform's domain. `counts`: {split: {label: rows}} (regression: {split: {"invalid": rows}})."""
+    if d.task == "regression":
+        bad = sum(c.get("invalid", 0) for c in counts.values())
+        if bad and lowest is not None:
+            raise UserError(
+                f"dataset.target_transform={d.target_transform}: {bad:,} rows of {d.target!r} are not {lowest[1]} "
+                f"(the transform is undefined there); use log1p for a target ≥ 0, none, or fix the data"
+            )
+        return []
+    train = counts.get("train", {})
+    classes = sorted(train, key=_natural)
+    if len(classes) > MAX_CLASSES:
+        raise UserError(
+            f"dataset.task={d.task}: {d.target!r} has {len(classes):,} distinct values in the train split, more than "
+            f"{MAX_CLASSES:,} classes: it looks like a number to predict; set dataset.task: regression"
+        )
+    if len(classes) < 2:
+        raise UserError(
+            f"dataset.task={d.task}: {d.target!r} has one class in the train split ({classes}); a classifier needs "
+            "two or more: check dataset.target and the data"
+        )
+    if d.task == "binary" and len(classes) != 2:
+        raise UserError(
+            f"dataset.task=binary: {d.target!r} has {len(classes)} classes in the train split "
+            f"({classes[:10]}{' …' if len(classes) > 10 else ''}); set dataset.task: multiclass"
+        )
+    for split in ("val", "test"):
+        unseen = {k: n for k, n in counts.get(split, {}).items() if k not in train}
+        if unseen:
+            shown = ", ".join(f"{k!r} ({n:,} rows)" for k, n in sorted(unseen.items())[:10])
+            raise UserError(
+                f"dataset.target: the {split} split has labels the train split lacks: {shown}; the model could never "
+                "predict them. Give more rows of those labels, or drop or merge them in the data"
+            )
+    absent = {split: [c for c in classes if not counts.get(split, {}).get(c)] for split in ("val", "test")}
+    if any(absent.values()):
+        split, missing = next((k, v) for k, v in absent.items() if v)
+        shown = ", ".join(f"{c!r} (train {train[c]:,})" for c in missing[:10])
+        raise UserError(
+            f"dataset.target: the {split} split has no rows of {shown}; every class must be in every split to be "
+            "validated and scored. Give more rows of those classes, merge rare classes, or raise preprocess.split."
+            f"{split}"
+        )
+    return classes
+
+
+def _natural(label: str) -> tuple:
+    """Labels in number order when they are numbers (2 before 10), else in text order."""
+    try:
+        return (0, float(label), "")
+    except ValueError:
+        return (1, 0.0, label)
 
 
 def _encoded(part: pd.DataFrame, transform: dict) -> pd.DataFrame:
     frame = pd.DataFrame(encode(transform, part), columns=transform["features"], index=part.index)
-    frame[transform["target"]] = part[transform["target"]].astype("float32")
+    frame[transform["target"]] = encode_target(transform, part[transform["target"]])
     frame["split"] = part["split"]
     return frame
 
@@ -105,21 +177,41 @@ def _encoded(part: pd.DataFrame, transform: dict) -> pd.DataFrame:
 STATS_META = {"part": "int64", "stat": "object", "column": "object", "value": "object", "x": "float64"}
 
 
-def _stats_frame(part: pd.DataFrame, kinds: dict, target: str, partition_info=None) -> pd.DataFrame:
+def _stats_frame(part: pd.DataFrame, kinds: dict, target: str, transform: str | None, partition_info=None) -> pd.DataFrame:
     """train_stats of one partition as rows of a small frame (so it computes in the same graph as the writes)."""
-    s, i = train_stats(part, kinds, target), (partition_info or {}).get("number", 0)
+    s, i = train_stats(part, kinds, target, transform), (partition_info or {}).get("number", 0)
     rows = [(i, stat, c, "", float(s[stat][j])) for j, c in enumerate(s["columns"]) for stat in ("n", "mean", "m2")]
     rows.append((i, "rows", "", "", float(s["rows"])))
     rows += [(i, "count", c, str(v), float(n)) for c, vc in s["counts"].items() for v, n in vc.items()]
     return pd.DataFrame(rows, columns=list(STATS_META)).astype(STATS_META)
 
 
-def _merge_stats_frame(frame: pd.DataFrame, kinds: dict, target: str) -> dict:
-    columns = numeric_names(kinds) + [target]
+def _target_frame(part: pd.DataFrame, target: str, task: str, lowest: float | None) -> pd.DataFrame:
+    """Per split, the rows of each label (classification), or of a target outside the transform's domain."""
+    if task == "regression":
+        bad = (part[target] <= lowest) if lowest is not None else pd.Series(False, index=part.index)
+        by = bad.groupby(part["split"], observed=True).sum()
+        rows = [(0, "target", str(split), "invalid", float(n)) for split, n in by.items()]
+    else:
+        sizes = part.groupby(["split", target], observed=True).size()
+        rows = [(0, "target", str(split), str(label), float(n)) for (split, label), n in sizes.items()]
+    return pd.DataFrame(rows, columns=list(STATS_META)).astype(STATS_META)
+
+
+def _target_counts(frame: pd.DataFrame) -> dict:
+    out: dict = {}
+    for (split, value), x in frame.groupby(["column", "value"])["x"].sum().items():
+        out.setdefault(split, {})[value] = int(x)
+    return out
+
+
+def _merge_stats_frame(frame: pd.DataFrame, kinds: dict, target: str | None) -> dict:
+    columns = numeric_names(kinds) + ([target] if target else [])
     categorical = [c for c, k in kinds.items() if k == "categorical"]
     parts = []
     for _, g in frame.groupby("part", sort=True):
-        num = g[g.stat.isin(["n", "mean", "m2"])].pivot(index="column", columns="stat", values="x").reindex(columns)
+        num = g[g.stat.isin(["n", "mean", "m2"])].pivot(index="column", columns="stat", values="x")
+        num = num.reindex(index=columns, columns=["n", "mean", "m2"])
         counts = {c: g[(g.stat == "count") & (g.column == c)].set_index("value")["x"] for c in categorical}
         parts.append(
             {
@@ -134,8 +226,9 @@ def _merge_stats_frame(frame: pd.DataFrame, kinds: dict, target: str) -> dict:
     return merge_stats(parts)
 
 
-def _expanded(part: pd.DataFrame, kinds: dict, target: str) -> pd.DataFrame:
-    return expand(part, kinds).assign(**{target: part[target].astype("float64"), "split": part["split"]})
+def _expanded(part: pd.DataFrame, kinds: dict, target: str, task: str) -> pd.DataFrame:
+    y = part[target].astype("float64") if task == "regression" else label_text(part[target])
+    return expand(part, kinds).assign(**{target: y, "split": part["split"]})
 
 
 def _null_count(files: list[Path], column: str) -> int | None:
@@ -173,10 +266,19 @@ def preprocess(s: Settings) -> dict:
 
 def build_features(client, files: list[Path], n_rows: int, key: list[str], kinds: dict, d, cfg, stage: Path) -> dict:
     """The Dask part, into directory `stage`: pass 1 splits and expands the rows and computes the train
-    statistics; pass 2 fits the transform and encodes the splits; then the schema that training reads."""
-    stats = first_pass(client, files, n_rows, key, kinds, d, cfg, stage)
-    transform = second_pass(client, stats, kinds, d, cfg, stage)
-    schema = describe(stage, transform, d, n_rows)
+    statistics and the target's counts per split; the target is checked; pass 2 fits the transform and
+    encodes the splits; then the schema that training reads."""
+    stats, counts = first_pass(client, files, n_rows, key, kinds, d, cfg, stage)
+    lowest = LOWEST.get(d.target_transform) if d.task == "regression" else None
+    target = {
+        "name": d.target,
+        "task": d.task,
+        "transform": d.target_transform,
+        "classes": check_target(counts, d, lowest),
+        "dtype": label_dtype(pq.read_schema(files[0]).field(d.target).type),
+    }
+    transform = second_pass(client, stats, kinds, target, cfg, stage)
+    schema = describe(stage, transform, d, n_rows, counts)
     write_json(stage / "transform.json", transform)
     write_json(stage / "schema.json", schema)
     return schema
@@ -186,37 +288,42 @@ def part_name(i: int) -> str:
     return f"part-{i:05d}.parquet"
 
 
-def first_pass(client, files: list[Path], n_rows: int, key: list[str], kinds: dict, d, cfg, stage: Path) -> dict:
+def first_pass(client, files: list[Path], n_rows: int, key: list[str], kinds: dict, d, cfg, stage: Path) -> tuple[dict, dict]:
     """Each partition read once: it is given its split, its raw test rows and its expanded columns are written
-    (to stage/test_raw and stage/_expanded), and, in the same graph, its train statistics are computed."""
+    (to stage/test_raw and stage/_expanded), and, in the same graph, its train statistics and its target
+    counts per split are computed."""
     fractions = (cfg.split.train, cfg.split.val, cfg.split.test)
-    if not key:  # the whole row (target last)
-        names = pq.read_schema(files[0]).names
-        key = [c for c in names if c != d.target] + [d.target]
+    if not key:  # the columns other than the target: transforming or relabelling the target moves no row
+        key = [c for c in pq.read_schema(files[0]).names if c != d.target]
     ddf = dd.read_parquet([str(f) for f in files])
     ddf = ddf.repartition(npartitions=max(1, math.ceil(n_rows / cfg.partition_rows)))
     ddf = ddf.dropna(subset=[d.target])
     ddf = ddf.assign(split=ddf[key].map_partitions(assign_split, fractions, meta=("split", "string")))
-    expanded = ddf.map_partitions(_expanded, kinds, d.target, meta=_expanded(ddf._meta, kinds, d.target))
+    expanded = ddf.map_partitions(_expanded, kinds, d.target, d.task, meta=_expanded(ddf._meta, kinds, d.target, d.task))
     test_raw = ddf[ddf.split == "test"].drop(columns="split")
     writes = [
         expanded.to_parquet(stage / "_expanded", write_index=False, compute=False, name_function=part_name),
         test_raw.to_parquet(stage / "test_raw", write_index=False, compute=False, name_function=part_name),
     ]
-    # one small statistics result per partition, computed with the writes: each partition is read once
+    # small results per partition, computed with the writes: each partition is read once
+    regression = d.task == "regression"
     train = expanded[expanded.split == "train"]
-    partials = train.map_partitions(_stats_frame, kinds, d.target, meta=STATS_META, partition_info=True)
-    return _merge_stats_frame(show_progress(client, writes + [partials])[-1], kinds, d.target)
+    transform = d.target_transform if regression else None
+    partials = train.map_partitions(_stats_frame, kinds, d.target, transform, meta=STATS_META, partition_info=True)
+    lowest = LOWEST[d.target_transform][0] if regression and d.target_transform in LOWEST else None
+    targets = expanded.map_partitions(_target_frame, d.target, d.task, lowest, meta=STATS_META)
+    *_, stats, counts = show_progress(client, writes + [partials, targets])
+    return _merge_stats_frame(stats, kinds, d.target if regression else None), _target_counts(counts)
 
 
-def second_pass(client, stats: dict, kinds: dict, d, cfg, stage: Path) -> dict:
+def second_pass(client, stats: dict, kinds: dict, target: dict, cfg, stage: Path) -> dict:
     """The transform fitted on the train statistics (and quantiles), then every split encoded with it."""
     quantiles = None
     inter = dd.read_parquet(str(stage / "_expanded"))
     if cfg.scaler == "quantile":  # Dask's (approximate) quantiles of the train rows, from the expanded copy
         train_inter = inter[inter.split == "train"][numeric_names(kinds)]
         quantiles = show_progress(client, [train_inter.quantile(list(np.linspace(0, 1, cfg.n_quantiles)))])[0]
-    transform = fit(stats, kinds, d.target, cfg.scaler, cfg.n_quantiles, cfg.min_frequency, cfg.max_categories, quantiles)
+    transform = fit(stats, kinds, target, cfg.scaler, cfg.n_quantiles, cfg.min_frequency, cfg.max_categories, quantiles)
     encoded = inter.map_partitions(_encoded, transform, meta=_encoded(inter._meta, transform))
     splits = [encoded[encoded.split == name].drop(columns="split") for name in SPLITS]
     show_progress(
@@ -230,7 +337,7 @@ def second_pass(client, stats: dict, kinds: dict, d, cfg, stage: Path) -> dict:
     return transform
 
 
-def describe(stage: Path, transform: dict, d, n_rows: int) -> dict:
+def describe(stage: Path, transform: dict, d, n_rows: int, counts: dict) -> dict:
     """schema.json: what training reads instead of scanning the data; an empty split stops here."""
     rows = {name: count_rows(list((stage / name).glob("*.parquet"))) for name in SPLITS}
     kept = sum(rows.values())
@@ -241,11 +348,15 @@ def describe(stage: Path, transform: dict, d, n_rows: int) -> dict:
         )
     if min(rows.values()) == 0:
         raise UserError(f"preprocess: a split is empty ({rows}) from {kept} rows; give more data or change preprocess.split")
+    classes = transform["classes"]
     return {
         "dataset": d.name,
         "task": d.task,
         "features": transform["features"],
         "target": d.target,
+        "target_transform": transform["target_transform"],
+        "classes": classes,
+        "class_rows": {split: [counts.get(split, {}).get(c, 0) for c in classes] for split in SPLITS} if classes else None,
         "n_features": len(transform["features"]),
         "categorical": categorical_features(transform),
         "rows": rows,

@@ -8,6 +8,10 @@ target is the record the champion is verified against (tasks/modelpackage.py): a
 manifest were altered afterwards is refused. `<champion>.previous` links to the champion before, for a
 rollback (`ln -sfn .production.versions/<sha256> models/production`); the last KEEP versions are kept.
 
+Each dataset and target has its own champion: `models/.production.datasets/<dataset>--<target>` links to its
+version too, and `trainflow use NAME` switches `models/production` to the new dataset's champion (or leaves
+none, when it has none yet), so a model is only ever gated against one of the same dataset.
+
 Promotion happens only if the package is the model the gate scored and the champion is still the one it
 was compared with. When the gate kept the champion, nothing changes and the reason is printed.
 """
@@ -20,6 +24,7 @@ import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
+from tasks.champions import dataset_key, dataset_versions, datasets_dir, switch
 from tasks.errors import UserError
 from tasks.files import sha256_file, write_json
 from tasks.modelpackage import champion_record, verified, versions_dir
@@ -62,6 +67,7 @@ def promote(s: Settings) -> dict:
     install(
         package,
         champion,
+        dataset_key(s.dataset.name, s.dataset.target),
         version,
         {
             "promoted": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -79,8 +85,9 @@ def same_model(a: dict, b: dict) -> bool:
     return all(a["files"].get(f) == b["files"].get(f) for f in ("model.onnx", "transform.json"))
 
 
-def install(package: Path, champion: Path, version: str, record: dict) -> None:
-    """Copy the package to its version directory, then switch the champion's link to it in one rename."""
+def install(package: Path, champion: Path, dataset: str, version: str, record: dict) -> None:
+    """Copy the package to its version directory, then switch the champion's link to it in one rename (and the
+    dataset's own link after it)."""
     versions = versions_dir(champion)
     versions.mkdir(parents=True, exist_ok=True)
     for stale in champion.parent.glob(f".{champion.name}*.link"):  # from promotions that were killed
@@ -96,15 +103,10 @@ def install(package: Path, champion: Path, version: str, record: dict) -> None:
     switch(champion, Path(versions.name) / version)  # the one step that changes the champion
     if previous is not None:
         switch(champion.with_name(f"{champion.name}.previous"), previous)
-    prune(versions, keep={version, previous.name if previous else None})
-
-
-def switch(link: Path, target: Path) -> None:
-    """Point `link` at `target` atomically: a new link renamed over the old one."""
-    tmp = link.with_name(f".{link.name}.{os.getpid()}.link")
-    tmp.unlink(missing_ok=True)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
+    per_dataset = datasets_dir(champion)
+    per_dataset.mkdir(exist_ok=True)
+    switch(per_dataset / dataset, Path("..") / versions.name / version)
+    prune(versions, keep={version, previous.name if previous else None} | dataset_versions(champion))
 
 
 def prune(versions: Path, keep: set) -> None:

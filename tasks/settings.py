@@ -221,8 +221,9 @@ class TrainSettings(Section):
         "none",
         description="binary and multiclass: none, or balanced (each class's loss weighted by n_rows / (n_classes × its train rows), for rare classes).",
     )
-    model: Literal["mlp", "resmlp"] = Field(
-        description="mlp: feed-forward layers; resmlp: residual blocks with layer norm (deeper models, categorical embeddings). Both embed categorical codes."
+    model: str = Field(
+        pattern=r"^(mlp|resmlp|[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*)$",
+        description="mlp: feed-forward layers; resmlp: residual blocks with layer norm (deeper models); both embed categorical codes. Or a model of your own, 'package.module:factory': a function (schema, settings) -> torch.nn.Module (docs/training.md; e.g. tasks.training.ft_transformer:build).",
     )
     hidden: list[Annotated[int, Field(ge=1, le=MAX_WIDTH)]] = Field(
         min_length=1,
@@ -565,65 +566,6 @@ def edit_params(text: str, changes: dict) -> str:
     return out.getvalue()
 
 
-DATASETS = Path(__file__).resolve().parents[1] / "data" / "datasets"  # the shipped dataset sections
-END_OF_DATASET = "# end of dataset"
-
-
-def use_dataset(name_or_path: str, params: str | Path = PARAMS) -> DatasetSettings:
-    """Make a shipped dataset (data/datasets/NAME.yaml) or a dataset file the one params.yaml trains on:
-    its `dataset:` section replaces params.yaml's, the rest of the file (and its comments) stays."""
-    path = Path(name_or_path) if Path(name_or_path).suffix in (".yaml", ".yml") else DATASETS / f"{name_or_path}.yaml"
-    if not path.exists():
-        shipped = sorted(p.stem for p in DATASETS.glob("*.yaml"))
-        raise UserError(f"dataset {name_or_path!r}: {path} does not exist; shipped datasets: {shipped}")
-    block = path.read_text()
-    block = block[block.index("dataset:") :] if "\ndataset:" in f"\n{block}" else ""
-    section = (yaml.safe_load(block) or {}).get("dataset") if block else None
-    if not isinstance(section, dict):
-        raise UserError(f"{path}: expected a `dataset:` section (name, source, sha256, suite, task, target, key, columns)")
-    text = Path(params).read_text()
-    start, end = text.find("\ndataset:\n"), text.find(END_OF_DATASET)
-    if start < 0 or end < 0:
-        raise UserError(
-            f"{params}: cannot find its `dataset:` section (ending with the line '{END_OF_DATASET}'); "
-            f"paste the section of {path} there instead"
-        )
-    new = text[: start + 1] + block.rstrip("\n").split(END_OF_DATASET)[0].rstrip("\n") + "\n" + text[end:]
-    primary = ((yaml.safe_load(new) or {}).get("evaluate") or {}).get("primary")
-    task = section.get("task")
-    if task in PRIMARY and primary not in PRIMARY[task]:  # the gate's metric must score this task
-        new = edit_params(new, {"evaluate.primary": PRIMARY[task][0]})
-        print(f"evaluate.primary: {primary} -> {PRIMARY[task][0]} (a {task} metric)", file=sys.stderr)
-    settings = parse_settings(yaml.safe_load(new), f"{path} in {params}", root=Path(params).resolve().parent)
-    Path(params).write_text(new)
-    return settings.dataset
-
-
-def main(argv: list[str] | None = None) -> None:
-    """python -m tasks.settings use DATASET (the same as `trainflow use DATASET`)."""
-    import argparse
-
-    ap = argparse.ArgumentParser(
-        prog="python -m tasks.settings", description="Switch params.yaml to another dataset, or print the settings reference."
-    )
-    sub = ap.add_subparsers(dest="command", required=True)
-    use = sub.add_parser(
-        "use", help="make a shipped dataset (data/datasets/NAME.yaml) or a dataset file the one params.yaml trains on"
-    )
-    use.add_argument("dataset", help="a name in data/datasets/ (california_housing, flights, ...) or a dataset YAML file")
-    sub.add_parser("reference", help="print the settings reference (docs/settings.md) generated from the settings' descriptions")
-    a = ap.parse_args(argv)
-    if a.command == "reference":
-        print(reference(), end="")
-        return
-    try:
-        d = use_dataset(a.dataset)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(f"params.yaml now trains on {d.name} ({d.source}, target {d.target}); run `dvc repro` or the flow")
-
-
 def absolute_paths(s: Settings, root: str | Path | None = None) -> Settings:
     """`s` with every relative path made absolute against `root` (default: the working directory), for
     processes that run elsewhere (a Dask worker's working directory is its own)."""
@@ -635,6 +577,17 @@ def absolute_paths(s: Settings, root: str | Path | None = None) -> Settings:
         if value and "://" not in value and not Path(value).is_absolute():
             raw[section][key] = str(champion_path(value, root) if (section, key) == ("evaluate", "champion") else root / value)
     return validated(raw)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m tasks.settings reference: print the settings reference (docs/settings.md)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m tasks.settings", description="Print the settings reference.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("reference", help="print the settings reference (docs/settings.md) generated from the settings' descriptions")
+    ap.parse_args(argv)
+    print(reference(), end="")
 
 
 if __name__ == "__main__":

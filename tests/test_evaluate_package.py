@@ -22,7 +22,7 @@ def test_evaluate_writes_metrics_predictions_and_plot(packaged):
     assert list(preds.columns) == ["actual", "predicted"] and len(preds) == test_rows
     rmse = float(np.sqrt(((preds.predicted - preds.actual) ** 2).mean()))
     assert rmse == pytest.approx(metrics["rmse"], rel=1e-6)
-    assert (out / "pred_vs_actual.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "figures" / "pred_vs_actual.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_package_reproduces_evaluate_from_raw_rows(packaged):

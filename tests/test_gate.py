@@ -258,8 +258,10 @@ def test_evaluation_outputs_slices_plots_and_the_archive(champion):
     residuals = pd.read_csv(out / "residuals.csv")
     assert list(residuals.columns) == ["residual", "residual_to", "rows"] and residuals["rows"].sum() == metrics["n"]
     assert (residuals["residual"].iloc[1:].to_numpy() == residuals["residual_to"].iloc[:-1].to_numpy()).all()  # adjacent bins
-    for png in ("pred_vs_actual.png", "residuals.png", "learning_curve.png"):
-        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    figures = sorted(p.name for p in (out / "figures").iterdir() if not p.name.startswith("."))
+    assert figures == ["learning_curve.png", "pred_vs_actual.png", "residuals.png"]  # a regression's, and no others
+    for png in figures:
+        assert (out / "figures" / png).read_bytes()[:4] == b"\x89PNG"
     # the archive is the same package: same files, same predictions
     from_dir, from_tar = load_package(s.package.out_dir), load_package(s.package.archive)
     assert from_tar.manifest == from_dir.manifest

@@ -4,7 +4,7 @@ import sys
 import pytest
 import yaml
 
-from tasks.settings import UserError, load_settings, parse_settings
+from tasks.settings import PRIMARY, UserError, load_settings, parse_settings
 from tests.conftest import ROOT, project_params
 
 
@@ -97,7 +97,7 @@ def test_use_switches_the_dataset_section_and_keeps_the_rest(tmp_path):
     params.write_text((ROOT / "params.yaml").read_text())
     before = params.read_text()
     proc = subprocess.run(
-        [sys.executable, "-m", "tasks.settings", "use", str(ROOT / "data/datasets/flights.yaml")],
+        [sys.executable, "-m", "tasks.datasets", "use", str(ROOT / "data/datasets/flights.yaml")],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -107,23 +107,24 @@ def test_use_switches_the_dataset_section_and_keeps_the_rest(tmp_path):
     s = load_settings(params)
     assert (s.dataset.name, s.dataset.target, s.dataset.columns["carrier"]) == ("flights", "arr_delay", "categorical")
     assert before.split("# end of dataset")[1] == params.read_text().split("# end of dataset")[1]  # comments kept
-    from tasks.settings import use_dataset
+    from tasks.datasets import use_dataset
 
     use_dataset(str(ROOT / "data/datasets/california_housing.yaml"), params)
     assert params.read_text() == before
     proc = subprocess.run(
-        [sys.executable, "-m", "tasks.settings", "use", "nope"],
+        [sys.executable, "-m", "tasks.datasets", "use", "nope"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
     )
-    assert proc.returncode == 2 and "shipped datasets: ['california_housing', 'flights']" in proc.stderr
+    assert proc.returncode == 2 and "shipped datasets: ['adult', 'california_housing', 'flights']" in proc.stderr
 
 
 def test_the_shipped_datasets_are_valid():
     for path in sorted((ROOT / "data/datasets").glob("*.yaml")):
         raw = project_params()
         raw["dataset"] = yaml.safe_load(path.read_text())["dataset"]
+        raw["evaluate"]["primary"] = PRIMARY[raw["dataset"]["task"]][0]  # as `trainflow use` picks it
         s = parse_settings(raw)
         assert (ROOT / s.dataset.source).exists() and (ROOT / s.dataset.suite).exists()

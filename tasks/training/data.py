@@ -101,6 +101,14 @@ def check_inputs(s) -> dict:
     if cfg.batch_size > n_train:
         raise UserError(f"train.batch_size={cfg.batch_size} exceeds the {n_train:,} training rows; lower train.batch_size")
     check_model_fits(cfg, schema)
+    if cfg.model not in ("mlp", "resmlp"):  # a factory of your own: its contract, before any rank starts
+        import tempfile
+
+        from tasks.training.factory import check_factory
+        from tasks.training.model import architecture
+
+        with tempfile.TemporaryDirectory(prefix="trainflow-export-check-") as tmp:
+            check_factory(architecture(cfg, schema), export_to=Path(tmp) / "model.onnx")
     if cfg.batch_size < cfg.world_size * cfg.grad_accum_steps:
         raise UserError(
             f"train.batch_size={cfg.batch_size} gives each of the {cfg.world_size} ranks fewer rows per step than "

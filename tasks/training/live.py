@@ -14,6 +14,7 @@ LIVE_KEYS = (
     ("train/loss", "train_loss"),
     ("val/loss", "val_loss"),
     ("val/rmse", "val_rmse"),
+    ("val/accuracy", "val_accuracy"),
     ("lr", "lr"),
     ("perf/samples_per_s", "samples_per_s"),
 )
@@ -62,6 +63,6 @@ def log_epoch(live, record: dict, progress: Path) -> None:
         return
     live.step = record["epoch"]  # the plots' x axis is the epoch, counted from 1 as everywhere else
     for key, value in LIVE_KEYS:
-        if record[value] is not None:
+        if record.get(value) is not None:
             live.log_metric(key, record[value])
     live.next_step()

@@ -28,7 +28,7 @@ from tasks.training import checkpoint
 from tasks.training.data import EVAL_CHUNK, load_features, rank_slice
 from tasks.training.live import PROGRESS, log_epoch, open_live
 from tasks.training.model import architecture, build_model
-from tasks.training.objective import Regression
+from tasks.training.objective import objective_for
 from tasks.training.state import full_checkpoint, full_model_state, gathered, resumed_sse, rng_state, set_full_state, set_rng
 from tasks.training.sync import Clock, Wrapped, step_times
 from tasks.training.watchdog import Watchdog
@@ -101,9 +101,10 @@ class Trainer:
         self.out = checkpoint.staging_dir(cfg.out_dir)
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16)
-        self.objective = Regression(_transform(s))
+        transform, schema = _features_meta(s)
+        self.objective = objective_for(transform, cfg.class_weights, (schema.get("class_rows") or {}).get("train"))
         self.data = load_features(Path(s.preprocess.out_dir), device, self.objective)
-        self.arch = architecture(cfg, self.data.schema)
+        self.arch = architecture(cfg, self.data.schema, self.objective.outputs)
         self.clock = Clock(device)
         self.net = Wrapped(build_model(self.arch).to(device), cfg, device, grouped, self.clock)
         model = self.net.model
@@ -246,47 +247,46 @@ class Trainer:
 
     def validate(self) -> torch.Tensor:
         """Each rank scores its shard of the validation split in the same number of chunks (FSDP needs every
-        rank in every forward); the sum of its losses."""
+        rank in every forward); the sums the objective's record needs (its loss first)."""
         x, y, world = self.data.x_val, self.data.y_val, self.world
         self.net.model.eval()
         with torch.no_grad(), self.autocast:
             shard = torch.arange(self.rank, len(x), world, device=self.device)
             chunks = max(1, math.ceil(math.ceil(len(x) / world) / EVAL_CHUNK))
-            total = sum(
-                (self.objective.loss_sum(self.net.model(x[c]), y[c]) for c in shard.tensor_split(chunks)),
-                torch.zeros((), device=self.device),
-            )
+            total = sum(self.objective.val_sums(self.net.model(x[c]), y[c]).double() for c in shard.tensor_split(chunks))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.watchdog.beat()
         return total
 
     def reduce(self, sse: torch.Tensor, val: torch.Tensor, timing: dict) -> torch.Tensor:
-        totals = torch.tensor(
-            [float(sse.sum()), float(val), timing["data"], timing["compute"], timing["sync"], timing["train"]],
-            dtype=torch.float64,
-            device=self.device,
+        """[train loss sum, the validation sums..., data, compute, sync and train seconds]: one all-reduce."""
+        times = [timing["data"], timing["compute"], timing["sync"], timing["train"]]
+        totals = torch.cat(
+            [
+                sse.sum().double().reshape(1),
+                torch.as_tensor(val, dtype=torch.float64).reshape(-1).to(self.device),
+                torch.tensor(times, dtype=torch.float64, device=self.device),
+            ]
         )
         if self.grouped:
             dist.all_reduce(totals)
-        totals[2:] /= self.world  # step times: the mean over ranks
+        totals[-4:] /= self.world  # step times: the mean over ranks
         return totals
 
     def record(self, epoch: int, sse: torch.Tensor, totals: torch.Tensor, seconds: float) -> dict:
         """The epoch in figures; a loss that became nan or inf stops the run, naming the step and the rank."""
-        record = {
-            "epoch": epoch,
-            **self.objective.record(totals[0].item(), totals[1].item(), self.data.n_train, len(self.data.x_val)),
-        }
+        values = totals.tolist()
+        val, (data_s, compute_s, sync_s, step_s) = values[1:-4], values[-4:]
+        record = {"epoch": epoch, **self.objective.record(values[0], val, self.data.n_train, len(self.data.x_val))}
         if not math.isfinite(record["train_loss"]):
             self.diverged(epoch, sse, record["train_loss"])
-        step_s = totals[5].item()
         return record | {
             "lr": self.sched.get_last_lr()[0],
             "samples_per_s": self.data.n_train / step_s if step_s > 0 else None,
-            "data_s": totals[2].item(),
-            "compute_s": totals[3].item(),
-            "sync_s": totals[4].item() if self.grouped and not self.net.fsdp else None,
+            "data_s": data_s,
+            "compute_s": compute_s,
+            "sync_s": sync_s if self.grouped and not self.net.fsdp else None,
             "seconds": seconds,
         }
 
@@ -345,6 +345,7 @@ class Trainer:
                         "target": data.schema["target"],
                         "target_mean": self.objective.mean,
                         "target_std": self.objective.std,
+                        **{k: data.transform.get(k) for k in ("task", "target_transform", "classes", "label_dtype")},
                     },
                     tmp,
                 )
@@ -359,7 +360,9 @@ class Trainer:
         summary = {
             "best_epoch": at.best_epoch,
             "epochs_run": epoch,
-            "best_val_rmse": math.sqrt(at.best_val) * self.objective.std,
+            f"best_{self.objective.metric}": next(
+                (h[self.objective.metric] for h in at.history if h["epoch"] == at.best_epoch), None
+            ),
             "world_size": self.world,
             "device": self.device.type,
             "strategy": self.cfg.strategy,
@@ -384,7 +387,9 @@ class Trainer:
         return summary
 
 
-def _transform(s: Settings) -> dict:
+def _features_meta(s: Settings) -> tuple[dict, dict]:
+    """transform.json and schema.json of the features."""
     import json
 
-    return json.loads((Path(s.preprocess.out_dir) / "transform.json").read_text())
+    feat_dir = Path(s.preprocess.out_dir)
+    return json.loads((feat_dir / "transform.json").read_text()), json.loads((feat_dir / "schema.json").read_text())

@@ -40,20 +40,25 @@ class Embedder(nn.Module):
 
 
 class MLP(nn.Module):
-    """Feed-forward regressor: [Linear -> SiLU -> Dropout] per hidden layer, then a linear head."""
+    """Feed-forward network: [Linear -> SiLU -> Dropout] per hidden layer, then a linear head with one output
+    (a number, or a binary logit) or one per class."""
 
-    def __init__(self, n_features: int, hidden: list[int], dropout: float = 0.0, categorical: list[dict] | None = None):
+    def __init__(
+        self, n_features: int, hidden: list[int], dropout: float = 0.0, categorical: list[dict] | None = None, outputs: int = 1
+    ):
         super().__init__()
         self.inputs = Embedder(n_features, categorical)
         layers, width = [], self.inputs.out_features
         for h in hidden:
             layers += [nn.Linear(width, h), nn.SiLU()] + ([nn.Dropout(dropout)] if dropout else [])
             width = h
-        layers.append(nn.Linear(width, 1))
+        layers.append(nn.Linear(width, outputs))
         self.net = nn.Sequential(*layers)
+        self.squeeze = outputs == 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.inputs(x)).squeeze(-1)
+        out = self.net(self.inputs(x))
+        return out.squeeze(-1) if self.squeeze else out
 
 
 def _dropout(p: float) -> nn.Module:
@@ -65,7 +70,9 @@ class ResMLP(nn.Module):
     hidden[0], then one block per entry of hidden, x + Dropout(Linear(Dropout(SiLU(Linear(LayerNorm(x)))))) with
     inner width h, then LayerNorm, SiLU and a linear head."""
 
-    def __init__(self, n_features: int, hidden: list[int], dropout: float = 0.0, categorical: list[dict] | None = None):
+    def __init__(
+        self, n_features: int, hidden: list[int], dropout: float = 0.0, categorical: list[dict] | None = None, outputs: int = 1
+    ):
         super().__init__()
         self.inputs = Embedder(n_features, categorical)
         width = hidden[0]
@@ -81,31 +88,88 @@ class ResMLP(nn.Module):
             )
             for h in hidden
         )
-        self.head = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, 1))
+        self.head = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, outputs))
+        self.squeeze = outputs == 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.project(self.inputs(x))
         for block in self.blocks:
             x = x + block(x)
-        return self.head(x).squeeze(-1)
+        out = self.head(x)
+        return out.squeeze(-1) if self.squeeze else out
 
 
 MODELS = {"mlp": MLP, "resmlp": ResMLP}
 
 
-def architecture(cfg, schema: dict) -> dict:
-    """What the model file records of the model: enough to build it again (train settings + feature metadata)."""
-    return {
+def outputs_of(schema: dict) -> int:
+    """One output for a number or a binary label (its logit), one per class for multiclass."""
+    classes = schema.get("classes") or []
+    return len(classes) if len(classes) > 2 else 1
+
+
+def architecture(cfg, schema: dict, outputs: int | None = None) -> dict:
+    """What the model file records of the model: enough to build it again (train settings + feature metadata;
+    for a factory of your own, the train settings it is called with)."""
+    arch = {
         "model": cfg.model,
         "n_features": len(schema["features"]),
         "hidden": list(cfg.hidden),
         "dropout": cfg.dropout,
         "categorical": schema.get("categorical", []),
+        "outputs": outputs or outputs_of(schema),
     }
+    if cfg.model not in MODELS:
+        arch |= {"task": schema.get("task", "regression"), "classes": schema.get("classes"), "features": schema["features"]}
+        arch["train"] = cfg.model_dump()
+    return arch
 
 
 def build_model(arch: dict) -> nn.Module:
-    return MODELS[arch.get("model", "mlp")](arch["n_features"], list(arch["hidden"]), arch["dropout"], arch.get("categorical"))
+    """The network an architecture record describes: a built-in model, or `package.module:factory`'s."""
+    name = arch.get("model", "mlp")
+    if name not in MODELS:
+        from tasks.training.factory import from_factory
+
+        return from_factory(arch)
+    return MODELS[name](
+        arch["n_features"], list(arch["hidden"]), arch["dropout"], arch.get("categorical"), arch.get("outputs", 1)
+    )
+
+
+class Denormalized(nn.Module):
+    """Model inputs -> predictions in target units (the standardisation, then the target transform, undone)."""
+
+    def __init__(self, model: nn.Module, mean: float, std: float, target_transform: str = "none"):
+        super().__init__()
+        self.model, self.mean, self.std, self.inverse = model, mean, std, target_transform
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        y = self.model(features) * self.std + self.mean
+        return torch.exp(y) if self.inverse == "log" else torch.expm1(y) if self.inverse == "log1p" else y
+
+
+class Probabilities(nn.Module):
+    """Model inputs -> one probability per class (n, K): the sigmoid of a binary logit, or the softmax."""
+
+    def __init__(self, model: nn.Module, binary: bool):
+        super().__init__()
+        self.model, self.binary = model, binary
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        logits = self.model(features)
+        if self.binary:
+            p = torch.sigmoid(logits.float())
+            return torch.stack([1 - p, p], dim=-1)
+        return torch.softmax(logits.float(), dim=-1)
+
+
+def servable(model: nn.Module, meta: dict) -> tuple[nn.Module, str]:
+    """The trained network with what serving needs around it, and its output's name."""
+    if meta.get("task", "regression") == "regression":
+        wrapped = Denormalized(model, meta["target_mean"], meta["target_std"], meta.get("target_transform") or "none")
+        return wrapped.eval(), "prediction"
+    return Probabilities(model, len(meta["classes"]) == 2).eval(), "probabilities"
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict]:
@@ -130,6 +194,9 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     units: list[nn.Module]
     if isinstance(model, ResMLP):
         units = [model.inputs, model.project, *model.blocks, model.head]
-    else:
+    elif isinstance(model, MLP):
         units = [model.get_submodule("inputs")] + [m for m in model.get_submodule("net").children() if isinstance(m, nn.Linear)]
+    else:  # a model of your own: its direct children (a `shard_units()` method of the model chooses instead)
+        chosen = getattr(model, "shard_units", None)
+        units = list(chosen()) if callable(chosen) else list(model.children())
     return [u for u in units if any(True for _ in u.parameters())]

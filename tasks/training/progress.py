@@ -17,11 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tasks.metrics import val_metric
+
 
 def describe(record: dict, epochs: int, eta_s: float) -> str:
     speed = f"  {record['samples_per_s']:,.0f} samples/s" if record.get("samples_per_s") else ""
     return (
-        f"train: epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f}  val RMSE {record['val_rmse']:.4f}"
+        f"train: epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f}  {val_metric(record)}"
         f"  lr {record['lr']:.2e}{speed}  {record['seconds']:.1f} s  ETA {eta(eta_s)}"
     )
 

@@ -1,0 +1,130 @@
+"""The evaluate stage's PNG figures (evaluate.out_dir/figures/): predicted vs actual and residuals for a number,
+the confusion matrix and the calibration curve for labels, the learning curves for both."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from tasks.files import atomic_dir, atomic_path
+from tasks.metrics import confusion_matrix, reliability
+
+MAX_CONFUSION_LABELS = 30  # more classes: the matrix is drawn without tick labels
+
+
+def figures(out: Path, actual: np.ndarray, predicted: np.ndarray, meta: dict, metrics: dict, summary: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    with atomic_dir(out) as stage:  # this task's figures, swapped in whole
+        if meta.get("classes"):
+            confusion(stage, actual.astype(np.int64), predicted, meta["classes"], metrics)
+            calibration(stage, actual.astype(np.int64), predicted, metrics)
+        else:
+            scatter(stage, actual, predicted, meta["target"], metrics)
+            residuals(stage, actual, predicted, meta["target"])
+        learning_curve(stage, summary, "log-loss" if meta.get("classes") else "MSE (standardised target)")
+
+
+def save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def scatter(out: Path, actual, predicted, target: str, metrics: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    ax.scatter(actual, predicted, s=3, alpha=0.3)
+    if len(actual):
+        lo, hi = float(min(actual.min(), predicted.min())), float(max(actual.max(), predicted.max()))
+        ax.plot([lo, hi], [lo, hi], color="black", linewidth=1)
+    r2 = "n/a" if metrics.get("r2") is None else f"{metrics['r2']:.3f}"
+    ax.set(
+        xlabel=f"actual {target}",
+        ylabel=f"predicted {target}",
+        title=f"test RMSE {metrics['rmse']:.4f}  R² {r2}  (n={metrics['n']:,})",
+    )
+    save(fig, out / "pred_vs_actual.png")
+
+
+def residuals(out: Path, actual, predicted, target: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.hist(predicted - actual, bins=50)
+    ax.axvline(0, color="black", linewidth=1)
+    ax.set(xlabel=f"residual (predicted - actual {target})", ylabel="test rows", title="Residuals")
+    save(fig, out / "residuals.png")
+
+
+def confusion(out: Path, actual, probabilities, classes: list, metrics: dict) -> None:
+    """Rows: the actual class, columns: the predicted one; each cell its rows, shaded by the share of its row."""
+    import matplotlib.pyplot as plt
+
+    k = len(classes)
+    matrix = confusion_matrix(actual, probabilities.argmax(1), k)
+    share = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    size = min(12, max(5, 3 + 0.5 * k))
+    fig, ax = plt.subplots(figsize=(size, size), dpi=100)
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    if k <= MAX_CONFUSION_LABELS:
+        names = [str(c)[:16] for c in classes]
+        ax.set_xticks(range(k), names, rotation=45, ha="right")
+        ax.set_yticks(range(k), names)
+        for i in range(k):
+            for j in range(k):
+                ax.text(
+                    j,
+                    i,
+                    f"{matrix[i, j]:,}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if share[i, j] > 0.5 else "black",
+                )
+    ax.set(
+        xlabel="predicted",
+        ylabel="actual",
+        title=f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['f1_macro']:.4f}\n(n={metrics['n']:,}; cells: rows)",
+    )
+    save(fig, out / "confusion.png")
+
+
+def calibration(out: Path, actual, probabilities, metrics: dict) -> None:
+    """Reliability: per confidence bin, the accuracy against the mean confidence (the diagonal is calibrated)."""
+    import matplotlib.pyplot as plt
+
+    bins = reliability(actual, probabilities)
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    ax.plot([0, 1], [0, 1], color="black", linewidth=1)
+    if bins:
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o")
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, 1),
+        xlabel="confidence (top probability)",
+        ylabel="accuracy",
+        title=f"Calibration: ECE {metrics['ece']:.4f}",
+    )
+    save(fig, out / "calibration.png")
+
+
+def learning_curve(out: Path, summary: Path, loss: str) -> None:
+    import matplotlib.pyplot as plt
+
+    epochs = json.loads(summary.read_text()).get("epochs", []) if summary.exists() else []
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    if epochs:
+        ax.plot([e["epoch"] for e in epochs], [e["train_loss"] for e in epochs], label="train loss")
+        ax.plot([e["epoch"] for e in epochs], [e["val_loss"] for e in epochs], label="validation loss")
+        ax.set_yscale("log")
+        ax.legend()
+    ax.set(xlabel="epoch", ylabel=loss, title="Learning curves")
+    save(fig, out / "learning_curve.png")
