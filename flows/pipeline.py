@@ -8,8 +8,10 @@ differ from params.yaml runs as a DVC experiment and leaves params.yaml and the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import inspect
+import logging
 import sys
 import time
 import uuid
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, runtime
 from prefect.client.schemas.objects import State
-from prefect.states import Completed
+from prefect.states import Completed, Failed
 
 from flows import report
 from flows.params import forms, settings_for
@@ -116,7 +118,10 @@ def build(params: Path = Path(PARAMS)):
     models = forms(params)
 
     def training_pipeline(**parameters) -> dict | State:
-        return pipeline(parameters)
+        try:
+            return pipeline(parameters)
+        except UserError as e:  # bad data or params: the run fails with the message alone, as the stage CLIs do
+            return Failed(message=str(e), data=e)
 
     training_pipeline.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [
@@ -136,6 +141,27 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+class _NotFailedState(logging.Filter):
+    """Prefect's console line "Finished in state Failed('<message>')": the command prints the message itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Finished in state Failed(")
+
+
+@contextlib.contextmanager
+def quiet_failures():
+    """On the console only (the Prefect UI keeps every log line): a run's failure is said once, by the command."""
+    handlers = [h for name in ("", "prefect") for h in logging.getLogger(name).handlers if isinstance(h, logging.StreamHandler)]
+    quiet = _NotFailedState()
+    for h in handlers:
+        h.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(quiet)
+
+
 def main(argv: list[str] | None = None) -> None:
     """`trainflow run`: the whole pipeline on params.yaml, as a Prefect flow run; a short report at the end."""
     argparse.ArgumentParser(prog="python -m flows.pipeline", description=main.__doc__).parse_args(argv)
@@ -144,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         load_settings()  # bad params stop here, before a Prefect server is started
         check_api()
-        out = build(Path(PARAMS).resolve())(return_state=True).result()
+        with quiet_failures():
+            out = build(Path(PARAMS).resolve())(return_state=True).result()
     except TrainflowError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

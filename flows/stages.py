@@ -8,10 +8,10 @@ from collections.abc import Callable
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Completed
+from prefect.states import Completed, Failed
 
 from flows.workspace import Workspace
-from tasks.errors import InfrastructureError
+from tasks.errors import InfrastructureError, UserError
 from tasks.settings import Settings
 
 STAGE_RETRIES = 2
@@ -63,6 +63,9 @@ class Stages:
                 data={"status": "cached", "seconds": round(time.perf_counter() - t0, 3)},
             )
         get_run_logger().info("%s: %s", name, changes)
-        stage(self.settings, **kwargs)  # the cwd is the workspace root (or the experiment's worktree)
+        try:
+            stage(self.settings, **kwargs)  # the cwd is the workspace root (or the experiment's worktree)
+        except UserError as e:  # bad data or params: the run fails with the message alone (no traceback, no retry)
+            return Failed(message=str(e), data=e)
         self.ws.commit(name)
         return {"status": "ran", "seconds": round(time.perf_counter() - t0, 3)}

@@ -343,3 +343,18 @@ def left_in_group(pgid: int) -> bool:
             if int(fields[2]) == pgid and fields[0] != "Z" and int(proc.name) != os.getpid():
                 return True
     return False
+
+
+def test_a_user_error_in_a_stage_is_said_once_without_a_traceback(tmp_path):
+    """`trainflow run` (python -m flows.pipeline) on params a stage refuses: exit 2 and the message once, as the
+    stage CLIs say it; the Prefect run still records the failure with the message."""
+    from tasks.settings import edit_params
+
+    repo = make_repo(tmp_path / "repo")
+    params = repo / "params.yaml"
+    params.write_text(edit_params(params.read_text(), {"dataset.task": "binary", "evaluate.primary": "roc_auc"}))
+    proc = sh(repo, sys.executable, "-m", "flows.pipeline", check=False, timeout=300)
+    message = "dataset.task=binary: 'MedHouseVal' has"
+    assert proc.returncode == 2, proc.stderr
+    assert (proc.stdout + proc.stderr).count(message) == 1 and f"error: {message}" in proc.stderr
+    assert "set dataset.task: multiclass" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout

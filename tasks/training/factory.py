@@ -110,17 +110,28 @@ def check_factory(arch: dict, export_to: Path | None = None) -> None:
 
 
 def check_export(model: nn.Module, x: torch.Tensor, spec: str, path: Path) -> None:
-    """The package exports the model to ONNX: find out now, not after training."""
+    """The package exports the model to ONNX for any batch size: find out now, not after training. The exported
+    graph must take another batch size than the example's and agree with torch on it."""
+    import numpy as np
+    import onnxruntime as ort
+
     from tasks.onnx_export import export
 
+    where = f"{type(model).__name__}, {inspect.getsourcefile(type(model)) or '?'}"
+    other = torch.cat([x, x[:1]])  # one more row than the example
     try:
         export(model.eval(), x, path)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"features": other.numpy()})[0]
     except Exception as e:
-        where = inspect.getsourcefile(type(model)) or "?"
         raise UserError(
-            f"train.model={spec}: the module ({type(model).__name__}, {where}) cannot be exported to ONNX "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); use operations torch.export supports "
-            "(no data-dependent Python control flow)"
+            f"train.model={spec}: the module ({where}) cannot be exported to ONNX for any batch size "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); use operations torch.export supports, no "
+            "data-dependent Python control flow, and x.shape[0] rather than len(x) for the batch size"
         ) from None
     finally:
         path.unlink(missing_ok=True)
+    with torch.no_grad():
+        want = model(other).numpy()
+    if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=1e-5):
+        raise UserError(f"train.model={spec}: the module ({where}) exported to ONNX gives other values than in torch")

@@ -37,7 +37,7 @@ class Tokenizer(nn.Module):
         if len(self.embeddings):
             codes = x.index_select(1, self.cat_index).long()
             tokens += [torch.stack([e(codes[:, i]) for i, e in enumerate(self.embeddings)], dim=1)]
-        return torch.cat([self.cls.expand(len(x), -1, -1), *tokens], dim=1)
+        return torch.cat([self.cls.expand(x.shape[0], -1, -1), *tokens], dim=1)
 
 
 class Block(nn.Module):
@@ -47,7 +47,8 @@ class Block(nn.Module):
         super().__init__()
         self.heads = HEADS if width % HEADS == 0 else 1
         self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        # no bias on q, k, v: a key bias has no gradient (softmax ignores it), and Adam would turn rounding noise into steps
+        self.qkv, self.out = nn.Linear(width, 3 * width, bias=False), nn.Linear(width, width)
         self.ff = nn.Sequential(nn.Linear(width, 2 * width), nn.SiLU(), nn.Dropout(dropout), nn.Linear(2 * width, width))
         self.dropout = dropout
 
