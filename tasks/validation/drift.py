@@ -8,7 +8,8 @@ fractions; tied or low-cardinality columns, whose deciles coincide, get as many 
 edges. A reference written before bins were stored (quantiles only) is compared by the mean shift alone:
 its PSI is not computed (the report names the columns), as guessing 10% per decile is what gave tied
 columns a PSI of 0.3-0.75 against themselves. Categorical columns: category frequencies; drift is a new or
-a vanished category.
+a vanished category. Timestamp columns: count, null rate, first and last (ISO 8601); not compared, as time
+moves on by nature (the suite's min and max bound them).
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ TOP = 1000  # categories kept per column
 
 def column_stat(col: pd.Series) -> dict:
     s: dict = {"count": int(col.notna().sum()), "null_rate": float(col.isna().mean()) if len(col) else 0.0}
-    if pd.api.types.is_numeric_dtype(col):
+    if col.dtype.kind == "M":
+        if s["count"]:
+            s.update(first=col.min().isoformat(), last=col.max().isoformat())
+    elif pd.api.types.is_numeric_dtype(col):
         x = _finite(col)
         if len(x):
             quantiles = np.quantile(x, DECILES)
@@ -71,6 +75,8 @@ def psi_unchecked(reference: dict) -> list[str]:
 
 def column_drift(ref: dict, col: pd.Series, max_mean_shift: float, max_psi: float) -> dict | None:
     """The findings for one column when it drifted beyond the bounds, else None."""
+    if col.dtype.kind == "M":
+        return None  # timestamps: see the module's docstring
     if "quantiles" in ref and pd.api.types.is_numeric_dtype(col):
         x = _finite(col)
         if not len(x):

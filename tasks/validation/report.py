@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.files import atomic_path, write_json
+from tasks.validation.dtypes import NUMERIC
 from tasks.validation.suite import SAMPLES, json_value
 
 
@@ -35,7 +36,7 @@ def non_numbers(frame: pd.DataFrame, suite: dict, offset: int = 0) -> dict:
     """For each numeric column that arrived as text: how many values are not numbers, and the first few."""
     found = {}
     for name, spec in suite["columns"].items():
-        if spec["type"] in ("float", "int") and name in frame and frame[name].dtype == object:
+        if spec["type"] in NUMERIC and name in frame and frame[name].dtype == object:
             col = frame[name]
             bad = col[pd.to_numeric(col, errors="coerce").isna() & col.notna()]
             found[name] = {
