@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -86,6 +86,30 @@ def use(
     from tasks.datasets import main
 
     main(["use", dataset])
+
+
+dataset = typer.Typer(
+    help="Datasets: `trainflow dataset new FILE --target COL` drafts one from a file, to review.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(dataset, name="dataset")
+
+
+@dataset.command("new")
+def dataset_new(
+    file: Annotated[str, typer.Argument(help="a CSV or Parquet file")],
+    target: Annotated[str, typer.Option(help="the column to predict")],
+    name: Annotated[str | None, typer.Option(help="the dataset's name (default: the file's name)")] = None,
+    task: Annotated[Literal["auto", "regression", "binary", "multiclass"], typer.Option(help="what is predicted")] = "auto",
+    force: Annotated[bool, typer.Option("--force", help="replace existing files of that name")] = False,
+) -> None:
+    """Draft data/datasets/NAME.yaml and data/suites/NAME.yaml from a file (each column's kind and why, the
+    task, a key, slices, the suite's bounds), print what to review, then `trainflow use NAME`."""
+    from tasks.draft import main as draft_main
+
+    draft_main([file, "--target", target, "--task", task] + (["--name", name] if name else []) + (["--force"] if force else []))
 
 
 @app.command()

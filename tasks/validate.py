@@ -4,13 +4,13 @@ The suite is a small reviewed YAML file (data/suites/*.yaml) built into a GX sui
 (JSON, markdown) are always written; on failure the stage raises with each failed expectation, its column,
 how many rows broke it and a few sample values with their row numbers, so no later stage runs on bad data.
 With validate.on_failure=quarantine, rows that break row-level expectations go to validate.quarantine
-with their reasons instead. Accepted data is compared with the statistics of the last accepted data
-(drift, tasks/drift.py), then written to validate.out (what preprocess reads) and becomes the reference.
+with their reasons instead. Accepted data is compared with the statistics of the last accepted data of the
+same dataset (drift, tasks/validation/drift.py), then written to validate.out (what preprocess reads) and
+becomes that dataset's entry of the reference file (tasks/validation/reference.py).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -21,11 +21,12 @@ import pyarrow as pa
 
 from tasks.cluster import dask_client
 from tasks.errors import UserError
-from tasks.files import copy_and_hash, remove, sha256_path, staged_path, write_json
+from tasks.files import copy_and_hash, remove, sha256_path, staged_path
 from tasks.settings import Settings, cli
 from tasks.tables import count_rows, parquet_files
-from tasks.validation.drift import describe
+from tasks.validation.drift import describe, psi_unchecked
 from tasks.validation.inmemory import Drift, InMemory
+from tasks.validation.reference import dataset_key, read_reference, write_reference
 from tasks.validation.report import ROW_LEVEL, drift_skipped, failure_message, row_reasons, write_reports
 from tasks.validation.suite import import_gx, load_suite
 
@@ -43,12 +44,9 @@ def validate(s: Settings) -> dict:
         n_rows = count_rows(files)
     except pa.ArrowException as e:
         raise UserError(f"validate: {raw} is not readable Parquet ({e}); rerun the ingest stage") from None
-    reference = Path(cfg.reference)
-    drift = Drift(
-        json.loads(reference.read_text())["columns"] if cfg.drift != "off" and reference.exists() else None,
-        cfg.drift_max_mean_shift,
-        cfg.drift_max_psi,
-    )
+    key = dataset_key(s.dataset.name, s.dataset.target)
+    columns, why = read_reference(cfg.reference, key, list(suite["columns"])) if cfg.drift != "off" else (None, "")
+    drift = Drift(columns, cfg.drift_max_mean_shift, cfg.drift_max_psi, key, why)
     partitioned = raw.is_dir() or n_rows > cfg.in_memory_max_rows
     # beside the checks, one read of the input copies it to the staged output (what is accepted when no
     # row is quarantined) and hashes it; GX is imported while the data is read if this process runs GX
@@ -108,7 +106,8 @@ def check_and_write(cfg, suite_path: str, suite: dict, raw: Path, n_rows: int, o
         if drifted:
             lines = "\n".join(describe(c, d, cfg.drift_max_mean_shift, cfg.drift_max_psi) for c, d in drifted.items())
             message = (
-                f"validate: {raw} drifted from the last accepted data ({reference}):\n{lines}\nFull report: {cfg.report_md}."
+                f"validate: {raw} drifted from the last accepted data of {engine.drift.key} ({reference}):\n{lines}\n"
+                f"Full report: {cfg.report_md}."
             )
             if cfg.drift == "fail":
                 report["success"] = False
@@ -120,7 +119,7 @@ def check_and_write(cfg, suite_path: str, suite: dict, raw: Path, n_rows: int, o
             log.warning(message)
         report["validated"] = {"path": cfg.out, "sha256": sha256_path(out) if len(reasons) else report["data"]["sha256"]}
     write_reports(cfg, report)
-    write_json(reference, {"data_sha256": report["data"]["sha256"], "rows": n_clean, "columns": stats})
+    write_reference(reference, engine.drift.key, {"data_sha256": report["data"]["sha256"], "rows": n_clean, "columns": stats})
     if len(reasons):
         log.warning("validate: quarantined %d of %d rows (%s)", len(reasons), n_rows, cfg.quarantine)
     return {k: report[k] for k in ("success", "evaluated", "passed", "pass_rate", "rows", "checked")} | {"drift": drifted}
@@ -130,8 +129,8 @@ def new_report(
     cfg, suite_path: str, raw: Path, n_rows: int, n_clean: int, digest: Future, engine, results: list, failed: list, success: bool
 ) -> dict[str, Any]:
     """The report of this validation (JSON; the markdown renders it): every expectation, counts, drift."""
-    reference = Path(cfg.reference)
-    check_drift = success and engine.drift.reference is not None
+    reference, drift = Path(cfg.reference), engine.drift
+    check_drift = success and drift.reference is not None
     return {
         "success": success,
         "data": {"path": str(raw), "sha256": digest.result(), "rows": n_rows},
@@ -147,7 +146,8 @@ def new_report(
             "policy": cfg.drift,
             "reference": str(reference),
             "columns": {},
-            "reason": None if check_drift else drift_skipped(cfg, success, reference),
+            "reason": None if check_drift else drift_skipped(cfg, success, drift.why),
+            "psi_not_computed": psi_unchecked(drift.reference) if check_drift else [],
         },
     }
 

@@ -41,6 +41,8 @@ class InMemory:
 
 
 class Drift(NamedTuple):
-    reference: dict | None  # columns of the last accepted data's statistics; None: not checked
+    reference: dict | None  # columns of this dataset's last accepted data's statistics; None: not checked
     max_mean_shift: float
     max_psi: float
+    key: str = ""  # the dataset's entry in the reference file (tasks/validation/reference.py)
+    why: str = ""  # why there is no reference to compare with

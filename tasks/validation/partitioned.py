@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
-from tasks.tables import Piece, as_validated, pieces, read_column, read_piece
+from tasks.tables import Piece, as_validated, pieces, read_piece
 from tasks.validation.drift import column_drift, column_stat
 from tasks.validation.report import non_numbers, quarantine_frame
 from tasks.validation.suite import SAMPLES, json_value, run_suite
@@ -97,6 +97,13 @@ def write_piece(piece: Piece, drop: list[int], out: str) -> pd.DataFrame:
     local = [i - piece.offset for i in drop]
     frame.drop(index=local).to_parquet(out, index=False)
     return frame.loc[local]
+
+
+def read_column(files: list[str], name: str) -> pd.Series:
+    """One column of all the files, in order, with the dtype the whole table has in memory (a table's pandas
+    metadata restores nullable dtypes such as Int8 and boolean; a lone Arrow column would not)."""
+    parts = [as_validated(pq.read_table(f, columns=[name]).to_pandas())[name] for f in files]
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
 
 
 def summarize_column(files: list[str], name: str, reference: dict | None, max_mean_shift: float, max_psi: float):

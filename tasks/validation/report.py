@@ -3,12 +3,11 @@ how many rows broke it and a few sample values with their row numbers."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
 from tasks.files import atomic_path, write_json
+from tasks.validation.dtypes import NUMERIC
 from tasks.validation.suite import SAMPLES, json_value
 
 
@@ -37,7 +36,7 @@ def non_numbers(frame: pd.DataFrame, suite: dict, offset: int = 0) -> dict:
     """For each numeric column that arrived as text: how many values are not numbers, and the first few."""
     found = {}
     for name, spec in suite["columns"].items():
-        if spec["type"] in ("float", "int") and name in frame and frame[name].dtype == object:
+        if spec["type"] in NUMERIC and name in frame and frame[name].dtype == object:
             col = frame[name]
             bad = col[pd.to_numeric(col, errors="coerce").isna() & col.notna()]
             found[name] = {
@@ -132,17 +131,28 @@ def _checked(c: dict) -> str:
 def _drift_md(drift: dict) -> str:
     if not drift["checked"]:
         return f"\n## Drift\nNot checked: {drift.get('reason', 'validation failed')}.\n"
+    unchecked = drift.get("psi_not_computed") or []
+    note = (
+        f"\nPSI not computed for {', '.join(unchecked)}: the reference was written before bin fractions were stored "
+        "(the mean shift is checked; this run's reference has them).\n"
+        if unchecked
+        else ""
+    )
     if not drift["columns"]:
-        return f"\n## Drift\nNone beyond the bounds, against `{drift['reference']}`.\n"
+        return f"\n## Drift\nNone beyond the bounds, against `{drift['reference']}`.\n{note}"
     rows = "\n".join(
-        f"| {c} | {d.get('mean_shift_std', '')} | {d.get('psi', '')} | {d.get('new_categories', '')} | "
+        f"| {c} | {d.get('mean_shift_std', '')} | {_psi(d)} | {d.get('new_categories', '')} | "
         f"{d.get('vanished_categories', '')} |"
         for c, d in drift["columns"].items()
     )
     return (
         f"\n## Drift ({drift['policy']})\nAgainst `{drift['reference']}`:\n\n"
-        "| column | mean shift (std) | PSI | new categories | vanished |\n|---|---|---|---|---|\n" + rows + "\n"
+        "| column | mean shift (std) | PSI | new categories | vanished |\n|---|---|---|---|---|\n" + rows + "\n" + note
     )
+
+
+def _psi(d: dict) -> str:
+    return "" if "psi" not in d else "not computed" if d["psi"] is None else str(d["psi"])
 
 
 ROW_LEVEL = {
@@ -166,12 +176,12 @@ def quarantine_frame(rows: pd.DataFrame, reasons: pd.Series) -> pd.DataFrame:
     return rows.assign(_row=np.asarray(reasons.index, dtype=np.int64), _reason=reasons.to_numpy(dtype=object))
 
 
-def drift_skipped(cfg, success: bool, reference: Path) -> str:
+def drift_skipped(cfg, success: bool, why: str) -> str:
     if cfg.drift == "off":
         return "validate.drift is off"
     if not success:
         return "the data failed validation, so there is nothing accepted to compare"
-    return f"no reference yet ({reference} is written from this run's data, the first accepted)"
+    return why
 
 
 def write_reports(cfg, report: dict) -> None:
