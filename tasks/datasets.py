@@ -20,7 +20,11 @@ END_OF_DATASET = "# end of dataset"
 def use_dataset(name_or_path: str, params: str | Path = PARAMS) -> DatasetSettings:
     """Make a shipped dataset (data/datasets/NAME.yaml) or a dataset file the one params.yaml trains on:
     its `dataset:` section replaces params.yaml's, the rest of the file (and its comments) stays."""
-    path = Path(name_or_path) if Path(name_or_path).suffix in (".yaml", ".yml") else DATASETS / f"{name_or_path}.yaml"
+    local = Path(params).resolve().parent / "data" / "datasets" / f"{name_or_path}.yaml"  # e.g. drafted by `dataset new`
+    if Path(name_or_path).suffix in (".yaml", ".yml"):
+        path = Path(name_or_path)
+    else:
+        path = local if local.exists() else DATASETS / f"{name_or_path}.yaml"
     if not path.exists():
         shipped = sorted(p.stem for p in DATASETS.glob("*.yaml"))
         raise UserError(f"dataset {name_or_path!r}: {path} does not exist; shipped datasets: {shipped}")

@@ -527,7 +527,7 @@ def refuse_existing(paths: tuple[Path, Path]) -> None:
 
 
 def summary(d: Draft, paths: tuple[Path, Path]) -> str:
-    from tasks.settings import DATASETS
+    from tasks.datasets import DATASETS
 
     x = d.dataset
     counts = pd.Series([c.kind for c in d.columns if c.kind != "target"]).value_counts()
@@ -544,7 +544,7 @@ def summary(d: Draft, paths: tuple[Path, Path]) -> str:
         "Review them before training: the task; each column's kind (set to ignore any column known only after "
         "the target, which would leak it); the key; the slices; the suite's bounds (the data's own, widened)."
     ]
-    same = paths[0].parent.resolve() == DATASETS.resolve()
+    same = paths[0].parent.resolve() in (DATASETS.resolve(), (Path.cwd() / "data" / "datasets").resolve())
     lines += [f"Next: trainflow use {x['name'] if same else paths[0]}"]
     return "\n".join(lines)
 

@@ -16,10 +16,11 @@ import pytest
 import yaml
 
 import tasks.draft
+from tasks.datasets import DATASETS
 from tasks.draft import draft, scalar, summary
 from tasks.errors import UserError
 from tasks.files import sha256_file
-from tasks.settings import DATASETS, edit_params, load_settings
+from tasks.settings import edit_params, load_settings
 from tests.conftest import ROOT, sh
 
 TRAINFLOW = str(Path(sys.executable).with_name("trainflow"))
@@ -87,7 +88,7 @@ def test_flights_drafted_then_used_then_validated(tmp_path):
     assert "task: regression on arr_delay (numbers, 577 distinct values)" in out
     assert "key: ['time_hour', 'flight', 'carrier'] (unique in the 336,776 rows read)" in out
     assert "slices: carrier, origin" in out
-    assert out.rstrip().endswith("Next: trainflow use data/datasets/fl.yaml")
+    assert out.rstrip().endswith("Next: trainflow use fl")  # found in the project's data/datasets/
     assert "warning: column year is set to ignore: a single value (2013)" in proc.stderr
     dataset, suite = drafted(root, "fl")
     assert dataset["sha256"] == sha256_file(FLIGHTS) and dataset["source"] == "data/sources/flights.parquet"
