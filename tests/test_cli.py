@@ -1,6 +1,7 @@
 """The command line as a person uses it, through real subprocesses: `trainflow` and every `python -m` edge.
 `--help` prints help and touches nothing; a wrong option or command is a usage error (exit 2) that runs nothing."""
 
+import json
 import os
 import socket
 import subprocess
@@ -92,6 +93,48 @@ def test_stage_use_and_status(repo, reproduced, tmp_path):
         assert "# Trainflow's one config file" in (repo / "params.yaml").read_text()  # the rest of the file kept
     finally:
         (repo / "params.yaml").write_text(params)
+
+
+@pytest.mark.slow
+def test_each_dataset_keeps_its_champion_when_use_switches(reproduced, tmp_path):
+    """`trainflow use` in a real DVC repo: the housing champion is kept aside while Adult (binary) trains and
+    gets a champion of its own against the class prior; switching back restores the housing champion, and the
+    gate compares the next housing run with it, not with Adult's."""
+    import pandas as pd
+    import yaml
+
+    from tests.conftest import ROOT
+
+    repo = copy_repo(reproduced, tmp_path / "repo")  # the housing slice promoted by `dvc repro`
+    housing = (repo / "models/production").resolve()
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    (repo / "data/datasets").mkdir(parents=True, exist_ok=True)
+    (repo / "data/datasets/housing.yaml").write_text(yaml.safe_dump({"dataset": params["dataset"]}, sort_keys=False))
+    pd.read_parquet(ROOT / "data/sources/adult.parquet").iloc[::8].to_parquet(repo / "data/sources/adult.parquet")
+    adult = yaml.safe_load((ROOT / "data/datasets/adult.yaml").read_text())["dataset"] | {"sha256": None}
+    (repo / "data/datasets/adult.yaml").write_text(yaml.safe_dump({"dataset": adult}, sort_keys=False))
+
+    out = run(repo, TRAINFLOW, "use", "adult")
+    assert out.returncode == 0, out.stderr
+    assert "champion: none yet for adult--income" in out.stdout and "kept for when you switch back" in out.stdout
+    assert "evaluate.primary: rmse -> " in out.stderr and not (repo / "models/production").exists()
+    assert (repo / "models/.production.datasets/california_housing--MedHouseVal").resolve() == housing
+
+    repro = sh(repo, "dvc", "repro").stdout
+    assert "promoted: test " in repro and "vs the class-prior baseline" in repro, repro
+    adult_champion = (repo / "models/production").resolve()
+    manifest = json.loads((adult_champion / "manifest.json").read_text())
+    assert manifest["task"] == "binary" and manifest["target"] == "income" and adult_champion != housing
+    metrics = json.loads((repo / "reports/evaluate/metrics.json").read_text())
+    assert 0.75 < metrics["roc_auc"] <= 1 and 0.5 < metrics["accuracy"] <= 1
+
+    back = run(repo, TRAINFLOW, "use", "housing")
+    assert back.returncode == 0 and "the california_housing--MedHouseVal champion" in back.stdout, back.stdout
+    assert (repo / "models/production").resolve() == housing
+    assert (repo / "models/.production.datasets/adult--income").resolve() == adult_champion
+    repro = sh(repo, "dvc", "repro").stdout  # the same data and params as the housing champion's run
+    assert "vs champion" in repro and "not promoted: test RMSE" in repro, repro  # compared, not refused
+    assert (repo / "models/production").resolve() == housing
 
 
 def test_predict_from_the_command_line(repo, packaged, tmp_path):
