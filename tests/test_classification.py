@@ -170,6 +170,23 @@ def test_multiclass_trains_on_two_ranks_as_in_one_process(multiclass_features, t
     np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_a_killed_rank_resumes_multiclass_training_to_the_same_parameters(multiclass_features, tmp_path, monkeypatch):
+    """Exact resume holds for classification: rank 1 of 2 SIGKILLed mid-run (class weights on), the group
+    restarts from its checkpoint and ends with the uninterrupted run's parameters."""
+    from tests.harness import fault
+
+    run = dict(world_size=2, epochs=2, checkpoint_every="3 steps", class_weights="balanced", patience=5)
+    reference = train(variant(multiclass_features, tmp_path / "ref", **run))
+    for key, value in fault(f"kill:1:7:{tmp_path / 'fired'}").items():
+        monkeypatch.setenv(key, value)
+    summary = train(variant(multiclass_features, tmp_path / "run", **run))
+    assert (tmp_path / "fired").exists() and [r["kind"] for r in summary["restarts"]] == ["infrastructure"]
+    assert summary["resumed_from"]["steps"] == 6 and summary["steps"] == reference["steps"]
+    assert summary["best_val_accuracy"] == pytest.approx(reference["best_val_accuracy"], abs=1e-9)
+    same_parameters(tmp_path / "ref/model", tmp_path / "run/model", atol=1e-6)
+
+
 def test_balanced_class_weights_raise_the_recall_of_rare_classes(multiclass_features, tmp_path):
     s = multiclass_features
     plain, weighted = (
