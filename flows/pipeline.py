@@ -27,6 +27,7 @@ from flows.params import forms, settings_for
 from flows.server import check_api, telemetry_off
 from flows.stages import Stages
 from flows.workspace import Workspace, changed_params, experiment_name
+from tasks import timeline
 from tasks.errors import TrainflowError, UserError
 from tasks.evaluate import evaluate
 from tasks.ingest import ingest
@@ -55,7 +56,7 @@ def run_stages(s: Settings, ws: Workspace) -> dict:
 
 def pipeline(parameters: dict) -> dict | State:
     """Validate, preprocess, train, evaluate and package a model; stages DVC finds up to date are skipped."""
-    t0 = time.perf_counter()
+    t0, start = time.perf_counter(), timeline.flow_started()
     ws = Workspace(Path.cwd())
     if ws.root != Path.cwd().resolve():
         raise UserError(f"run the flow from the project root {ws.root}, not {Path.cwd()} (settings paths are relative to it)")
@@ -74,10 +75,12 @@ def pipeline(parameters: dict) -> dict | State:
                 exp.check_graph()
                 stages = run_stages(settings, exp)
                 outputs = collect(settings, exp)  # read in the experiment's worktree, before it is removed
+                iteration = loop_report(settings, exp, stages, start)  # saved with the experiment
         else:
             ws.check_graph()
             stages = run_stages(settings, ws)
             outputs = collect(settings, ws)
+            iteration = loop_report(settings, ws, stages, start)
         if settings.dvc.push:
             ws.push()
     outputs.update(
@@ -88,6 +91,8 @@ def pipeline(parameters: dict) -> dict | State:
         seconds=round(time.perf_counter() - t0, 2),
         package=settings.package.out_dir,
     )
+    report.publish_iteration(iteration)
+    outputs["iteration"] = {k: v for k, v in iteration.items() if k not in ("chart", "timeline")}
     if stages["train"]["status"] == "ran":
         report.publish_training(outputs["training"])
     report.publish_summary(outputs)
@@ -96,6 +101,14 @@ def pipeline(parameters: dict) -> dict | State:
     if stages["evaluate"]["status"] == "ran" and gate.get("decision") == "keep":
         return Completed(name="Not promoted", message=gate["message"], data=outputs)  # finished, champion kept
     return outputs
+
+
+def loop_report(s: Settings, ws: Workspace, stages: dict, start: float) -> dict:
+    """reports/iteration.json and .png of this run (in the workspace, or the experiment's worktree)."""
+    ran = {k for k, v in stages.items() if v["status"] == "ran"}
+    iteration = timeline.combine(ws.root, s, "flow", start, time.time(), ran)
+    timeline.write(ws.root, iteration)
+    return iteration | {"chart": report.image(ws.root / timeline.CHART, "timeline of the loop")}
 
 
 def collect(s: Settings, ws: Workspace) -> dict:
@@ -167,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(prog="python -m flows.pipeline", description=main.__doc__).parse_args(argv)
     telemetry_off()
     t0 = time.perf_counter()
+    timeline.process_started()  # this process's imports, then the server's start, are the loop's first phases
     try:
         load_settings()  # bad params stop here, before a Prefect server is started
         check_api()
@@ -180,6 +194,12 @@ def main(argv: list[str] | None = None) -> None:
     print("test metrics:  " + "  ".join(f"{NAMES[k]} {m[k]:.4f}" for k in shown(m)) + f"  (n={m['n']:,})")
     print(f"package:       {out['package']}/")
     print(f"gate:          {(out.get('gate') or {}).get('message', 'n/a')}")
+    it = out["iteration"]
+    print(
+        f"loop:          {it['wall_s']:.1f} s, stage work {it['work_s']:.1f} s ({100 * (it['useful_fraction'] or 0):.0f}%); "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in it["overhead"].items())
+        + " (reports/iteration.json, reports/iteration.png)"
+    )
     print(f"wall time:     {time.perf_counter() - t0:.1f} s")
 
 

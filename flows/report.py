@@ -164,6 +164,19 @@ def publish_validation(report_md: str | Path) -> None:
         )
 
 
+def publish_iteration(iteration: dict) -> None:
+    """Where the loop's seconds went: the table and the Gantt chart (reports/iteration.png)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from tasks.timeline import markdown
+
+    create_markdown_artifact(
+        key="iteration",
+        markdown=markdown(iteration) + "\n" + iteration.get("chart", ""),
+        description="Where this run's seconds went",
+    )
+
+
 class TrainingProgress:
     """A Prefect progress artifact that follows training, one update per epoch (the train stage's on_epoch)."""
 

@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed
 
 from flows.workspace import Workspace
+from tasks import timeline
 from tasks.errors import InfrastructureError, UserError
 from tasks.settings import Settings
 
@@ -55,7 +56,8 @@ class Stages:
 
     def _run(self, name: str, stage: Callable, kwargs: dict):
         t0 = time.perf_counter()
-        changes = self.ws.changes(name)
+        with timeline.phase("dvc status", stage="runner"):
+            changes = self.ws.changes(name)
         if not changes:
             return Completed(
                 name="Cached",
@@ -64,8 +66,10 @@ class Stages:
             )
         get_run_logger().info("%s: %s", name, changes)
         try:
-            stage(self.settings, **kwargs)  # the cwd is the workspace root (or the experiment's worktree)
+            with timeline.recording(name):
+                stage(self.settings, **kwargs)  # the cwd is the workspace root (or the experiment's worktree)
         except UserError as e:  # bad data or params: the run fails with the message alone (no traceback, no retry)
             return Failed(message=str(e), data=e)
-        self.ws.commit(name)
+        with timeline.phase("dvc commit", stage="runner"):
+            self.ws.commit(name)
         return {"status": "ran", "seconds": round(time.perf_counter() - t0, 3)}

@@ -25,6 +25,9 @@ import yaml
 
 from tasks.errors import UserError
 from tasks.settings import PARAMS, Settings, dump_settings, edit_params
+from tasks.timeline import CHART, DETAILS, REPORT
+
+REPORTS = [str(REPORT), str(DETAILS), str(CHART)]  # the loop's iteration report, saved with the experiment
 
 BUSY = (
     "{root} is busy: another Trainflow run or DVC command holds its lock ({what}). Wait for it to finish and run "
@@ -154,7 +157,7 @@ class Workspace:
             except CheckoutError:
                 pass
             yield exp
-            exp.repo.experiments.save(name=name, force=True, include_untracked=["dvc.lock"] + uncached)
+            exp.repo.experiments.save(name=name, force=True, include_untracked=["dvc.lock", *REPORTS] + uncached)
         finally:
             os.chdir(cwd)
             subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=self.root, capture_output=True)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from contextlib import contextmanager
 
 import dask
 
+from tasks import timeline
 from tasks.errors import UserError
 from tasks.settings import DaskSettings
 
@@ -50,6 +52,7 @@ def local_client(n_workers: int | None = None, threads_per_worker: int | None = 
     # its INFO lines drown the run's own log; the worker processes read the variable when they start
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     logging.getLogger("distributed").setLevel(logging.WARNING)
+    t0 = time.time()
     with (
         LocalCluster(
             n_workers=n_workers,
@@ -62,6 +65,7 @@ def local_client(n_workers: int | None = None, threads_per_worker: int | None = 
         ) as cluster,
         Client(cluster) as client,
     ):
+        timeline.add("cluster start", t0, time.time())
         yield client
 
 

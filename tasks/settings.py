@@ -448,8 +448,11 @@ def cli(stage, argv: list[str] | None = None) -> None:
         epilog="Settings come from params.yaml in the working directory (the project root). The same stage: "
         f"`trainflow stage {name.rsplit('.', 1)[-1]}`, or `dvc repro`.",
     ).parse_args(argv)
+    from tasks import timeline
+
     try:
-        stage(load_settings())
+        settings = load_settings()
+        timeline.stage_command(name.rsplit(".", 1)[-1], lambda: stage(settings), settings)
     except TrainflowError as e:  # classified: one message (a bug keeps its traceback)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

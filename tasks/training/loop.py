@@ -369,6 +369,7 @@ class Trainer:
             "precision": "bf16" if self.bf16 else "fp32",
             "steps": at.steps,
             "seconds": round(seconds, 3),
+            "epochs_wall": [self.resumed_at, time.time()],  # when the epochs ran (the iteration report's phase)
             "samples_per_s": round(rows / seconds, 1),
             "resumed_from": None
             if state is None
