@@ -30,6 +30,23 @@ def run() -> None:
 
 
 @app.command()
+def server(stop: Annotated[bool, typer.Option("--stop", help="stop it")] = False) -> None:
+    """The local Prefect server that `trainflow run` starts on first use and reuses (its UI lists every run):
+    where it is, or --stop."""
+    from flows.server import running_server, stop_local_server
+
+    if stop:
+        print(stop_local_server())
+        return
+    record = running_server()
+    print(
+        f"Prefect server: {record['url'].removesuffix('/api')} (UI; PID {record['pid']}); stop: trainflow server --stop"
+        if record
+        else "no local Prefect server is running; `trainflow run` starts one (or `trainflow ui` in the foreground)"
+    )
+
+
+@app.command()
 def serve() -> None:
     """Serve the training-pipeline (on its schedule) and batch-predict deployments from this machine
     (PREFECT_API_URL must point at a server: see `trainflow ui`)."""

@@ -64,12 +64,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("output", help="predictions: a .parquet or .csv file")
     ap.add_argument("--rejects", default="", help="rows that failed validation (default: OUTPUT's name + .rejects)")
     a = ap.parse_args(argv)
-    from flows.server import check_api, telemetry_off
+    from flows.server import prefect_api, telemetry_off
 
     telemetry_off()
     try:
-        check_api()
-        batch_predict(a.package, a.input, a.output, a.rejects)
+        with prefect_api():
+            batch_predict(a.package, a.input, a.output, a.rejects)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

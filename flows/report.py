@@ -9,8 +9,6 @@ import base64
 import json
 from pathlib import Path
 
-import pandas as pd
-
 from tasks.metrics import LOWER_IS_BETTER, NAMES, val_metric
 
 DIRECTION = "lower is better for RMSE, MAE, MAPE, log-loss and ECE; higher for R², accuracy, macro-F1 and ROC-AUC"
@@ -22,6 +20,8 @@ def read_json(path: str | Path) -> dict | None:
 
 
 def table(rows: list[dict]) -> str:
+    import pandas as pd  # (imported when a table is written: a run's start does not wait for it)
+
     return pd.DataFrame(rows).to_markdown(index=False)
 
 

@@ -1,17 +1,27 @@
-"""The Prefect server a run talks to: the one in PREFECT_API_URL, or Prefect's temporary local server.
+"""The Prefect server a run talks to: the one in PREFECT_API_URL, or a local one Trainflow keeps running.
 
 A configured server must answer (else the run stops with the fix, not a connection traceback). With none
-configured, the temporary server Prefect would start on first use is started up front, with a small reaper
+configured, `trainflow run` uses this machine's local server: started by the first run (`prefect server
+start` on 127.0.0.1, a free port, PREFECT_HOME's database), recorded in PREFECT_HOME/trainflow-server.json
+and reused by every later run, so a run does not pay a server's start (4-9 s) and every run stays visible in
+its UI (`trainflow server` says where; `trainflow server --stop` stops it). TRAINFLOW_PREFECT_SERVER=temporary
+gives Prefect's own temporary server instead, started for one run and stopped after it, with a small reaper
 process that stops it should the run be killed (SIGKILL, OOM) before its exit handlers run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
-from tasks.errors import UserError
+from tasks.errors import InfrastructureError, UserError
 
 
 def telemetry_off() -> None:
@@ -20,25 +30,135 @@ def telemetry_off() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
-def check_api() -> None:
-    """A configured Prefect API must answer; otherwise say how to fix it instead of a connection traceback.
-    With none configured, start the temporary local server (start_temporary_server)."""
-    import urllib.request
+MODE = "TRAINFLOW_PREFECT_SERVER"  # "local" (default: keep one running) or "temporary" (one per run)
+RECORD = "trainflow-server.json"
 
+
+@contextlib.contextmanager
+def prefect_api():
+    """The Prefect API of this command, for its duration: a configured one must answer; with none configured,
+    this machine's local server (started if it is not running), or a temporary one."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, get_current_settings, temporary_settings
+
+    url = get_current_settings().api.url
+    if url:
+        check_health(url)
+        yield url
+    elif not PREFECT_SERVER_EPHEMERAL_ENABLED.value():  # Prefect itself says to set PREFECT_API_URL
+        yield None
+    elif os.environ.get(MODE, "local") == "temporary":
+        start_temporary_server()
+        yield None
+    else:
+        url = local_server()
+        os.environ["PREFECT_API_URL"] = url  # for child processes too
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+
+
+def check_api() -> None:
+    """A configured Prefect API must answer; with none configured, start the temporary local server."""
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_ENABLED, get_current_settings
 
     url = get_current_settings().api.url
-    if not url:
-        if PREFECT_SERVER_EPHEMERAL_ENABLED.value():  # else Prefect itself says to set PREFECT_API_URL
-            start_temporary_server()
-        return
+    if url:
+        check_health(url)
+    elif PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        start_temporary_server()
+
+
+def check_health(url: str) -> None:
+    import urllib.request
+
     try:
         urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=10).close()
     except OSError as e:
         raise UserError(
             f"PREFECT_API_URL={url} does not answer ({getattr(e, 'reason', e)}); start the server "
-            "(prefect server start --host 127.0.0.1) or unset PREFECT_API_URL to use a temporary local one"
+            "(prefect server start --host 127.0.0.1) or unset PREFECT_API_URL to use a local one"
         ) from None
+
+
+def healthy(url: str) -> bool:
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{url}/health", timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def prefect_home() -> Path:
+    from prefect.settings import get_current_settings
+
+    return Path(get_current_settings().home).expanduser()
+
+
+def running_server() -> dict | None:
+    """The local server a run started and left running (its record), if it answers."""
+    try:
+        record = json.loads((prefect_home() / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and healthy(str(record.get("url"))) else None
+
+
+def local_server(timeout_s: float = 90) -> str:
+    """The API URL of this machine's local Prefect server: the running one, or one started now (on 127.0.0.1,
+    a free port, in its own session so it outlives this run). One start at a time (a lock in PREFECT_HOME)."""
+    home = prefect_home()
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / f"{RECORD}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        record = running_server()
+        if record:
+            return record["url"]
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        url = f"http://127.0.0.1:{port}/api"
+        prefect = Path(sys.executable).with_name("prefect")
+        env = dict(os.environ, PREFECT_UI_API_URL=url, PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+        env.pop("PREFECT_API_URL", None)
+        log = home / "trainflow-server.log"
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                [str(prefect) if prefect.exists() else "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # not in this run's process group: Ctrl-C on a run leaves it running
+            )
+        deadline = time.monotonic() + timeout_s
+        while not healthy(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                tail = log.read_text(errors="replace")[-1500:]
+                raise InfrastructureError(f"the local Prefect server did not start ({log}):\n{tail}")
+            time.sleep(0.2)
+        (home / RECORD).write_text(json.dumps({"url": url, "pid": proc.pid, "started": time.time()}))
+        print(f"Prefect server started for this and later runs: {url.removesuffix('/api')} (UI); stop: trainflow server --stop")
+        return url
+
+
+def stop_local_server() -> str:
+    """Stop the local server a run left running (`trainflow server --stop`)."""
+    import signal
+
+    record = running_server()
+    (prefect_home() / RECORD).unlink(missing_ok=True)
+    if not record:
+        return "no local Prefect server is running"
+    try:
+        os.killpg(record["pid"], signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + 20
+    while healthy(record["url"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return f"stopped the Prefect server at {record['url'].removesuffix('/api')}"
 
 
 REAPER = """
@@ -65,7 +185,6 @@ def start_temporary_server() -> None:
     """Start the temporary local Prefect server that Prefect would start on first use (the same one: Prefect
     keeps it as a singleton and stops it at exit), plus a small process that stops it should this process be
     killed (SIGKILL, OOM) and never reach its exit handlers: no orphaned server is left holding its port."""
-    import subprocess
 
     from prefect.server.api.server import SubprocessASGIServer
 

@@ -45,6 +45,8 @@ class Workspace:
         except NotDvcRepoError:
             raise UserError(f"{Path(root).resolve()} is not a DVC repository; run from the Trainflow project root") from None
         self.root = Path(self.repo.root_dir)
+        self._status: dict[str, list] | None = None  # DVC's status of every stage, asked once
+        self._ran = False
 
     @contextmanager
     def locked(self):
@@ -91,10 +93,16 @@ class Workspace:
             raise UserError(f"dvc.yaml with these params: {e}") from None
 
     def changes(self, stage: str) -> list:
-        """What DVC finds changed for one stage ([] when it is up to date)."""
+        """What DVC finds changed for one stage ([] when it is up to date). DVC is asked about every stage at
+        once, the first time; that answer holds until a stage runs, after which a stage is asked about alone."""
+        if self._status is None:
+            self._status = {name.rsplit(":", 1)[-1]: v for name, v in self.repo.status().items()}
+        if not self._ran:
+            return self._status.get(stage, [])
         return next(iter(self.repo.status(targets=[self._target(stage)]).values()), [])
 
     def commit(self, stage: str) -> None:
+        self._ran = True
         self.repo.commit(self._target(stage), force=True)
 
     def _target(self, stage: str) -> str:

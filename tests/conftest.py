@@ -20,6 +20,8 @@ SOURCE = ROOT / "data/sources/california_housing.parquet"
 STAGES = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])  # in pipeline order
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# a Prefect server per run, stopped after it: no test leaves one running (the kept local server has its own test)
+os.environ.setdefault("TRAINFLOW_PREFECT_SERVER", "temporary")
 
 
 def project_params() -> dict:

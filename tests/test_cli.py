@@ -21,7 +21,7 @@ EDGES = [
     for m in ["flows.pipeline", "flows.serve", "flows.predict", "tasks.settings", "tasks.datasets", "tasks.predict"]
     + [f"tasks.{s}" for s in STAGES]
 ]
-COMMANDS = [[TRAINFLOW]] + [[TRAINFLOW, c] for c in ("run", "serve", "stage", "predict", "use", "status", "ui")]
+COMMANDS = [[TRAINFLOW]] + [[TRAINFLOW, c] for c in ("run", "server", "serve", "stage", "predict", "use", "status", "ui")]
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +135,39 @@ def test_each_dataset_keeps_its_champion_when_use_switches(reproduced, tmp_path)
     repro = sh(repo, "dvc", "repro").stdout  # the same data and params as the housing champion's run
     assert "vs champion" in repro and "not promoted: test RMSE" in repro, repro  # compared, not refused
     assert (repo / "models/production").resolve() == housing
+
+
+@pytest.mark.slow
+def test_trainflow_run_keeps_one_local_prefect_server_for_later_runs(reproduced, tmp_path):
+    """With no PREFECT_API_URL, the first `trainflow run` starts a local server on 127.0.0.1 and leaves it
+    running; the next run reuses it (no server start to pay) and both runs are in its database, for its UI;
+    `trainflow server --stop` stops it."""
+    import urllib.request
+
+    repo = copy_repo(reproduced, tmp_path / "repo")  # every stage up to date: two no-op loops
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env |= {"PREFECT_HOME": str(tmp_path / "home"), "TRAINFLOW_PREFECT_SERVER": "local", "DO_NOT_TRACK": "1"}
+    try:
+        first = sh(repo, TRAINFLOW, "run", env=env, timeout=300)
+        assert "Prefect server started for this and later runs: http://127.0.0.1:" in first.stdout
+        record = json.loads((tmp_path / "home/trainflow-server.json").read_text())
+        assert record["url"].startswith("http://127.0.0.1:")
+        server = psutil.Process(record["pid"])
+        listening = [c for p in [server, *server.children(True)] for c in p.net_connections("inet") if c.status == "LISTEN"]
+        assert listening and all(c.laddr.ip == "127.0.0.1" for c in listening)
+        second = sh(repo, TRAINFLOW, "run", env=env, timeout=300)
+        assert "Prefect server started" not in second.stdout and "stages: ingest cached" in second.stdout
+        it = json.loads((repo / "reports/iteration.timeline.json").read_text())
+        assert it["overhead"]["server start"] < 5  # a flow run created on a running server, not a server started
+        request = urllib.request.Request(f"{record['url']}/flow_runs/count", data=b"{}", method="POST")
+        request.add_header("Content-Type", "application/json")
+        assert json.loads(urllib.request.urlopen(request, timeout=10).read()) == 2  # both runs, in its UI
+        assert "Prefect server: " + record["url"].removesuffix("/api") in sh(repo, TRAINFLOW, "server", env=env).stdout
+    finally:
+        stopped = sh(repo, TRAINFLOW, "server", "--stop", env=env, check=False)
+    assert "stopped the Prefect server" in stopped.stdout, stopped.stdout + stopped.stderr
+    assert not psutil.pid_exists(record["pid"]) or psutil.Process(record["pid"]).status() == psutil.STATUS_ZOMBIE
+    assert "no local Prefect server is running" in sh(repo, TRAINFLOW, "server", env=env).stdout
 
 
 def test_predict_from_the_command_line(repo, packaged, tmp_path):

@@ -25,12 +25,19 @@ def test_repro_runs_every_stage_then_is_a_no_op(repo):
     assert (repo / "models/package/model.onnx").exists()
     assert (repo / ".dvc/cache").exists()  # outputs are in the DVC cache
     assert (repo / "models/production/manifest.json").exists()  # the first model beat the train mean: promoted
+    # each stage's command recorded its part; the report is whole after the last one: DVC's time between them
+    it = json.loads((repo / "reports/iteration.timeline.json").read_text())
+    assert it["runner"] == "dvc repro" and it["ran"] == STAGES and it["overhead"]["dvc"] > 0
+    assert all(it["stages"][s]["startup_s"] > 0 for s in STAGES)  # a fresh process each: its imports
+    assert it["wall_s"] == pytest.approx(it["work_s"] + it["overhead_s"], abs=0.01) and it["work_s"] > 0
+    stamp = (repo / "reports/iteration.json").read_text()
 
     again = sh(repo, "dvc", "repro")
     assert "Data and pipelines are up to date." in again.stdout
     for stage in STAGES:
         assert f"Running stage '{stage}'" not in again.stdout
     assert json.loads(sh(repo, "dvc", "status", "--json").stdout) == {}
+    assert (repo / "reports/iteration.json").read_text() == stamp  # nothing ran: the last loop's report stays
 
 
 def test_changing_a_train_param_reruns_only_downstream_stages(repo):
@@ -65,9 +72,14 @@ def test_dvc_views_are_readable(repo, tmp_path):
 
     shown = sh(repo, "dvc", "metrics", "show", "--json").stdout
     files = json.loads(shown)[""]["data"]
-    assert set(files) == {"reports/train/metrics.json", "reports/evaluate/metrics.json"}  # not the validation report
-    columns = {k for f in files.values() for k in f["data"]}
-    assert columns == {"train", "val", "lr", "perf", "step", "rmse", "mae", "r2", "mape", "n", "promote", "improvement"}
+    assert set(files) == {"reports/train/metrics.json", "reports/evaluate/metrics.json", "reports/iteration.json"}
+    columns = {k for f in files.values() for k in f["data"]}  # (not the validation report)
+    assert columns == {"train", "val", "lr", "perf", "step", "rmse", "mae", "r2", "mape", "n", "promote", "improvement"} | {
+        "wall_s",
+        "work_s",
+        "overhead_s",
+        "useful_fraction",  # the loop's seconds
+    }
     width = max(len(line) for line in sh(repo, "dvc", "metrics", "show").stdout.splitlines())
     assert width < 220, width
     sh(repo, "dvc", "plots", "show", "-o", str(tmp_path / "plots"))
@@ -96,6 +108,6 @@ def test_dvc_views_are_readable(repo, tmp_path):
     finally:
         chromium.close()
         pw.stop()
-    assert (charts, images, requested, errors) == (6, 3, [], [])
+    assert (charts, images, requested, errors) == (6, 4, [], [])  # + the loop's timeline
     template = json.loads((repo / ".dvc/plots/histogram.json").read_text())
     assert template["encoding"]["x"]["type"] == "quantitative" and template["encoding"]["x2"]["field"] == "<DVC_METRIC_X>_to"

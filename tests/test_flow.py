@@ -92,7 +92,20 @@ def test_first_run_runs_every_stage_and_leaves_dvc_clean(in_repo):
     assert "Data and pipelines are up to date." in sh(in_repo, "dvc", "repro").stdout
     # artifacts for the UI
     arts = artifacts(state)
-    assert set(arts) == {"training-summary", "metrics", "validation-report", "training-epochs", "training-progress"}
+    assert set(arts) == {"training-summary", "metrics", "validation-report", "training-epochs", "training-progress", "iteration"}
+    # where the loop's seconds went: every stage ran, its work and start-up apart, DVC's bookkeeping as overhead
+    it = json.loads((in_repo / "reports/iteration.timeline.json").read_text())
+    assert it["runner"] == "flow" and it["ran"] == STAGES and it["wall_s"] >= it["work_s"] > 0
+    assert set(it["overhead"]) >= {"dvc status", "dvc commit"} and it["stages"]["train"]["samples_per_s"] > 0
+    assert it["stages"]["preprocess"]["rows"] == 2064 and it["stages"]["train"]["split_s"]["sync"] > 0
+    spans = {(p["stage"], p["phase"]) for p in it["timeline"]}
+    assert {("train", "epochs"), ("train", "imports"), ("preprocess", "cluster start"), ("runner", "dvc commit")} <= spans
+    assert json.loads((in_repo / "reports/iteration.json").read_text()) == {
+        k: it[k] for k in ("wall_s", "work_s", "overhead_s", "useful_fraction")
+    }
+    assert (in_repo / "reports/iteration.png").read_bytes()[:4] == b"\x89PNG"
+    shown = arts["iteration"].data
+    assert "| train | ran |" in shown and "![timeline of the loop](data:image/png;base64," in shown
     epochs = json.loads(arts["training-epochs"].data)  # one run's epochs, reduced over its 2 ranks
     assert [e["epoch"] for e in epochs] == list(range(1, out["training"]["epochs_run"] + 1))
     assert all(e["sync_s"] > 0 and e["compute_s"] > 0 and e["samples_per_s"] > 0 for e in epochs)
@@ -127,6 +140,8 @@ def test_rerun_with_nothing_changed_skips_every_stage(in_repo):
     made_by = load_package(in_repo / "models/package").manifest["prefect_flow_run_id"]
     assert arts["training-summary"].data.startswith(f"# Nothing changed: reused Prefect flow run `{made_by}`")
     assert "training-epochs" not in arts and "**Gate:**" not in arts["training-summary"].data
+    it = json.loads((in_repo / "reports/iteration.timeline.json").read_text())
+    assert it["ran"] == [] and it["work_s"] == 0 and it["overhead"]["dvc status"] > 0  # all of it overhead
 
 
 def test_train_param_from_the_ui_runs_as_a_dvc_experiment(in_repo):
