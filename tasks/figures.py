@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.files import atomic_dir, atomic_path
+from tasks.files import MARKER, MARKER_TEXT, atomic_path
 from tasks.metrics import confusion_matrix, reliability
 
+TASK_FIGURES = {"regression": ("pred_vs_actual.png", "residuals.png"), "classification": ("confusion.png", "calibration.png")}
 MAX_CONFUSION_LABELS = 30  # more classes: the matrix is drawn without tick labels
 
 
@@ -18,14 +19,22 @@ def figures(out: Path, actual: np.ndarray, predicted: np.ndarray, meta: dict, me
     import matplotlib
 
     matplotlib.use("Agg")
-    with atomic_dir(out) as stage:  # this task's figures, swapped in whole
-        if meta.get("classes"):
-            confusion(stage, actual.astype(np.int64), predicted, meta["classes"], metrics)
-            calibration(stage, actual.astype(np.int64), predicted, metrics)
-        else:
-            scatter(stage, actual, predicted, meta["target"], metrics)
-            residuals(stage, actual, predicted, meta["target"])
-        learning_curve(stage, summary, "log-loss" if meta.get("classes") else "MSE (standardised target)")
+    # a plain directory of PNGs, each renamed into place (`dvc plots show` renders every file in it: no marker
+    # file here), and the other task's figures removed
+    out.mkdir(parents=True, exist_ok=True)
+    if meta.get("classes"):
+        confusion(out, actual.astype(np.int64), predicted, meta["classes"], metrics)
+        calibration(out, actual.astype(np.int64), predicted, metrics)
+    else:
+        scatter(out, actual, predicted, meta["target"], metrics)
+        residuals(out, actual, predicted, meta["target"])
+    learning_curve(out, summary, "log-loss" if meta.get("classes") else "MSE (standardised target)")
+    mine = TASK_FIGURES["classification" if meta.get("classes") else "regression"] + ("learning_curve.png",)
+    for name in {n for names in TASK_FIGURES.values() for n in names} - set(mine):
+        (out / name).unlink(missing_ok=True)
+    marker = out / MARKER  # (written there by an earlier version)
+    if marker.exists() and marker.read_text() == MARKER_TEXT:
+        marker.unlink()
 
 
 def save(fig, path: Path) -> None:

@@ -3,7 +3,7 @@
 Every stage run records its part, `.dvc/tmp/iteration/<stage>.json`: when it started and ended and its
 phases (imports before the stage function, a Dask cluster's start, training's epochs, ...). The runner
 combines the parts with its own phases (Prefect server start, DVC status and commit per stage, `dvc repro`'s
-own time) into `reports/iteration.json` (the loop's wall, work and overhead: a DVC metric, so `dvc exp show`
+own time) into `reports/iteration.json` (the loop's wall, its stage work and their ratio: a DVC metric, so `dvc exp show`
 compares loop times), `reports/iteration.timeline.json` (per stage: wall, ran or cached, start-up, rows/s or
 samples/s, training's data/compute/sync split; every phase's span) and `reports/iteration.png` (a Gantt
 chart of the same).
@@ -23,7 +23,7 @@ from pathlib import Path
 PARTS = Path(".dvc/tmp/iteration")
 REPORT, CHART = Path("reports/iteration.json"), Path("reports/iteration.png")
 DETAILS = Path("reports/iteration.timeline.json")  # per stage and phase (the metric file holds the totals)
-TOTALS = ("wall_s", "work_s", "overhead_s", "useful_fraction")
+TOTALS = {"loop_s": "wall_s", "work_s": "work_s", "useful": "useful_fraction"}  # metric name: report key
 STAGES = ("ingest", "validate", "preprocess", "train", "evaluate", "package", "promote")
 
 _phases: list[dict] = []  # this process's phases: {"stage", "phase", "start", "end"} (epoch seconds)
@@ -222,7 +222,7 @@ def combine(root: Path, s, runner: str, start: float, end: float, ran: set[str])
 def write(root: Path, report: dict) -> None:
     from tasks.files import atomic_path, write_json
 
-    write_json(root / REPORT, {k: report[k] for k in TOTALS})  # `dvc metrics show` / `dvc exp show`: 4 columns
+    write_json(root / REPORT, {k: report[v] for k, v in TOTALS.items()})  # `dvc metrics show` / `dvc exp show`: 3 columns
     write_json(root / DETAILS, report)
     with atomic_path(root / CHART) as tmp:
         gantt(report, tmp)

@@ -55,14 +55,15 @@ def test_changing_a_train_param_reruns_only_downstream_stages(repo):
     diff = json.loads(sh(repo, "dvc", "metrics", "diff", "--json").stdout)["reports/evaluate/metrics.json"]
     assert diff["rmse"]["diff"] > 0 and diff["promote"] == {"old": 1, "new": 0, "diff": -1}
     plots = json.loads(sh(repo, "dvc", "plots", "diff", "--json").stdout)["data"]
-    assert list(plots)[:4] == [
-        "Predicted vs actual (test split)",
-        "Residuals, predicted - actual (test split)",
-        "Loss per epoch, train and validation (standardised target)",
-        "Validation RMSE per epoch",
+    assert list(plots)[:3] == [
+        "Test split, predicted vs actual (regression scatter; classification confusion matrix)",
+        "Residuals (test split)",
+        "Loss per epoch, train and validation (regression MSE of the standardised target; classification log-loss)",
     ]
-    assert list(plots)[-1] == "Training speed per epoch (samples/s)"  # quality first, speed last
-    assert set(plots["Residuals, predicted - actual (test split)"][0]["revisions"]) == {"HEAD", "workspace"}  # side by side
+    figures = [p for p in plots if p.startswith("reports/evaluate/figures/")]  # every file there a figure
+    assert figures == [f"reports/evaluate/figures/{n}.png" for n in ("learning_curve", "pred_vs_actual", "residuals")]
+    assert list(plots)[-2:] == ["Training speed per epoch (samples/s)", "reports/iteration.png"]  # quality first, time last
+    assert set(plots["Residuals (test split)"][0]["revisions"]) == {"HEAD", "workspace"}  # side by side
 
 
 def test_dvc_views_are_readable(repo, tmp_path):
@@ -74,12 +75,8 @@ def test_dvc_views_are_readable(repo, tmp_path):
     files = json.loads(shown)[""]["data"]
     assert set(files) == {"reports/train/metrics.json", "reports/evaluate/metrics.json", "reports/iteration.json"}
     columns = {k for f in files.values() for k in f["data"]}  # (not the validation report)
-    assert columns == {"train", "val", "lr", "perf", "step", "rmse", "mae", "r2", "mape", "n", "promote", "improvement"} | {
-        "wall_s",
-        "work_s",
-        "overhead_s",
-        "useful_fraction",  # the loop's seconds
-    }
+    loop = {"loop_s", "work_s", "useful"}  # where the loop's seconds went
+    assert columns == {"train", "val", "lr", "perf", "step", "rmse", "mae", "r2", "mape", "n", "promote", "improvement"} | loop
     width = max(len(line) for line in sh(repo, "dvc", "metrics", "show").stdout.splitlines())
     assert width < 220, width
     sh(repo, "dvc", "plots", "show", "-o", str(tmp_path / "plots"))
@@ -108,6 +105,6 @@ def test_dvc_views_are_readable(repo, tmp_path):
     finally:
         chromium.close()
         pw.stop()
-    assert (charts, images, requested, errors) == (6, 4, [], [])  # + the loop's timeline
+    assert (charts, images, requested, errors) == (7, 4, [], [])  # 7 Vega charts; 3 figures + the loop timeline
     template = json.loads((repo / ".dvc/plots/histogram.json").read_text())
     assert template["encoding"]["x"]["type"] == "quantitative" and template["encoding"]["x2"]["field"] == "<DVC_METRIC_X>_to"

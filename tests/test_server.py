@@ -180,6 +180,31 @@ def test_an_out_of_bounds_value_is_refused_naming_the_field_and_nothing_runs(ser
     assert after == before
 
 
+def test_served_runs_fork_from_a_warm_process_and_never_run_stale_code(server, repo, served):
+    """`trainflow serve` runs each flow run in a process forked from one that imported the stage modules once
+    (no imports to pay per run); when the project's code changes between two triggered runs, that process is
+    restarted and the next run executes the new code."""
+    import psutil
+
+    def warm_servers() -> list:
+        return [p for p in psutil.Process(served.pid).children(recursive=True) if "forkserver" in " ".join(p.cmdline())]
+
+    dep = server.deployment()
+    assert server.wait(server.trigger(dep, {}))["state"]["type"] == "COMPLETED"
+    (warm,) = warm_servers()
+    assert "tasks.train" in " ".join(warm.cmdline())  # preloaded with the stage modules
+    report = repo / "flows/report.py"  # code of the flow, not a DVC dependency: no stage reruns for it
+    original = report.read_text()
+    report.write_text(original + '\nDIRECTION += " (edited between two runs)"\n')
+    try:
+        run = server.wait(server.trigger(dep, {}))
+        assert run["state"]["type"] == "COMPLETED"
+        assert "(edited between two runs)" in server.artifacts(run["id"])["training-summary"]  # the new code ran
+        assert [p.pid for p in warm_servers()] != [warm.pid]  # in a restarted warm process
+    finally:
+        report.write_text(original)
+
+
 def test_stopping_serve_pauses_the_deployment_and_the_server_keeps_its_schedule(server, repo, served):
     cron = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"][0]["schedules"][0]["cron"]
     stop(served)
