@@ -31,24 +31,24 @@ def deployment_spec(name: str) -> dict:
     return next(d for d in spec["deployments"] if d["name"] == name)
 
 
-def deployments() -> list:
+def serve_here(runner) -> None:
+    """Add both flows to `runner` as deployments, with prefect.yaml's description, concurrency limit and
+    schedules. As flows (Runner.add_flow), not deployments loaded from storage: the runner then runs each flow
+    run from the flow object in a process of its own (see warm_runs), not via `python -m prefect.engine`."""
     from prefect.schedules import Cron
 
     from flows.pipeline import build
     from flows.predict import batch_predict
 
-    out = []
     for flow in (build(Path("params.yaml").resolve()), batch_predict):
         spec = deployment_spec(flow.name)
-        out.append(
-            flow.to_deployment(
-                name=spec["name"],
-                description=spec["description"],
-                concurrency_limit=spec.get("concurrency_limit"),
-                schedules=[Cron(s["cron"], timezone=s.get("timezone", "UTC")) for s in spec.get("schedules") or []],
-            )
+        runner.add_flow(
+            flow,
+            name=spec["name"],
+            description=spec["description"],
+            concurrency_limit=spec.get("concurrency_limit"),
+            schedules=[Cron(s["cron"], timezone=s.get("timezone", "UTC")) for s in spec.get("schedules") or []],
         )
-    return out
 
 
 STAGE_MODULES = ("ingest", "validate", "preprocess", "train", "evaluate", "package", "promote", "predict")
@@ -108,8 +108,11 @@ def warm_runs() -> WarmContext:
 def main(argv: list[str] | None = None) -> None:
     """`trainflow serve`: serve the training-pipeline (scheduled) and batch-predict deployments here."""
     argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.split("\n\n")[0]).parse_args(argv)
-    from prefect import serve
-    from prefect.settings import PREFECT_RUNNER_POLL_FREQUENCY, temporary_settings
+    import asyncio
+
+    from prefect.exceptions import TerminationSignal
+    from prefect.runner import Runner
+    from prefect.settings import PREFECT_RUNNER_POLL_FREQUENCY, get_current_settings, temporary_settings
 
     from flows.server import telemetry_off
 
@@ -117,7 +120,14 @@ def main(argv: list[str] | None = None) -> None:
     warm_runs()
     # a run triggered from the UI starts within 2 s (Prefect's default: up to 10 s); a query is one small request
     with temporary_settings(updates={PREFECT_RUNNER_POLL_FREQUENCY: int(os.environ.get("PREFECT_RUNNER_POLL_FREQUENCY", 2))}):
-        serve(*deployments())
+        runner = Runner(pause_on_shutdown=True)
+        serve_here(runner)
+        ui = (get_current_settings().ui_url or "the Prefect UI").rstrip("/")
+        print(f"Serving training-pipeline and batch-predict here; trigger them from {ui}/deployments", flush=True)
+        try:
+            asyncio.run(runner.start())
+        except (KeyboardInterrupt, TerminationSignal):  # Ctrl-C, SIGTERM: the runner paused the deployments
+            pass
 
 
 if __name__ == "__main__":

@@ -187,7 +187,8 @@ def test_served_runs_fork_from_a_warm_process_and_never_run_stale_code(server, r
     import psutil
 
     def warm_servers() -> list:
-        return [p for p in psutil.Process(served.pid).children(recursive=True) if "forkserver" in " ".join(p.cmdline())]
+        # the warm process: a child of serve (the runs it forks are its children, with its command line)
+        return [p for p in psutil.Process(served.pid).children() if "forkserver" in " ".join(p.cmdline())]
 
     dep = server.deployment()
     assert server.wait(server.trigger(dep, {}))["state"]["type"] == "COMPLETED"
