@@ -104,7 +104,8 @@ def pipeline(parameters: dict) -> dict | State:
         seconds=round(time.perf_counter() - t0, 2),
         package=settings.package.out_dir,
     )
-    report.publish_iteration(iteration)
+    if iteration:
+        report.publish_iteration(iteration)
     outputs["iteration"] = {k: v for k, v in iteration.items() if k not in ("chart", "timeline")}
     if stages["train"]["status"] == "ran":
         report.publish_training(outputs["training"])
@@ -119,8 +120,12 @@ def pipeline(parameters: dict) -> dict | State:
 def loop_report(s: Settings, ws: Workspace, stages: dict, start: float) -> dict:
     """reports/iteration.json and .png of this run (in the workspace, or the experiment's worktree)."""
     ran = {k for k, v in stages.items() if v["status"] == "ran"}
-    iteration = timeline.combine(ws.root, s, "flow", start, time.time(), ran)
-    timeline.write(ws.root, iteration)
+    try:
+        iteration = timeline.combine(ws.root, s, "flow", start, time.time(), ran)
+        timeline.write(ws.root, iteration)
+    except Exception as e:  # the run's work is done; a report that could not be written must not fail it
+        get_run_logger().warning("the iteration report was not written (%s: %s)", type(e).__name__, e)
+        return {}
     return iteration | {"chart": report.image(ws.root / timeline.CHART, "timeline of the loop")}
 
 
@@ -207,11 +212,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"package:       {out['package']}/")
     print(f"gate:          {(out.get('gate') or {}).get('message', 'n/a')}")
     it = out["iteration"]
-    print(
-        f"loop:          {it['wall_s']:.1f} s, stage work {it['work_s']:.1f} s ({100 * (it['useful_fraction'] or 0):.0f}%); "
-        + ", ".join(f"{k} {v:.1f} s" for k, v in it["overhead"].items())
-        + " (reports/iteration.json, reports/iteration.png)"
-    )
+    if it:
+        print(
+            f"loop:          {it['wall_s']:.1f} s, stage work {it['work_s']:.1f} s ({100 * (it['useful_fraction'] or 0):.0f}%); "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in it["overhead"].items())
+            + " (reports/iteration.json, reports/iteration.png)"
+        )
     print(f"wall time:     {time.perf_counter() - t0:.1f} s")
 
 

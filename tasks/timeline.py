@@ -16,6 +16,8 @@ flow: `flows/pipeline.py` records the parts in-process and writes the report onc
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -117,6 +119,9 @@ def stage_command(stage: str, run, s) -> None:
     import psutil
 
     global _last
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # a rank torchrun started: the stage process that ran torchrun reports
+        run()
+        return
     _last = stage
     with recording(stage, process_start=psutil.Process().create_time()):
         run()
@@ -133,7 +138,10 @@ def stage_command(stage: str, run, s) -> None:
     for part in sorted(parts.values(), key=lambda p: p["start"]):
         add("dvc", previous, part["start"], "runner")
         previous = part["end"]
-    write(Path("."), combine(Path("."), s, runner, start, time.time(), set(parts)))
+    try:
+        write(Path("."), combine(Path("."), s, runner, start, time.time(), set(parts)))
+    except Exception as e:  # the stage succeeded; a report it could not write must not fail it
+        print(f"warning: the iteration report was not written ({type(e).__name__}: {e})", file=sys.stderr)
 
 
 def throughput(stage: str, root: Path, s) -> dict:
@@ -265,7 +273,8 @@ def gantt(report: dict, path: Path) -> None:
         f"{report['runner']}: {report['wall_s']:.1f} s, of which stage work {report['work_s']:.1f} s "
         f"({100 * (report['useful_fraction'] or 0):.0f}%)"
     )
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18 - 0.3 / len(rows)), fontsize=8, ncol=len(seen), frameon=False)
+    below = (0.5, -0.18 - 0.3 / len(rows))
+    ax.legend(loc="upper center", bbox_to_anchor=below, fontsize=8, ncol=max(1, len(seen)), frameon=False)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=100)
