@@ -218,7 +218,7 @@ class TrainSettings(Section):
     lr: float = Field(gt=0, le=10, description="Peak learning rate of AdamW (see train.schedule).")
     schedule: Literal["cosine", "onecycle", "plateau"] = Field(
         "cosine",
-        description="The learning rate over the run: cosine (from train.lr down over train.epochs, per epoch); onecycle (per step: warm up to train.lr over the first 30% of the steps, then cosine down to train.lr/25e4; AdamW's beta1 cycles 0.95-0.85); plateau (train.lr, halved whenever the validation loss has not improved for more than max(1, train.patience // 3) epochs; the decision is printed and each epoch records its lr).",
+        description="The learning rate over the run: cosine (from train.lr down over train.epochs, per epoch); onecycle (per step: warm up to train.lr over the first 5% of the steps, then cosine down to train.lr/25e4; AdamW's beta1 cycles 0.95-0.85); plateau (train.lr, halved whenever the validation loss has not improved for more than max(1, train.patience // 3) epochs; the decision is printed and each epoch records its lr).",
     )
     weight_decay: float = Field(ge=0, le=1, description="AdamW weight decay.")
     class_weights: Literal["none", "balanced"] = Field(
@@ -240,7 +240,7 @@ class TrainSettings(Section):
         description="numeric_embedding piecewise_linear: bins per numeric column; periodic: frequencies per column.",
     )
     embedding_dim: int = Field(
-        16,
+        32,
         ge=1,
         le=1024,
         description="numeric_embedding: the values each numeric column becomes (the model's input width per column).",

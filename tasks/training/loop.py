@@ -420,7 +420,9 @@ def schedule(opt: torch.optim.Optimizer, cfg, steps_per_epoch: int):
     """train.schedule's learning rate scheduler (its state is in every checkpoint)."""
     sched = torch.optim.lr_scheduler
     if cfg.schedule == "onecycle":
-        return sched.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
+        # a short warm-up (torch's default is 30% of the steps): California Housing's validation RMSE reaches
+        # 0.50 in ~11 epochs instead of 19, to the same final RMSE over 3 seeds (bench/quality.py)
+        return sched.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.05)
     if cfg.schedule == "plateau":
         return sched.ReduceLROnPlateau(opt, factor=0.5, patience=max(1, cfg.patience // 3))
     return sched.CosineAnnealingLR(opt, T_max=cfg.epochs)
