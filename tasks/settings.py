@@ -231,7 +231,7 @@ class TrainSettings(Section):
     )
     numeric_embedding: Literal["none", "periodic", "piecewise_linear"] = Field(
         "none",
-        description="Built-in models: numeric columns as they are (none), or each embedded to train.embedding_dim values (Gorishniy et al. 2022): piecewise_linear (bins at the train split's quantiles, saved with the model) or periodic (cos/sin of trained frequencies), each then through a linear layer of its own and a ReLU.",
+        description="The built-in models (mlp, resmlp; a factory of your own gets the key in its settings): numeric columns as they are (none), or each embedded to train.embedding_dim values (Gorishniy et al. 2022): piecewise_linear (bins at the train split's quantiles, saved with the model) or periodic (cos/sin of trained frequencies), each then through a linear layer of its own and a ReLU.",
     )
     embedding_bins: int = Field(
         48,
@@ -295,11 +295,6 @@ class TrainSettings(Section):
                 f"grad_sync={self.grad_sync} works with strategy ddp only (a DDP communication hook or "
                 "parameter averaging); FSDP reduce-scatters its sharded gradients: set grad_sync: allreduce "
                 "or strategy: ddp"
-            )
-        if self.numeric_embedding != "none" and self.model not in ("mlp", "resmlp"):
-            raise ValueError(
-                f"numeric_embedding={self.numeric_embedding} is an option of the built-in models (mlp, resmlp); "
-                f"model {self.model} builds its own inputs: set numeric_embedding: none"
             )
         return self
 

@@ -189,7 +189,7 @@ def test_numeric_embeddings_train_on_two_ranks_like_one_process_and_export_to_on
     from tasks.training.data import load_split
     from tasks.training.model import load_model, servable
 
-    emb = dict(numeric_embedding=kind, embedding_bins=8, embedding_dim=4, epochs=2, patience=5)
+    emb = dict(numeric_embedding=kind, embedding_bins=8, embedding_dim=4, schedule="cosine", epochs=2, patience=5)
     one = variant(features, tmp_path / "one", world_size=1, **emb)
     two = variant(features, tmp_path / "two", world_size=2, **emb)
     s1, s2 = train(one), train(two)

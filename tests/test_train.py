@@ -92,10 +92,6 @@ def test_features_that_disagree_with_their_metadata_are_refused(features, tmp_pa
             "train: grad_sync=powersgd works with strategy ddp only .* set grad_sync: allreduce or strategy: ddp",
         ),
         ({"launcher": "dask"}, "train.launcher=dask places ranks on the GPU workers of an existing cluster: set dask.address"),
-        (
-            {"model": "tasks.training.ft_transformer:build", "numeric_embedding": "periodic"},
-            "train: numeric_embedding=periodic is an option of the built-in models .* set numeric_embedding: none",
-        ),
     ],
 )
 def test_settings_that_cannot_work_together_are_refused(features, tmp_path, monkeypatch, overrides, message):
