@@ -134,6 +134,11 @@ class Trainer:
         self.at = RunState()
         if state is not None:
             set_full_state(self.net.model, self.opt, self.net.fsdp, state["model"], state["optimizer"])
+            if set(state["scheduler"]) != set(self.sched.state_dict()):
+                raise UserError(
+                    f"train.resume_from={cfg.resume_from}: it was trained with another learning rate schedule than "
+                    f"train.schedule={cfg.schedule}; set train.schedule to the one it was started with"
+                )
             self.sched.load_state_dict(state["scheduler"])
             ends = getattr(self.sched, "total_steps", None)
             if ends is not None and ends != cfg.epochs * self.steps_per_epoch:
