@@ -215,7 +215,11 @@ class TrainSettings(Section):
     )
     epochs: int = Field(ge=1, le=100_000, description="Maximum epochs.")
     batch_size: int = Field(ge=1, description="Global batch size, split evenly across ranks.")
-    lr: float = Field(gt=0, le=10, description="Peak learning rate of AdamW (cosine decay).")
+    lr: float = Field(gt=0, le=10, description="Peak learning rate of AdamW (see train.schedule).")
+    schedule: Literal["cosine", "onecycle", "plateau"] = Field(
+        "cosine",
+        description="The learning rate over the run: cosine (from train.lr down over train.epochs, per epoch); onecycle (per step: warm up to train.lr over the first 5% of the steps, then cosine down to train.lr/25e4; AdamW's beta1 cycles 0.95-0.85); plateau (train.lr, halved whenever the validation loss has not improved for more than max(1, train.patience // 3) epochs; the decision is printed and each epoch records its lr).",
+    )
     weight_decay: float = Field(ge=0, le=1, description="AdamW weight decay.")
     class_weights: Literal["none", "balanced"] = Field(
         "none",
@@ -224,6 +228,22 @@ class TrainSettings(Section):
     model: str = Field(
         pattern=r"^(mlp|resmlp|[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*)$",
         description="mlp: feed-forward layers; resmlp: residual blocks with layer norm (deeper models); both embed categorical codes. Or a model of your own, 'package.module:factory': a function (schema, settings) -> torch.nn.Module (docs/training.md; e.g. tasks.training.ft_transformer:build).",
+    )
+    numeric_embedding: Literal["none", "periodic", "piecewise_linear"] = Field(
+        "none",
+        description="The built-in models (mlp, resmlp; a factory of your own gets the key in its settings): numeric columns as they are (none), or each embedded to train.embedding_dim values (Gorishniy et al. 2022): piecewise_linear (bins at the train split's quantiles, saved with the model) or periodic (cos/sin of trained frequencies), each then through a linear layer of its own and a ReLU.",
+    )
+    embedding_bins: int = Field(
+        48,
+        ge=1,
+        le=1024,
+        description="numeric_embedding piecewise_linear: bins per numeric column; periodic: frequencies per column.",
+    )
+    embedding_dim: int = Field(
+        32,
+        ge=1,
+        le=1024,
+        description="numeric_embedding: the values each numeric column becomes (the model's input width per column).",
     )
     hidden: list[Annotated[int, Field(ge=1, le=MAX_WIDTH)]] = Field(
         min_length=1,

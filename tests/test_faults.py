@@ -154,8 +154,16 @@ def test_checkpoints_that_are_not_ours_or_not_this_model_are_refused(features, u
     old.with_suffix(".sha256").write_text(__import__("hashlib").sha256(old.read_bytes()).hexdigest())
     with pytest.raises(UserError, match=r"is checkpoint format 0, and this Trainflow reads format 1"):
         train(variant(features, tmp_path / "c", resume_from=str(old)))
-    # continuing a finished run for more epochs from its last checkpoint works
-    more = train(variant(features, tmp_path / "d", resume_from=str(good), **{**RUN, "epochs": 3}))
+    # a one-cycle schedule (the shipped one) cannot be lengthened, nor a checkpoint continued on another schedule
+    with pytest.raises(UserError, match=r"its onecycle schedule ends at step 22, and train.epochs=3 makes 33 steps"):
+        train(variant(features, tmp_path / "d", resume_from=str(good), **{**RUN, "epochs": 3}))
+    with pytest.raises(UserError, match=r"another learning rate schedule than train.schedule=cosine; set train.schedule"):
+        train(variant(features, tmp_path / "d", resume_from=str(good), **{**RUN, "schedule": "cosine"}))
+    # continuing a finished cosine run for more epochs from its last checkpoint works
+    cosine = dict(RUN, schedule="cosine")
+    train(variant(features, tmp_path / "e", **cosine))
+    last = tmp_path / "e/model/checkpoints" / f"step-{summary['steps']:08d}.pt"
+    more = train(variant(features, tmp_path / "f", resume_from=str(last), **{**cosine, "epochs": 3}))
     assert more["resumed_from"]["epoch"] == 3 and [e["epoch"] for e in more["epochs"]] == [1, 2, 3]
 
 

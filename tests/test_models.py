@@ -177,3 +177,46 @@ def test_a_factory_that_breaks_the_contract_is_refused_by_name(features, tmp_pat
     with pytest.raises(UserError, match=message):
         train(variant(features, tmp_path, model=model, epochs=1))
     assert not (tmp_path / "model/model.pt").exists()
+
+
+@pytest.mark.parametrize("kind", ["piecewise_linear", "periodic"])
+def test_numeric_embeddings_train_on_two_ranks_like_one_process_and_export_to_onnx(features, tmp_path, kind):
+    """train.numeric_embedding: 2 ranks = 1 process to 1e-5; the piecewise-linear bins are the train split's
+    quantiles, saved with the weights; the ONNX package reproduces torch to 1e-5."""
+    import onnxruntime as ort
+    import torch
+
+    from tasks.training.data import load_split
+    from tasks.training.model import load_model, servable
+
+    emb = dict(numeric_embedding=kind, embedding_bins=8, embedding_dim=4, schedule="cosine", epochs=2, patience=5)
+    one = variant(features, tmp_path / "one", world_size=1, **emb)
+    two = variant(features, tmp_path / "two", world_size=2, **emb)
+    s1, s2 = train(one), train(two)
+    assert s1["steps"] == s2["steps"] and s1["best_val_rmse"] < 1.0
+    same_parameters(tmp_path / "one/model", tmp_path / "two/model", atol=1e-5)
+
+    feat = Path(features.preprocess.out_dir)
+    schema = json.loads((feat / "schema.json").read_text())
+    x_train, _ = load_split(feat / "train", schema["features"], schema["target"])
+    model, meta = load_model(tmp_path / "one/model/model.pt")
+    assert meta["arch"]["numeric"] == {"kind": kind, "bins": 8, "dim": 4}
+    if kind == "piecewise_linear":
+        edges = model.inputs.numeric.encode.edges  # (numeric columns, bins + 1), from the saved state
+        assert edges.shape == (x_train.shape[1], 9) and bool((edges.diff(dim=1) >= 0).all())
+        torch.testing.assert_close(edges[:, 0], x_train.min(0).values, rtol=0, atol=0)
+        torch.testing.assert_close(edges[:, -1], x_train.max(0).values, rtol=0, atol=0)
+        torch.testing.assert_close(edges[:, 4], x_train.sort(0).values[round(0.5 * (len(x_train) - 1))], rtol=0, atol=0)
+
+    raw = one.model_dump(by_alias=True)
+    raw["package"].update(out_dir=str(tmp_path / "package"), archive=str(tmp_path / "package.tar.gz"))
+    s = parse(raw)
+    evaluate(s)
+    assert package(s)["parity_max_abs_diff"] < 1e-5
+    x_test, _ = load_split(feat / "test", schema["features"], schema["target"])
+    wide = torch.cat([x_test, x_test * 3])  # beyond the outer edges too (the first and last bins are open)
+    session = ort.InferenceSession(str(tmp_path / "package/model.onnx"), providers=["CPUExecutionProvider"])
+    (onnx_out,) = session.run(None, {"features": wide.numpy()})
+    with torch.no_grad():
+        torch_out = servable(model, meta)[0](wide).numpy()
+    np.testing.assert_allclose(onnx_out, torch_out, atol=1e-5, rtol=0)

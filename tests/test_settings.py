@@ -22,6 +22,10 @@ def test_project_params_load():
         ("train", "dropout", 1.5, "train.dropout = 1.5"),
         ("preprocess", "scaler", "minmax", "preprocess.scaler = 'minmax'"),
         ("dask", "n_workers", "two", "dask.n_workers = 'two'"),
+        ("train", "schedule", "linear", "train.schedule = 'linear': Input should be 'cosine', 'onecycle' or 'plateau'"),
+        ("train", "numeric_embedding", "fourier", "train.numeric_embedding = 'fourier'"),
+        ("train", "embedding_bins", 0, "train.embedding_bins = 0"),
+        ("train", "embedding_dim", 0, "train.embedding_dim = 0"),
     ],
 )
 def test_bad_value_names_the_key(section, key, value, expected):

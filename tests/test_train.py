@@ -121,3 +121,30 @@ def test_ranks_take_disjoint_slices_that_cover_every_row_once_per_epoch(n, batch
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     taken = [rank_slice(perm[start : start + batch], r, world) for start in range(0, n, batch) for r in range(world)]
     assert sorted(torch.cat(taken).tolist()) == list(range(n))
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "plateau"])
+def test_a_schedule_resumes_mid_epoch_to_the_uninterrupted_parameters(features, tmp_path, schedule):
+    """train.schedule: a run continued from a mid-epoch checkpoint (the scheduler's state in it) ends with the
+    parameters and the per-epoch learning rates of the run that was never stopped."""
+    run = dict(schedule=schedule, epochs=3, patience=2, lr=0.02, checkpoint_every="5 steps", keep_checkpoints=10)
+    whole = train(variant(features, tmp_path / "whole", **run))
+    middle = tmp_path / "whole/model/checkpoints/step-00000025.pt"  # epoch 3, step 3 of 11
+    resumed = train(variant(features, tmp_path / "resumed", resume_from=str(middle), **run))
+    assert resumed["resumed_from"]["steps"] == 25 and resumed["steps"] == whole["steps"] == 33
+    assert [e["lr"] for e in resumed["epochs"]] == [e["lr"] for e in whole["epochs"]]
+    same_parameters(tmp_path / "whole/model", tmp_path / "resumed/model", atol=1e-6)
+    lrs = [e["lr"] for e in whole["epochs"]]
+    if schedule == "onecycle":  # stepped per step: warm-up to train.lr (30% of the steps), then down to ~0
+        state = torch.load(middle, weights_only=True)["scheduler"]
+        assert state["total_steps"] == 33 and state["last_epoch"] == 25
+        assert lrs[0] > 0.02 / 25 and lrs[-1] < 0.02 / 100
+    else:  # constant until the validation loss stalls
+        assert lrs[0] == 0.02 and all(b in (a, a / 2) for a, b in zip(lrs, lrs[1:]))
+
+
+def test_the_plateau_schedule_halves_the_learning_rate_when_validation_stalls(features, tmp_path, capsys):
+    summary = train(variant(features, tmp_path, schedule="plateau", lr=0.05, epochs=12, patience=3, dropout=0.0))
+    lrs = [e["lr"] for e in summary["epochs"]]
+    assert lrs[0] == 0.05 and min(lrs) < 0.05, lrs  # lowered at least once (patience 3 // 3 = 1: after 2 stalled epochs)
+    assert "no better validation loss for 2 epochs; lr 0.05 -> 0.025" in capsys.readouterr().out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -14,29 +15,99 @@ def embedding_dim(cardinality: int) -> int:
     return max(2, min(16, round(1.6 * cardinality**0.56)))  # fast.ai's rule of thumb, capped
 
 
+class PiecewiseLinear(nn.Module):
+    """Piecewise-linear encoding (Gorishniy et al. 2022, "On Embeddings for Numerical Features in Tabular Deep
+    Learning"): with bin edges b_0 < ... < b_T at train quantiles, bin t of x encodes as (x - b_{t-1}) / (b_t - b_{t-1})
+    clipped to [0, 1] (the first bin unbounded below, the last above): a column's value becomes how far it has
+    got through each bin. The edges are a buffer (saved with the weights, constants in the ONNX graph), set once
+    from the training rows by `fit`; a bin of zero width (a repeated quantile) encodes as a step at its edge."""
+
+    edges: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
+
+    def __init__(self, columns: int, bins: int):
+        super().__init__()
+        self.register_buffer("edges", torch.linspace(-3, 3, bins + 1).repeat(columns, 1))  # (columns, bins + 1)
+        low, high = torch.zeros(bins), torch.ones(bins)
+        low[0], high[-1] = -math.inf, math.inf
+        self.register_buffer("low", low, persistent=False)
+        self.register_buffer("high", high, persistent=False)
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor) -> None:
+        """Edges at the quantiles of x's columns: order statistics of the rows, the same on every rank and run."""
+        ranked = x.sort(dim=0).values
+        at = (torch.linspace(0, 1, self.edges.shape[1]) * (len(x) - 1)).round().long().to(x.device)
+        self.edges.copy_(ranked[at].T)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, columns) -> (n, columns, bins)
+        left, width = self.edges[:, :-1], (self.edges[:, 1:] - self.edges[:, :-1]).clamp_min(1e-9)
+        return torch.clamp((x.unsqueeze(-1) - left) / width, self.low, self.high)
+
+
+class Periodic(nn.Module):
+    """Periodic encoding (the same paper's "PLR"): cos and sin of 2π·c·x for `frequencies` trained coefficients c
+    per column, initialised from N(0, SIGMA²)."""
+
+    SIGMA = 0.1  # the scale of the initial frequencies, for features scaled to unit variance
+
+    def __init__(self, columns: int, frequencies: int):
+        super().__init__()
+        self.coefficients = nn.Parameter(torch.randn(columns, frequencies) * self.SIGMA)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, columns) -> (n, columns, 2 * frequencies)
+        v = 2 * math.pi * self.coefficients * x.unsqueeze(-1)
+        return torch.cat([torch.cos(v), torch.sin(v)], dim=-1)
+
+
+class NumericEmbedding(nn.Module):
+    """Each numeric column encoded (piecewise_linear or periodic), then through a linear layer of its own to
+    `dim` values and a ReLU: (n, columns) -> (n, columns × dim)."""
+
+    def __init__(self, kind: str, columns: int, bins: int, dim: int):
+        super().__init__()
+        self.encode = PiecewiseLinear(columns, bins) if kind == "piecewise_linear" else Periodic(columns, bins)
+        width = bins if kind == "piecewise_linear" else 2 * bins
+        bound = width**-0.5  # nn.Linear's initialisation, per column
+        self.weight = nn.Parameter(torch.empty(columns, width, dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(columns, dim).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = torch.einsum("ncw,cwd->ncd", self.encode(x), self.weight) + self.bias
+        return torch.relu(e).flatten(1)
+
+
 class Embedder(nn.Module):
     """The model input: one float matrix (the transform's features) in which categorical columns hold codes
-    (0 = out of vocabulary). Numeric columns pass as they are; each code column becomes its embedding."""
+    (0 = out of vocabulary). Numeric columns pass as they are, or through a `NumericEmbedding`
+    (numeric = {"kind", "bins", "dim"}); each code column becomes its embedding."""
 
     cat_index: torch.Tensor  # buffers: the positions of the code columns and of the numeric ones
     num_index: torch.Tensor
 
-    def __init__(self, n_features: int, categorical: list[dict] | None = None):
+    def __init__(self, n_features: int, categorical: list[dict] | None = None, numeric: dict | None = None):
         super().__init__()
         categorical = categorical or []
         cat_index = [c["index"] for c in categorical]
+        num_index = [i for i in range(n_features) if i not in cat_index]
         self.register_buffer("cat_index", torch.tensor(cat_index, dtype=torch.long), persistent=False)
-        self.register_buffer(
-            "num_index", torch.tensor([i for i in range(n_features) if i not in cat_index], dtype=torch.long), persistent=False
-        )
+        self.register_buffer("num_index", torch.tensor(num_index, dtype=torch.long), persistent=False)
+        self.numeric = NumericEmbedding(numeric["kind"], len(num_index), numeric["bins"], numeric["dim"]) if numeric else None
         self.embeddings = nn.ModuleList(nn.Embedding(c["cardinality"], embedding_dim(c["cardinality"])) for c in categorical)
-        self.out_features = n_features - len(categorical) + sum(embedding_dim(c["cardinality"]) for c in categorical)
+        n_num = len(num_index) * (numeric["dim"] if numeric else 1)
+        self.out_features = n_num + sum(embedding_dim(c["cardinality"]) for c in categorical)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not len(self.embeddings):
+        if not len(self.embeddings) and self.numeric is None:
             return x
+        numeric = x.index_select(1, self.num_index)
+        if self.numeric is not None:
+            numeric = self.numeric(numeric)
+        if not len(self.embeddings):
+            return numeric
         codes = x.index_select(1, self.cat_index).long()
-        return torch.cat([x.index_select(1, self.num_index)] + [e(codes[:, i]) for i, e in enumerate(self.embeddings)], dim=1)
+        return torch.cat([numeric] + [e(codes[:, i]) for i, e in enumerate(self.embeddings)], dim=1)
 
 
 class MLP(nn.Module):
@@ -44,10 +115,16 @@ class MLP(nn.Module):
     (a number, or a binary logit) or one per class."""
 
     def __init__(
-        self, n_features: int, hidden: list[int], dropout: float = 0.0, categorical: list[dict] | None = None, outputs: int = 1
+        self,
+        n_features: int,
+        hidden: list[int],
+        dropout: float = 0.0,
+        categorical: list[dict] | None = None,
+        outputs: int = 1,
+        numeric: dict | None = None,
     ):
         super().__init__()
-        self.inputs = Embedder(n_features, categorical)
+        self.inputs = Embedder(n_features, categorical, numeric)
         layers, width = [], self.inputs.out_features
         for h in hidden:
             layers += [nn.Linear(width, h), nn.SiLU()] + ([nn.Dropout(dropout)] if dropout else [])
@@ -71,10 +148,16 @@ class ResMLP(nn.Module):
     inner width h, then LayerNorm, SiLU and a linear head."""
 
     def __init__(
-        self, n_features: int, hidden: list[int], dropout: float = 0.0, categorical: list[dict] | None = None, outputs: int = 1
+        self,
+        n_features: int,
+        hidden: list[int],
+        dropout: float = 0.0,
+        categorical: list[dict] | None = None,
+        outputs: int = 1,
+        numeric: dict | None = None,
     ):
         super().__init__()
-        self.inputs = Embedder(n_features, categorical)
+        self.inputs = Embedder(n_features, categorical, numeric)
         width = hidden[0]
         self.project = nn.Linear(self.inputs.out_features, width)
         self.blocks = nn.ModuleList(
@@ -119,6 +202,8 @@ def architecture(cfg, schema: dict, outputs: int | None = None) -> dict:
         "categorical": schema.get("categorical", []),
         "outputs": outputs or outputs_of(schema),
     }
+    if cfg.numeric_embedding != "none":  # (absent otherwise: the records of models from before stay the same)
+        arch["numeric"] = {"kind": cfg.numeric_embedding, "bins": cfg.embedding_bins, "dim": cfg.embedding_dim}
     if cfg.model not in MODELS:
         arch |= {"task": schema.get("task", "regression"), "classes": schema.get("classes"), "features": schema["features"]}
         arch["train"] = cfg.model_dump()
@@ -133,8 +218,21 @@ def build_model(arch: dict) -> nn.Module:
 
         return from_factory(arch)
     return MODELS[name](
-        arch["n_features"], list(arch["hidden"]), arch["dropout"], arch.get("categorical"), arch.get("outputs", 1)
+        arch["n_features"],
+        list(arch["hidden"]),
+        arch["dropout"],
+        arch.get("categorical"),
+        arch.get("outputs", 1),
+        arch.get("numeric"),
     )
+
+
+def fit_inputs(model: nn.Module, x: torch.Tensor) -> None:
+    """What a model's inputs learn from the training rows before training: the bin edges of a piecewise-linear
+    encoding (from the whole train split, which every rank holds: the same edges on every rank)."""
+    inputs = getattr(model, "inputs", None)
+    if isinstance(inputs, Embedder) and inputs.numeric is not None and isinstance(inputs.numeric.encode, PiecewiseLinear):
+        inputs.numeric.encode.fit(x.index_select(1, inputs.num_index))
 
 
 class Denormalized(nn.Module):
