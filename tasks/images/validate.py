@@ -7,14 +7,14 @@ The suite (data/suites/<dataset>.yaml, `modality: image`) holds
 Row-level failures (an undecodable or truncated file, a format, size or channel count outside the suite, a
 label outside the set or missing) stop the run naming each kind with a sample file, or, with
 validate.on_failure: quarantine, move the images aside (validate.quarantine: the row, its path, label, bytes
-and reason). Class balance is compared with the last accepted data (validate.reference): a class new or gone,
+and reason). Class balance is compared with the last accepted data of the same dataset (its entry of
+validate.reference, tasks/validation/reference.py): a class new or gone,
 or a population stability index of the class shares above validate.drift_max_psi, is drift (validate.drift).
 The report has the table report's shape (tasks/validation/report.py renders it).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -27,9 +27,10 @@ import yaml
 from tasks.cluster import dask_client
 from tasks.errors import UserError
 from tasks.features import label_text
-from tasks.files import copy_and_hash, sha256_path, staged_path, write_json
+from tasks.files import copy_and_hash, sha256_path, staged_path
 from tasks.images.decode import EXPECTATIONS, open_image, problems
 from tasks.tables import count_rows, parquet_files, pieces
+from tasks.validation.reference import dataset_key, read_reference, write_reference
 from tasks.validation.report import drift_skipped, write_reports
 
 log = logging.getLogger(__name__)
@@ -217,8 +218,8 @@ def new_report(cfg, suite_path: str, raw: Path, n_rows: int, n_clean: int, resul
 def accept(s, raw: Path, files: list[Path], failed: list, counts: Counter, report: dict) -> dict:
     """Accepted: the clean images to validate.out, the failing ones to the quarantine, drift checked, the reference."""
     cfg, d = s.validate_, s.dataset
-    reference_path = Path(cfg.reference)
-    reference = json.loads(reference_path.read_text())["columns"] if cfg.drift != "off" and reference_path.exists() else None
+    reference_path, key = Path(cfg.reference), dataset_key(d.name, d.target)
+    reference, why = read_reference(reference_path, key, [d.target]) if cfg.drift != "off" else (None, "")
     for _, _, label, _ in failed:
         if label is not None and label in counts:
             counts[label] -= 1
@@ -234,12 +235,12 @@ def accept(s, raw: Path, files: list[Path], failed: list, counts: Counter, repor
         report["drift"].update(
             checked=reference is not None,
             columns=drifted,
-            reason=None if reference is not None else drift_skipped(cfg, True, reference_path),
+            reason=None if reference is not None else drift_skipped(cfg, True, why),
         )
         if drifted:
             f = drifted[d.target]
             message = (
-                f"validate: the class balance of {raw} drifted from the last accepted data ({reference_path}): PSI "
+                f"validate: the class balance of {raw} drifted from the last accepted data of {key} ({reference_path}): PSI "
                 f"{f['psi']:.3f} (max validate.drift_max_psi={cfg.drift_max_psi}), new classes {f['new_categories']}, "
                 f"gone {f['vanished_categories']}"
             )
@@ -254,7 +255,7 @@ def accept(s, raw: Path, files: list[Path], failed: list, counts: Counter, repor
     stats = {
         d.target: {"count": total, "null_rate": 0.0, "categories": {k: round(v / total, 6) for k, v in sorted(counts.items())}}
     }
-    write_json(reference_path, {"data_sha256": report["data"]["sha256"], "rows": total, "columns": stats})
+    write_reference(reference_path, key, {"data_sha256": report["data"]["sha256"], "rows": total, "columns": stats})
     if reasons:
         log.warning("validate: quarantined %d of %d images (%s)", len(reasons), report["rows"]["input"], cfg.quarantine)
     return {k: report[k] for k in ("success", "evaluated", "passed", "pass_rate", "rows", "checked")} | {"drift": drifted}
