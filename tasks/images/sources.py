@@ -1,4 +1,5 @@
-"""The ingest stage for images: a source into one raw Parquet table, streamed in row groups of ROW_GROUP images.
+"""The ingest stage for images: a source into one raw Parquet table, streamed in row groups of ROW_GROUP images
+(dataset.image.shard_rows when smaller: preprocess cuts its shards along row groups).
 
 Sources (dataset.source):
 - a directory in class-subfolder layout, root/<label>/<file> (with dataset.image.split: source,
@@ -46,7 +47,7 @@ def ingest_images(s) -> dict:
             batches = idx_batches(fs, root, names, pairs, d, digests) if pairs else folder_batches(fs, root, names, d, digests)
         else:
             batches = parquet_batches(fs, root, d, out.with_name("source.parquet"), digests)
-        rows, labels = write_batches(batches, out, img.column, d.target)
+        rows, labels = write_batches(batches, out, img.column, d.target, min(ROW_GROUP, img.shard_rows))
         if rows == 0:
             raise UserError(f"dataset.source: {d.source} holds no images")
         digest = digests[0][1] if not fs.isdir(root) else tree_digest(sorted(digests, key=lambda e: PurePosixPath(e[0]).parts))
@@ -83,14 +84,14 @@ def _table(images: list, labels, paths: list, splits: list, column: str, target:
     )
 
 
-def write_batches(batches: Iterator[pa.Table], out, column: str, target: str) -> tuple[int, Counter]:
-    """The raw table, one row group per batch; rows and the images per label."""
+def write_batches(batches: Iterator[pa.Table], out, column: str, target: str, group: int) -> tuple[int, Counter]:
+    """The raw table in row groups of `group` images; rows and the images per label."""
     writer, rows, labels = None, 0, Counter[str]()
     try:
         for table in batches:
             if writer is None:
                 writer = pq.ParquetWriter(out, table.schema)
-            writer.write_table(table.cast(writer.schema), row_group_size=ROW_GROUP)
+            writer.write_table(table.cast(writer.schema), row_group_size=group)
             rows += table.num_rows
             labels.update(str(v) for v in table.column(target).to_pylist())
     finally:
