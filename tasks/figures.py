@@ -35,9 +35,9 @@ def figures(out: Path, actual: np.ndarray, predicted: np.ndarray, meta: dict, me
         scatter(out, actual, predicted, meta["target"], metrics)
         residuals(out, actual, predicted, meta["target"])
     learning_curve(out, summary, "log-loss" if meta.get("classes") else "MSE (standardised target)")
-    mine = TASK_FIGURES["classification" if meta.get("classes") else "regression"] + ("learning_curve.png",)
-    mine += IMAGE_FIGURES if grid else ()
-    for name in {n for names in TASK_FIGURES.values() for n in names}.union(IMAGE_FIGURES) - set(mine):
+    mine = {*TASK_FIGURES["classification" if meta.get("classes") else "regression"], "learning_curve.png"}
+    mine |= set(IMAGE_FIGURES) if grid else set()
+    for name in {n for names in TASK_FIGURES.values() for n in names}.union(IMAGE_FIGURES) - mine:
         (out / name).unlink(missing_ok=True)
     marker = out / MARKER  # (written there by an earlier version)
     if marker.exists() and marker.read_text() == MARKER_TEXT:
