@@ -56,6 +56,7 @@ FORM = {  # per run, in the order the form shows them
         "model",
         "hidden",
         "dropout",
+        "augment",
         "patience",
         "seed",
         "world_size",

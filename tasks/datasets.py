@@ -17,6 +17,23 @@ DATASETS = Path(__file__).resolve().parents[1] / "data" / "datasets"  # the ship
 END_OF_DATASET = "# end of dataset"
 
 
+# the model family a dataset of each modality gets from `use` when the current one does not take its data
+# (with the training values measured for it: bench/images.py, bench/quality.py)
+FAMILY = {
+    "image": {"model": "cnn", "hidden": [32, 64], "epochs": 8, "batch_size": 256, "lr": 0.002, "schedule": "cosine"},
+    "table": {"model": "mlp", "hidden": [256, 256, 256], "augment": "none", "epochs": 60, "batch_size": 512, "lr": 0.005}
+    | {"schedule": "onecycle"},
+}
+
+
+def train_for(modality: str, train: dict) -> dict:
+    """The train.* changes (dotted keys) that make the train section fit a dataset of this modality; {} if it does."""
+    image_model = train.get("model") in ("cnn", "resnet")
+    if image_model == (modality == "image") or ":" in str(train.get("model")):
+        return {}
+    return {f"train.{k}": v for k, v in FAMILY[modality].items()}
+
+
 def use_dataset(name_or_path: str, params: str | Path = PARAMS) -> DatasetSettings:
     """Make a shipped dataset (data/datasets/NAME.yaml) or a dataset file the one params.yaml trains on:
     its `dataset:` section replaces params.yaml's, the rest of the file (and its comments) stays."""
@@ -46,6 +63,13 @@ def use_dataset(name_or_path: str, params: str | Path = PARAMS) -> DatasetSettin
     if task in PRIMARY and primary not in PRIMARY[task]:  # the gate's metric must score this task
         new = edit_params(new, {"evaluate.primary": PRIMARY[task][0]})
         print(f"evaluate.primary: {primary} -> {PRIMARY[task][0]} (a {task} metric)", file=sys.stderr)
+    changes = train_for(section.get("modality", "table"), (yaml.safe_load(new) or {}).get("train") or {})
+    if changes:  # a model family of the dataset's modality (cnn for images, mlp for tables)
+        new = edit_params(new, changes)
+        print(
+            f"{', '.join(f'{k}: {v}' for k, v in changes.items())} (a model of {section.get('modality', 'table')}s)",
+            file=sys.stderr,
+        )
     settings = parse_settings(yaml.safe_load(new), f"{path} in {params}", root=Path(params).resolve().parent)
     Path(params).write_text(new)
     return settings.dataset

@@ -43,6 +43,7 @@ from tasks.settings import Settings, cli
 from tasks.training.data import EVAL_CHUNK, load_split
 from tasks.training.model import load_model, servable
 
+IMAGE_CHUNK = 256  # images scored at once (a convolution's activations are large)
 MIN_SLICE_ROWS = 30  # smaller slices are reported but not gated: their metrics are mostly noise
 TOP_CATEGORIES = 20
 ROUNDING = 1e-6  # a smaller relative difference is float rounding (the same model scored by torch and by ONNX)
@@ -52,7 +53,7 @@ def predict(model: torch.nn.Module, meta: dict, x: torch.Tensor) -> np.ndarray:
     """Model inputs -> predictions in target units, or class probabilities (n, K): the package's own head."""
     head, _ = servable(model, meta)
     with torch.no_grad():
-        out = torch.cat([head(c) for c in x.split(EVAL_CHUNK)]) if len(x) else torch.empty(0)
+        out = torch.cat([head(c) for c in x.split(EVAL_CHUNK if x.dim() == 2 else IMAGE_CHUNK)]) if len(x) else torch.empty(0)
     return out.double().numpy()
 
 
@@ -183,7 +184,12 @@ def evaluate(s: Settings) -> dict:
     model, meta = load_model(Path(s.train.out_dir) / "model.pt")
     if not (feat_dir / "test").exists():
         raise UserError(f"evaluate: no test split in {feat_dir}; run the preprocess stage first")
-    x, y = load_split(feat_dir / "test", meta["features"], meta["target"])
+    if meta.get("modality") == "image":  # the test shards (uint8 pixels: the model normalises them itself)
+        from tasks.images.loader import test_split
+
+        x, y = test_split(feat_dir)
+    else:
+        x, y = load_split(feat_dir / "test", meta["features"], meta["target"])
     raw = pd.read_parquet(feat_dir / "test_raw")  # the same rows, in the same order, as they came
     if len(raw) != len(y):
         raise UserError(
@@ -210,12 +216,12 @@ def evaluate(s: Settings) -> dict:
         "baseline": task_metrics(actual, base, s.dataset.target_transform),
         "champion": ref if champion is not None else None,
     }
-    write_outputs(out, s, meta, actual, predicted, metrics, slices, ref_slices, gate)
+    write_outputs(out, s, meta, actual, predicted, metrics, slices, ref_slices, gate, images=x if x.dim() == 4 else None)
     print(gate["message"])
     return dict(metrics, promote=int(gate["decision"] == "promote"), improvement=round(gate["improvement"], 6))
 
 
-def write_outputs(out: Path, s: Settings, meta: dict, actual, predicted, metrics, slices, ref_slices, gate) -> None:
+def write_outputs(out: Path, s: Settings, meta: dict, actual, predicted, metrics, slices, ref_slices, gate, images=None) -> None:
     """The files of the module docstring, each written atomically; metrics.json last."""
     from tasks.figures import figures
 
@@ -231,7 +237,7 @@ def write_outputs(out: Path, s: Settings, meta: dict, actual, predicted, metrics
         pd.DataFrame({"residual": edges[:-1], "residual_to": edges[1:], "rows": counts}).to_csv(
             tmp, index=False, float_format="%.6g"
         )
-    figures(out / "figures", actual, predicted, meta, metrics, Path(s.train.out_dir) / "summary.json")
+    figures(out / "figures", actual, predicted, meta, metrics, Path(s.train.out_dir) / "summary.json", images)
     per_class = None
     if classes:
         reports = class_report(actual.astype(np.int64), predicted.argmax(1), len(classes))

@@ -1,5 +1,6 @@
 """The evaluate stage's PNG figures (evaluate.out_dir/figures/): predicted vs actual and residuals for a number,
-the confusion matrix and the calibration curve for labels, the learning curves for both."""
+the confusion matrix and the calibration curve for labels (and for images a grid of misclassified test images),
+the learning curves for all."""
 
 from __future__ import annotations
 
@@ -12,25 +13,31 @@ from tasks.files import MARKER, MARKER_TEXT, atomic_path
 from tasks.metrics import confusion_matrix, reliability
 
 TASK_FIGURES = {"regression": ("pred_vs_actual.png", "residuals.png"), "classification": ("confusion.png", "calibration.png")}
+IMAGE_FIGURES = ("misclassified.png",)
 MAX_CONFUSION_LABELS = 30  # more classes: the matrix is drawn without tick labels
+GRID = 6  # the misclassified images: a GRID × GRID grid
 
 
-def figures(out: Path, actual: np.ndarray, predicted: np.ndarray, meta: dict, metrics: dict, summary: Path) -> None:
+def figures(out: Path, actual: np.ndarray, predicted: np.ndarray, meta: dict, metrics: dict, summary: Path, images=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     # a plain directory of PNGs, each renamed into place (`dvc plots show` renders every file in it: no marker
-    # file here), and the other task's figures removed
+    # file here), and the figures of another task (or of images) removed
     out.mkdir(parents=True, exist_ok=True)
+    grid = images is not None and bool(meta.get("classes"))
     if meta.get("classes"):
         confusion(out, actual.astype(np.int64), predicted, meta["classes"], metrics)
         calibration(out, actual.astype(np.int64), predicted, metrics)
+        if grid:
+            misclassified(out, images, actual.astype(np.int64), predicted, meta["classes"])
     else:
         scatter(out, actual, predicted, meta["target"], metrics)
         residuals(out, actual, predicted, meta["target"])
     learning_curve(out, summary, "log-loss" if meta.get("classes") else "MSE (standardised target)")
-    mine = TASK_FIGURES["classification" if meta.get("classes") else "regression"] + ("learning_curve.png",)
-    for name in {n for names in TASK_FIGURES.values() for n in names} - set(mine):
+    mine = {*TASK_FIGURES["classification" if meta.get("classes") else "regression"], "learning_curve.png"}
+    mine |= set(IMAGE_FIGURES) if grid else set()
+    for name in {n for names in TASK_FIGURES.values() for n in names}.union(IMAGE_FIGURES) - mine:
         (out / name).unlink(missing_ok=True)
     marker = out / MARKER  # (written there by an earlier version)
     if marker.exists() and marker.read_text() == MARKER_TEXT:
@@ -137,3 +144,27 @@ def learning_curve(out: Path, summary: Path, loss: str) -> None:
         ax.legend()
     ax.set(xlabel="epoch", ylabel=loss, title="Learning curves")
     save(fig, out / "learning_curve.png")
+
+
+def misclassified(out: Path, images, actual: np.ndarray, probabilities: np.ndarray, classes: list) -> None:
+    """The test images the model got wrong with the most confidence: each with its actual and predicted class and
+    the probability it gave the wrong one."""
+    import matplotlib.pyplot as plt
+
+    predicted = probabilities.argmax(1)
+    wrong = np.flatnonzero(predicted != actual)
+    worst = wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")][: GRID * GRID]
+    fig, axes = plt.subplots(GRID, GRID, figsize=(1.9 * GRID, 2.1 * GRID), dpi=100)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, worst):
+        pixels = np.asarray(images[i]).transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
+        ax.imshow(
+            pixels[:, :, 0] if pixels.shape[2] == 1 else pixels, cmap="gray" if pixels.shape[2] == 1 else None, vmin=0, vmax=255
+        )
+        ax.set_title(
+            f"{str(classes[actual[i]])[:12]} → {str(classes[predicted[i]])[:12]}\n(p {probabilities[i, predicted[i]]:.2f})",
+            fontsize=8,
+        )
+    fig.suptitle(f"Misclassified test images, most confident first ({len(wrong):,} of {len(actual):,}; actual → predicted)")
+    save(fig, out / "misclassified.png")

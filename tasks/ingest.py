@@ -146,6 +146,10 @@ def _is_parquet(fs, root: str) -> bool:
 
 
 def ingest(s: Settings) -> dict:
+    if s.dataset.modality == "image":  # a directory of images, IDX files or a Parquet table of image bytes
+        from tasks.images.sources import ingest_images
+
+        return ingest_images(s)
     cfg, data = s.ingest, s.dataset
     fs, root = fsspec.core.url_to_fs(data.source)
     with staged_path(cfg.out) as out:

@@ -19,6 +19,18 @@ def model_card(m: dict, slices: dict, compared: dict, s) -> str:
 
 def header(m: dict, s) -> str:
     git = f"git {str(m['git']['commit'])[:12]}{', uncommitted changes' if m['git']['dirty'] else ''}"
+    if m.get("modality") == "image":
+        image = s.dataset.image
+        return (
+            f"# Model card: {m['target']} on {m['data']['dataset']}\n\n"
+            f"Built {m['created']} by Trainflow {m['trainflow_version']} "
+            f"({git}; Prefect flow run {m['prefect_flow_run_id'] or 'none'}).\n\n"
+            f"## Intended use\nClassifies images ({what(m, s)}) like the training images: decoded, converted to "
+            f"{image.channels} channel(s) and resized to {image.size[0]}×{image.size[1]}; `suite.yaml` says which formats, sizes "
+            "and channels it accepts. Batch inference: `trainflow predict PACKAGE DIRECTORY|TABLE OUTPUT` rejects images "
+            "that do not decode or break the suite, with reasons. The ONNX model takes uint8 pixels (N, C, H, W) and "
+            "normalises them itself."
+        )
     return (
         f"# Model card: {m['target']} on {m['data']['dataset']}\n\n"
         f"Built {m['created']} by Trainflow {m['trainflow_version']} "

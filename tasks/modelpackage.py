@@ -42,6 +42,7 @@ MAX_MEMBERS = 64
 MAX_BYTES = 4 << 30
 MAX_RATIO = 20  # unpacked / packed: ONNX weights hardly compress; a bomb is ~1000x
 CHUNK = 65536
+IMAGE_CHUNK = 256  # images scored at once
 SAME = ("dataset", "target", "target_transform", "task", "classes", "inputs", "split")  # what a champion must share
 SPLIT_RULE = "hash of dataset.key, else of every column but the target"  # (before: the whole row, target included)
 
@@ -59,16 +60,33 @@ class ModelPackage:
         self.session = ort.InferenceSession(str(directory / "model.onnx"), providers=["CPUExecutionProvider"])
 
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        if self.transform.get("modality") == "image":  # encoded images, decoded and resized as in preprocess
+            return self.run(self.pixels(frame))
         missing = [c for c in self.transform["inputs"] if c not in frame.columns]
         if missing:
             raise UserError(f"predict: input lacks columns {missing} that the model needs")
         return self.run(apply_transform(self.transform, frame))
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        """The ONNX model on transformed features, in chunks of 65,536 rows (bounded memory)."""
+        """The ONNX model on transformed features (images: uint8 pixels), in chunks (bounded memory)."""
         if not len(x):
             return np.empty((0, len(self.classes)) if self.classes else 0, dtype=np.float32)
-        return np.concatenate([self.session.run(None, {"features": c})[0] for c in np.array_split(x, -(-len(x) // CHUNK))])
+        chunk = CHUNK if x.ndim == 2 else IMAGE_CHUNK
+        return np.concatenate([self.session.run(None, {"features": c})[0] for c in np.array_split(x, -(-len(x) // chunk))])
+
+    def pixels(self, frame: pd.DataFrame) -> np.ndarray:
+        """A frame's column of encoded images as the model's uint8 (n, C, H, W); an image that does not decode is
+        an error here (batch inference, tasks/predict.py, rejects it with its reason instead)."""
+        from tasks.images.decode import decode_all
+
+        image = self.transform["image"]
+        if image["column"] not in frame.columns:
+            raise UserError(f"predict: input lacks the column {image['column']!r} of encoded images that the model needs")
+        x, bad = decode_all(frame[image["column"]].tolist(), image["size"], image["channels"])
+        if bad:
+            row, reason = next(iter(bad.items()))
+            raise UserError(f"predict: row {row}: {reason} ({len(bad)} such rows)")
+        return x
 
     def labels(self, probabilities: np.ndarray) -> pd.Series:
         """The most probable class of each row, as a value of the target's type."""

@@ -151,6 +151,7 @@ def package(s: Settings) -> dict:
             "features": meta["features"],
             "target": meta["target"],
             "task": s.dataset.task,
+            "modality": s.dataset.modality,
             "target_transform": s.dataset.target_transform,
             "classes": meta.get("classes"),
             "key": list(s.dataset.key),

@@ -170,23 +170,31 @@ def _predict(package, input_path: Path, output: Path, rejects: str | Path | None
     rejects = Path(rejects) if rejects else output.with_name(f"{output.stem}.rejects{output.suffix}")
     if output.suffix not in (".parquet", ".csv"):
         raise UserError(f"predict: {output}: give an output file ending in .parquet or .csv")
-    target, key = package.manifest["target"], list(package.manifest.get("key") or [])
-    suite = scoring_suite(load_suite(package.directory / "suite.yaml"), target)
-    parts, frame, n_rows = read_input(input_path)
-    if n_rows == 0:
-        raise UserError(f"predict: {input_path} has no rows to score")
-    columns = list(frame.columns) if frame is not None else pq.read_schema(parts[0].file).names
-    check_columns(columns, suite, target, str(input_path))
+    if package.transform.get("modality") == "image":  # a directory or a table of images (tasks/images/predict.py)
+        from tasks.images.predict import count_images, score_images
 
-    if frame is not None or len(parts) == 1:
-        from tasks.tables import read_piece
-
-        results = [score(package, frame if frame is not None else read_piece(parts[0]), 0, suite, key, str(input_path))]
-        mode = "in memory"
+        n_rows, mode = count_images(input_path), "images"
+        results = [
+            Scored(ids.assign(**predicted_columns(package, p)), bad, {}) for ids, p, bad in score_images(package, input_path)
+        ]
     else:
-        version = sha256_file(package.directory / "manifest.json")
-        results = _on_dask(package.directory, version, parts, suite, key, target, str(input_path))
-        mode = f"{len(parts)} partitions on Dask"
+        target, key = package.manifest["target"], list(package.manifest.get("key") or [])
+        suite = scoring_suite(load_suite(package.directory / "suite.yaml"), target)
+        parts, frame, n_rows = read_input(input_path)
+        if n_rows == 0:
+            raise UserError(f"predict: {input_path} has no rows to score")
+        columns = list(frame.columns) if frame is not None else pq.read_schema(parts[0].file).names
+        check_columns(columns, suite, target, str(input_path))
+
+        if frame is not None or len(parts) == 1:
+            from tasks.tables import read_piece
+
+            results = [score(package, frame if frame is not None else read_piece(parts[0]), 0, suite, key, str(input_path))]
+            mode = "in memory"
+        else:
+            version = sha256_file(package.directory / "manifest.json")
+            results = _on_dask(package.directory, version, parts, suite, key, target, str(input_path))
+            mode = f"{len(parts)} partitions on Dask"
     n_pred, n_rej = sum(len(r.predictions) for r in results), sum(len(r.rejects) for r in results)
     assert n_pred + n_rej == n_rows, (n_pred, n_rej, n_rows)  # every row is either scored or rejected
     _write([r.predictions for r in results], output)

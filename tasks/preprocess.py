@@ -248,6 +248,8 @@ def _null_count(files: list[Path], column: str) -> int | None:
 def preprocess(s: Settings) -> dict:
     cfg, d = s.preprocess, s.dataset
     check_validated(s)
+    if d.modality == "image":
+        return preprocess_images(s)
     files = parquet_files(s.validate_.out)
     check_columns(s, files)
     n_rows = count_rows(files)
@@ -262,6 +264,17 @@ def preprocess(s: Settings) -> dict:
     if schema["dropped_missing_target"]:
         log.warning("preprocess: %d of %d rows have no %s and were left out", schema["dropped_missing_target"], n_rows, d.target)
     return schema
+
+
+def preprocess_images(s: Settings) -> dict:
+    """dataset.modality image: decoded and resized into uint8 shards on Dask (tasks/images/shards.py); the labels
+    checked across the splits as a table's are."""
+    from tasks.images.shards import finish, first_pass
+
+    target = pq.read_schema(parquet_files(s.validate_.out)[0]).field(s.dataset.target).type
+    with dask_client(s.dask, "preprocess") as client, atomic_dir(s.preprocess.out_dir) as stage:
+        counts, results = first_pass(client, s, stage)
+        return finish(stage, s, check_target(counts, s.dataset, None), counts, results, label_dtype(target))
 
 
 def build_features(client, files: list[Path], n_rows: int, key: list[str], kinds: dict, d, cfg, stage: Path) -> dict:

@@ -46,13 +46,42 @@ PRIMARY = {
 }
 
 
+class ImageSettings(Section):
+    """dataset.modality image: how the images are read and the shape the model sees."""
+
+    size: list[Annotated[int, Field(ge=4, le=4096)]] = Field(
+        min_length=2,
+        max_length=2,
+        description="[height, width] every image is resized to (bilinear) in preprocess: the model's input size.",
+    )
+    channels: Literal[1, 3] = Field(description="1: greyscale, 3: RGB; every image is converted to it.")
+    column: str = Field(
+        "image",
+        description="The column of encoded image bytes (PNG, JPEG, ...) in a Parquet source (dataset.target names its label column); a directory or IDX source is read into columns of these names.",
+    )
+    split: Literal["hash", "source"] = Field(
+        "hash",
+        description="hash: each image's split from a hash of its bytes (preprocess.split); source: the source's own test set (the t10k IDX files, a directory's test/ folder, a Parquet column `split` of train/test), train and validation from a hash in preprocess.split's train:val ratio.",
+    )
+    names: list[str] = Field(
+        [], description="IDX sources: the name of label 0, 1, 2, … (empty: the label numbers are the classes)."
+    )
+    shard_rows: int = Field(
+        4096, ge=16, le=1_000_000, description="Images per uint8 shard file that preprocess writes (and the loader streams)."
+    )
+
+
 class DatasetSettings(Section):
     """What to train on: the data, its expectation suite, the target and how each column is used. Adding a
     dataset is a new section like this (data/datasets/ holds the shipped ones) and a suite; no code."""
 
     name: str = Field(description="A short name for the dataset (shown in reports and the package manifest).")
+    modality: Literal["table", "image"] = Field(
+        "table",
+        description="table: rows of columns (CSV, Parquet); image: labelled images (a directory in class-subfolder layout root/<label>/<file>, a Parquet table of image bytes and labels, or IDX files), with dataset.image (docs/images.md).",
+    )
     source: str = Field(
-        description="CSV or Parquet file, or a directory of Parquet files: a local path or an fsspec URL (s3://, gs://, https://). Credentials come from the environment or fsspec config, never the URL.",
+        description="CSV or Parquet file, or a directory of Parquet files (images: a directory of class folders or IDX files, or a Parquet file): a local path or an fsspec URL (s3://, gs://, https://). Credentials come from the environment or fsspec config, never the URL.",
         json_schema_extra={"pattern": NO_SECRETS},
     )
     sha256: str | None = Field(
@@ -79,6 +108,9 @@ class DatasetSettings(Section):
         [],
         description="Columns the evaluation also scores separately: each category of a categorical column (the 20 most frequent; the rest as 'other'), or evaluate.slice_bins quantile bins of a numeric one.",
     )
+    image: ImageSettings | None = Field(
+        None, description="modality image: size, channels and how images are read; null for tables."
+    )
 
     @field_validator("source")
     @classmethod
@@ -102,6 +134,21 @@ class DatasetSettings(Section):
         unknown = [k for k in self.slices if k not in self.columns or self.columns[k] in ("ignore", "datetime")]
         if unknown:
             raise ValueError(f"slices {unknown} must be numeric or categorical columns of dataset.columns")
+        return self
+
+    @model_validator(mode="after")
+    def _modality(self) -> DatasetSettings:
+        if self.modality == "table":
+            if self.image is not None:
+                raise ValueError("dataset.image describes images; dataset.modality is table: set dataset.image: null")
+            return self
+        if self.image is None:
+            raise ValueError("dataset.modality=image needs dataset.image (size, channels); see data/datasets/fashion_mnist.yaml")
+        if self.task == "regression":
+            raise ValueError("dataset.modality=image predicts labels: set dataset.task: multiclass (or binary)")
+        extra = [k for k in ("columns", "key", "slices") if getattr(self, k)]
+        if extra:
+            raise ValueError(f"dataset.{extra[0]} lists table columns; images have none: set dataset.{extra[0]} empty")
         return self
 
 
@@ -226,8 +273,8 @@ class TrainSettings(Section):
         description="binary and multiclass: none, or balanced (each class's loss weighted by n_rows / (n_classes × its train rows), for rare classes).",
     )
     model: str = Field(
-        pattern=r"^(mlp|resmlp|[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*)$",
-        description="mlp: feed-forward layers; resmlp: residual blocks with layer norm (deeper models); both embed categorical codes. Or a model of your own, 'package.module:factory': a function (schema, settings) -> torch.nn.Module (docs/training.md; e.g. tasks.training.ft_transformer:build).",
+        pattern=r"^(mlp|resmlp|cnn|resnet|[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*)$",
+        description="Tables: mlp (feed-forward layers) or resmlp (residual blocks with layer norm; deeper models), both embedding categorical codes. Images: cnn (a 3×3 conv, ReLU and 2×2 max-pool per hidden entry, then a 128-unit dense layer) or resnet (residual blocks of two 3×3 convs with group norm; a block wider than the one before halves the resolution). Or a model of your own, 'package.module:factory': a function (schema, settings) -> torch.nn.Module (docs/training.md; e.g. tasks.training.ft_transformer:build).",
     )
     numeric_embedding: Literal["none", "periodic", "piecewise_linear"] = Field(
         "none",
@@ -248,9 +295,13 @@ class TrainSettings(Section):
     hidden: list[Annotated[int, Field(ge=1, le=MAX_WIDTH)]] = Field(
         min_length=1,
         max_length=64,
-        description="mlp: width of each hidden layer; resmlp: the first entry is the width, each entry a block's inner width.",
+        description="mlp: width of each hidden layer; resmlp: the first entry is the width, each entry a block's inner width; cnn: channels of each conv block; resnet: channels of each residual block.",
     )
-    dropout: float = Field(ge=0, lt=1, description="Dropout after each hidden layer.")
+    dropout: float = Field(ge=0, lt=1, description="Dropout after each hidden layer (cnn, resnet: before the dense layers).")
+    augment: Literal["none", "crop_flip"] = Field(
+        "none",
+        description="Images: none, or crop_flip: each training image shifted by a random crop of the image zero-padded by 1/8 of its size, and flipped left-right with probability 1/2; drawn per global batch from train.seed, the epoch and the step, so it is the same on any number of ranks and after a resume.",
+    )
     patience: int = Field(ge=1, description="Stop after this many epochs without a better validation loss.")
     seed: int = Field(ge=0, description="Seed of weights and data order.")
     grad_sync: Literal["allreduce", "fp16", "bf16", "powersgd", "local_sgd"] = Field(
@@ -369,6 +420,21 @@ class Settings(Section):
             )
         if task == "regression" and self.train.class_weights != "none":
             raise ValueError("train.class_weights=balanced weights classes; dataset.task=regression has none: set it to none")
+        return self
+
+    @model_validator(mode="after")
+    def _fits_the_modality(self) -> Settings:
+        image, model = self.dataset.modality == "image", self.train.model
+        if image and model in ("mlp", "resmlp"):
+            raise ValueError(
+                f"train.model={model} is a model of table columns; dataset.modality=image: set train.model: cnn or resnet"
+            )
+        if not image and model in ("cnn", "resnet"):
+            raise ValueError(f"train.model={model} is a model of images; dataset.modality=table: set train.model: mlp or resmlp")
+        if not image and self.train.augment != "none":
+            raise ValueError(
+                f"train.augment={self.train.augment} augments images; dataset.modality=table: set train.augment: none"
+            )
         return self
 
     @model_validator(mode="after")
@@ -522,6 +588,16 @@ def _kind(annotation) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
+def _nested(annotation) -> Any:
+    """The section model of a nested section (preprocess.split) or an optional one (dataset.image), else None."""
+    from typing import get_args
+
+    for a in (annotation, *get_args(annotation)):
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+    return None
+
+
 def reference(params: str | Path = PARAMS) -> str:
     """docs/settings.md, generated from the settings' own descriptions and bounds and params.yaml's values
     (`python -m tasks.settings reference > docs/settings.md`; a test fails when the file is stale)."""
@@ -547,11 +623,14 @@ def reference(params: str | Path = PARAMS) -> str:
             "|---|---|---|---|---|",
         ]
         for sub, info in section.model_fields.items():
-            if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
-                for inner, i2 in info.annotation.model_fields.items():
+            nested = _nested(info.annotation)
+            if nested is not None:
+                if values[key][sub] is None:  # an optional section (dataset.image): its row, then its keys
+                    lines.append(f"| `{key}.{sub}` | section or `null` | | `null` | {info.description} |")
+                for inner, i2 in nested.model_fields.items():
+                    shown = f"`{(values[key][sub] or {}).get(inner)}`" if values[key][sub] is not None else "—"
                     lines.append(
-                        f"| `{key}.{sub}.{inner}` | {_kind(i2.annotation)} | {bounds(i2)} | "
-                        f"`{values[key][sub][inner]}` | {i2.description} |"
+                        f"| `{key}.{sub}.{inner}` | {_kind(i2.annotation)} | {bounds(i2)} | {shown} | {i2.description} |"
                     )
                 continue
             value = values[key][sub]

@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 
 def validate(s: Settings) -> dict:
+    if s.dataset.modality == "image":  # every image decoded and checked (tasks/images/validate.py)
+        from tasks.images.validate import validate_images
+
+        return validate_images(s)
     cfg = s.validate_
     suite = load_suite(s.dataset.suite)
     raw = Path(s.ingest.out)

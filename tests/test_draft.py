@@ -301,6 +301,7 @@ def test_the_drafted_settings_load(tmp_path, monkeypatch):
     assert s.dataset.name == "late" and s.dataset.task == "binary" and s.evaluate.primary == "roc_auc"
     assert list(s.dataset.model_dump()) == [
         "name",
+        "modality",
         "source",
         "sha256",
         "suite",
@@ -310,5 +311,6 @@ def test_the_drafted_settings_load(tmp_path, monkeypatch):
         "key",
         "columns",
         "slices",
+        "image",
     ]
     assert pa.types.is_timestamp(pq.read_schema(root / "data/sources/late.parquet").field("departed").type)

@@ -4,6 +4,7 @@ import sys
 import pytest
 import yaml
 
+from tasks.datasets import train_for
 from tasks.settings import PRIMARY, UserError, load_settings, parse_settings
 from tests.conftest import ROOT, project_params
 
@@ -122,7 +123,7 @@ def test_use_switches_the_dataset_section_and_keeps_the_rest(tmp_path):
         text=True,
         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
     )
-    assert proc.returncode == 2 and "shipped datasets: ['adult', 'california_housing', 'flights']" in proc.stderr
+    assert proc.returncode == 2 and "shipped datasets: ['adult', 'california_housing', 'fashion_mnist', 'flights']" in proc.stderr
 
 
 def test_the_shipped_datasets_are_valid():
@@ -130,5 +131,7 @@ def test_the_shipped_datasets_are_valid():
         raw = project_params()
         raw["dataset"] = yaml.safe_load(path.read_text())["dataset"]
         raw["evaluate"]["primary"] = PRIMARY[raw["dataset"]["task"]][0]  # as `trainflow use` picks it
+        for dotted, value in train_for(raw["dataset"]["modality"], raw["train"]).items():  # and the model family
+            raw["train"][dotted.split(".")[1]] = value
         s = parse_settings(raw)
         assert (ROOT / s.dataset.source).exists() and (ROOT / s.dataset.suite).exists()

@@ -7,6 +7,7 @@ permutation and takes its own contiguous slice of each global batch (`rank_slice
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,28 @@ class Features:
     def n_train(self) -> int:
         return len(self.x_train)
 
+    @property
+    def n_val(self) -> int:
+        return len(self.x_val)
+
+    # what the loop asks of its data (an image loader streams instead: tasks/images/loader.py)
+    def start_epoch(self, perm: torch.Tensor, epoch: int, skip: int) -> None:
+        """Nothing to read ahead: batches are slices of tensors already on the device."""
+
+    def train_batch(self, part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x_train[part], self.y_train[part]
+
+    def val_batches(self, rank: int, world: int):
+        """This rank's shard of the validation split, in the same number of chunks on every rank."""
+        x, y = self.x_val, self.y_val
+        shard = torch.arange(rank, len(x), world, device=x.device)
+        chunks = max(1, math.ceil(math.ceil(len(x) / world) / EVAL_CHUNK))
+        for c in shard.tensor_split(chunks):
+            yield x[c], y[c]
+
+    def close(self) -> None:
+        pass
+
 
 def load_features(feat_dir: Path, device: torch.device, objective) -> Features:
     """Both splits read once and copied to the device once (pinned, non-blocking on CUDA)."""
@@ -101,7 +124,7 @@ def check_inputs(s) -> dict:
     if cfg.batch_size > n_train:
         raise UserError(f"train.batch_size={cfg.batch_size} exceeds the {n_train:,} training rows; lower train.batch_size")
     check_model_fits(cfg, schema)
-    if cfg.model not in ("mlp", "resmlp"):  # a factory of your own: its contract, before any rank starts
+    if cfg.model not in ("mlp", "resmlp", "cnn", "resnet"):  # a factory of your own: its contract, before any rank starts
         import tempfile
 
         from tasks.training.factory import check_factory

@@ -52,6 +52,7 @@ def schema_of(arch: dict) -> dict:
         "task": arch.get("task", "regression"),
         "classes": arch.get("classes"),
         "outputs": arch.get("outputs", 1),
+        **({"modality": "image", "shape": arch["image"]["shape"]} if "image" in arch else {}),
     }
 
 
@@ -75,6 +76,8 @@ def from_factory(arch: dict) -> nn.Module:
 def example_batch(arch: dict, rows: int = 4) -> torch.Tensor:
     """A batch the model must take: standard normal numeric features, valid codes in the categorical columns."""
     g = torch.Generator().manual_seed(0)
+    if "image" in arch:  # pixels, as the loader and the package give them
+        return torch.randint(0, 256, (rows, *arch["image"]["shape"]), generator=g, dtype=torch.uint8)
     x = torch.randn(rows, arch["n_features"], generator=g)
     for c in arch.get("categorical") or []:
         x[:, c["index"]] = torch.randint(0, c["cardinality"], (rows,), generator=g).float()

@@ -25,7 +25,7 @@ from tasks.errors import InfrastructureError, UserError
 from tasks.files import atomic_path, write_json
 from tasks.settings import Settings
 from tasks.training import checkpoint
-from tasks.training.data import EVAL_CHUNK, load_features, rank_slice
+from tasks.training.data import load_features, rank_slice
 from tasks.training.live import PROGRESS, log_epoch, open_live
 from tasks.training.model import architecture, build_model, fit_inputs
 from tasks.training.objective import objective_for
@@ -103,7 +103,12 @@ class Trainer:
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16)
         transform, schema = _features_meta(s)
         self.objective = objective_for(transform, cfg.class_weights, (schema.get("class_rows") or {}).get("train"))
-        self.data = load_features(Path(s.preprocess.out_dir), device, self.objective)
+        if schema.get("modality") == "image":  # streamed from uint8 shards (tasks/images/loader.py)
+            from tasks.images.loader import ImageData
+
+            self.data: Any = ImageData(Path(s.preprocess.out_dir), device, self.objective, rank, world, cfg)
+        else:
+            self.data = load_features(Path(s.preprocess.out_dir), device, self.objective)
         self.arch = architecture(cfg, self.data.schema, self.objective.outputs)
         self.clock = Clock(device)
         net = build_model(self.arch).to(device)
@@ -208,6 +213,7 @@ class Trainer:
                     break
         finally:
             self.watchdog.stop()
+            self.data.close()
             self.writer.shutdown(wait=True)  # every checkpoint a message may mention is on disk
         for write in self.writes:
             write.result()  # a failed write fails the run
@@ -219,6 +225,7 @@ class Trainer:
         self.net.model.train()
         epoch_order = self.order.get_state()  # with the position in the epoch, the data-order state
         perm = torch.randperm(self.data.n_train, generator=self.order).to(self.device)
+        self.data.start_epoch(perm, epoch, at.skip)
         sse = torch.zeros(self.steps_per_epoch, device=self.device)
         if at.skip and self.resumed is not None and self.resumed.get("partial_sse") is not None:
             sse[: at.skip] = resumed_sse(self.resumed["partial_sse"], self.rank, self.world)
@@ -244,7 +251,7 @@ class Trainer:
         cfg, net, world, m = self.cfg, self.net, self.world, len(idx)
         mine = rank_slice(idx, self.rank, world)
         parts = mine.tensor_split(cfg.grad_accum_steps) if cfg.grad_accum_steps > 1 else (mine,)
-        micro = [(self.data.x_train[part], self.data.y_train[part]) for part in parts]
+        micro = [self.data.train_batch(part) for part in parts]
         taken = self.clock.now()
         self.opt.zero_grad(set_to_none=True)
         loss = torch.zeros((), device=self.device)
@@ -281,12 +288,10 @@ class Trainer:
     def validate(self) -> torch.Tensor:
         """Each rank scores its shard of the validation split in the same number of chunks (FSDP needs every
         rank in every forward); the sums the objective's record needs (its loss first)."""
-        x, y, world = self.data.x_val, self.data.y_val, self.world
         self.net.model.eval()
         with torch.no_grad(), self.autocast:
-            shard = torch.arange(self.rank, len(x), world, device=self.device)
-            chunks = max(1, math.ceil(math.ceil(len(x) / world) / EVAL_CHUNK))
-            total = sum(self.objective.val_sums(self.net.model(x[c]), y[c]).double() for c in shard.tensor_split(chunks))
+            batches = self.data.val_batches(self.rank, self.world)
+            total = sum(self.objective.val_sums(self.net.model(x), y).double() for x, y in batches)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.watchdog.beat()
@@ -311,7 +316,7 @@ class Trainer:
         """The epoch in figures; a loss that became nan or inf stops the run, naming the step and the rank."""
         values = totals.tolist()
         val, (data_s, compute_s, sync_s, step_s) = values[1:-4], values[-4:]
-        record = {"epoch": epoch, **self.objective.record(values[0], val, self.data.n_train, len(self.data.x_val))}
+        record = {"epoch": epoch, **self.objective.record(values[0], val, self.data.n_train, self.data.n_val)}
         if not math.isfinite(record["train_loss"]):
             self.diverged(epoch, sse, record["train_loss"])
         return record | {
@@ -378,7 +383,7 @@ class Trainer:
                         "target": data.schema["target"],
                         "target_mean": self.objective.mean,
                         "target_std": self.objective.std,
-                        **{k: data.transform.get(k) for k in ("task", "target_transform", "classes", "label_dtype")},
+                        **{k: data.transform.get(k) for k in ("task", "target_transform", "classes", "label_dtype", "modality")},
                     },
                     tmp,
                 )

@@ -194,6 +194,10 @@ def outputs_of(schema: dict) -> int:
 def architecture(cfg, schema: dict, outputs: int | None = None) -> dict:
     """What the model file records of the model: enough to build it again (train settings + feature metadata;
     for a factory of your own, the train settings it is called with)."""
+    if schema.get("modality") == "image":  # the cnn and resnet families (tasks/training/cnn.py)
+        from tasks.training.cnn import image_architecture
+
+        return image_architecture(cfg, schema, outputs or outputs_of(schema))
     arch = {
         "model": cfg.model,
         "n_features": len(schema["features"]),
@@ -213,6 +217,10 @@ def architecture(cfg, schema: dict, outputs: int | None = None) -> dict:
 def build_model(arch: dict) -> nn.Module:
     """The network an architecture record describes: a built-in model, or `package.module:factory`'s."""
     name = arch.get("model", "mlp")
+    if "image" in arch:
+        from tasks.training.cnn import build_image_model
+
+        return build_image_model(arch)
     if name not in MODELS:
         from tasks.training.factory import from_factory
 
