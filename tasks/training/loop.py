@@ -112,7 +112,8 @@ class Trainer:
         self.arch = architecture(cfg, self.data.schema, self.objective.outputs)
         self.clock = Clock(device)
         net = build_model(self.arch).to(device)
-        fit_inputs(net, self.data.x_train)  # before DDP or FSDP take the model over
+        if hasattr(self.data, "x_train"):  # tables (image models learn nothing from the inputs before training)
+            fit_inputs(net, self.data.x_train)  # before DDP or FSDP take the model over
         self.net = Wrapped(net, cfg, device, grouped, self.clock)
         model = self.net.model
         # one process on a GPU: CUDA graphs too (a small model's step is otherwise bound by kernel launches)
