@@ -162,11 +162,11 @@ class Network:
             ip("link", "set", "eth0", "up", ns=h.ns)
             ip("link", "set", "lo", "up", ns=h.ns)
 
-    def stop(self, proc: subprocess.Popen, timeout: float = 20) -> None:
-        """SIGTERM a spawned process's group, SIGKILL after timeout."""
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10)):
+    def stop(self, proc: subprocess.Popen, timeout: float = 20, sig: int = signal.SIGTERM) -> None:
+        """Signal a spawned process's group (SIGTERM), SIGKILL it after timeout."""
+        for signum, wait in ((sig, timeout), (signal.SIGKILL, 10)):
             try:
-                os.killpg(proc.pid, sig)
+                os.killpg(proc.pid, signum)
             except ProcessLookupError:
                 break
             try:
