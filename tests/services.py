@@ -141,3 +141,95 @@ def api_call(host: Host, api: str, method: str, path: str, body: dict | None = N
         "print(json.dumps(json.load(urllib.request.urlopen(req, timeout=60))))"
     )
     return host.python(code, api + path, method, json.dumps(body))
+
+
+class Sshd:
+    """Debian's OpenSSH server on `host` (port 22), key authentication only: a host key and a client key made for
+    it, the client's public key authorized for root, passwords refused. `known_hosts` is the line a client needs to
+    verify the server (no host key check switched off), `key` the client's private key."""
+
+    def __init__(self, host: Host):
+        self.host = host
+        self.dir = Path(tempfile.mkdtemp(prefix="trainflow-sshd-"))
+        self.key = self.dir / "client_key"
+        self.proc: subprocess.Popen | None = None
+        for key in (self.dir / "host_key", self.key):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "", "-f", str(key)], check=True)
+        shutil.copy(self.key.with_suffix(".pub"), self.dir / "authorized_keys")
+        public = (self.dir / "host_key.pub").read_text().split()[:2]
+        self.known_hosts = f"{host.name},{host.ip} {' '.join(public)}\n"
+        (self.dir / "sshd_config").write_text(
+            f"ListenAddress {host.ip}\nHostKey {self.dir / 'host_key'}\nAuthorizedKeysFile {self.dir / 'authorized_keys'}\n"
+            "PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+            "PermitRootLogin prohibit-password\nUsePAM no\nStrictModes no\nPidFile none\n"
+            "Subsystem sftp internal-sftp\nLogLevel VERBOSE\n"
+        )
+
+    def __enter__(self) -> Sshd:
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # its privilege-separation directory (Debian's package makes it)
+        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+        self.proc = self.host.spawn(sshd, "-D", "-e", "-f", str(self.dir / "sshd_config"), log=f"{self.host.name}-sshd.log")
+        try:
+            wait_for_port(self.host, 22, self.proc)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.host.net.stop(self.proc)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+MOTO_SETUP = """
+import json, sys, urllib.request
+import boto3
+endpoint, bucket = sys.argv[1], sys.argv[2]
+kw = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="setup", aws_secret_access_key="setup")
+iam = boto3.client("iam", **kw)
+iam.create_user(UserName="trainflow")
+policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+iam.put_user_policy(UserName="trainflow", PolicyName="s3", PolicyDocument=json.dumps(policy))
+key = iam.create_access_key(UserName="trainflow")["AccessKey"]
+boto3.client("s3", **kw).create_bucket(Bucket=bucket)
+auth_on = urllib.request.Request(endpoint + "/moto-api/reset-auth", data=b"0", headers={"content-type": "text/plain"})
+urllib.request.urlopen(auth_on).close()  # from now on, every request is checked against IAM
+print(json.dumps([key["AccessKeyId"], key["SecretAccessKey"]]))
+"""
+
+
+@contextmanager
+def moto_s3(host: Host, bucket: str = "trainflow", port: int = 5000):
+    """moto's server (the S3 API DVC's own S3 tests use) on `host`, with `bucket` and an IAM user allowed S3 made
+    before authentication is switched on: from then on a request must be signed with that user's key. Yields the
+    endpoint URL and the key (access key id, secret)."""
+    proc = host.spawn(str(BIN / "moto_server"), "-H", host.ip, "-p", str(port), log=f"{host.name}-moto.log")
+    try:
+        wait_for_port(host, port, proc)
+        endpoint = f"http://{host.name}:{port}"
+        key = host.python(MOTO_SETUP, endpoint, bucket)
+        yield endpoint, tuple(key)
+    finally:
+        host.net.stop(proc)
+
+
+PORT_OPEN = """
+import socket, sys, time
+deadline = time.time() + float(sys.argv[3])
+while True:
+    try:
+        socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2).close()
+        break
+    except OSError:
+        if time.time() > deadline:
+            raise
+        time.sleep(0.2)
+print("true")
+"""
+
+
+def wait_for_port(host: Host, port: int, proc: subprocess.Popen, seconds: float = 60) -> None:
+    if proc.poll() is not None:
+        raise RuntimeError(f"{proc.args[-1]} on {host.name} exited at once; see {host.net.logs}")
+    host.python(PORT_OPEN, host.ip, str(port), str(seconds), timeout=seconds + 30)
