@@ -27,6 +27,7 @@ pytestmark = [
 HOSTS = {"scheduler": 10, "worker1": 11, "worker2": 12, "worker3": 13, "client": 20}
 RUN = dict(world_size=2, epochs=3, checkpoint_every="5 steps", dropout=0.0)  # 11 steps an epoch
 TTL = "10s"  # the scheduler drops a worker it has not heard from in this long (Dask's default: 5 minutes)
+CONNECT = "5s"  # a connection to an unreachable host fails after this long (Dask's default: 30 s)
 LOST = r"rank [01] on tcp://10\.77\.0\.1[12]:\d+ hung \(no step in train.step_timeout_s; stacks in \S+hung-rank[01]\.log\)"
 
 
@@ -128,6 +129,7 @@ def cut_run(net, features, tmp_path, restore: bool, **train_overrides):
     with `restore`, the cable goes back once the launcher has seen the failure. The run's summary and seconds."""
     fired = tmp_path / "fired"
     env = {FAULT_ENV: f"cut:1:18:{fired}", "PYTHONPATH": f"{FAULTS}:{net.site}", "DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL": TTL}
+    env["DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT"] = CONNECT  # the scheduler's restart of the cut host's nanny gives up
     try:
         with dask_cluster(net, "scheduler", ["worker1", "worker2"], **env) as address:
             s = on_cluster(variant(features, tmp_path, step_timeout_s=5, **RUN, **train_overrides), address)
