@@ -45,13 +45,22 @@ class Postgres:
         self.dir = Path(tempfile.mkdtemp(prefix="trainflow-pg-"))  # outside pytest's root-only temporary tree
         self.url = f"postgresql+asyncpg://prefect:{password}@{host.name}:5432/prefect"
         self.proc: subprocess.Popen | None = None
+        try:
+            self._initdb()
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+
+    def _initdb(self) -> None:
         user = pwd.getpwnam("postgres")
-        (self.dir / "pw").write_text(password)
+        (self.dir / "pw").write_text(self.password)
         for path in (self.dir, self.dir / "pw"):
             os.chown(path, user.pw_uid, user.pw_gid)
         initdb = [pg("initdb"), "-D", str(self.dir / "data"), "-U", "prefect", f"--pwfile={self.dir / 'pw'}", "-E", "UTF8"]
         initdb += ["--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync"]
-        subprocess.run(as_postgres(*initdb), cwd=self.dir, check=True, capture_output=True)
+        made = subprocess.run(as_postgres(*initdb), cwd=self.dir, capture_output=True, text=True)
+        if made.returncode:
+            raise RuntimeError(f"initdb failed: {made.stderr.strip()}")
         with open(self.dir / "data" / "pg_hba.conf", "a") as hba:
             hba.write("host all all 10.77.0.0/24 scram-sha-256\n")
 
@@ -153,17 +162,26 @@ class Sshd:
         self.dir = Path(tempfile.mkdtemp(prefix="trainflow-sshd-"))
         self.key = self.dir / "client_key"
         self.proc: subprocess.Popen | None = None
+        try:
+            self.known_hosts = self._configure()
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+
+    def _configure(self) -> str:
+        """The keys, the server's configuration; the known_hosts line of its host key."""
+        host = self.host
         for key in (self.dir / "host_key", self.key):
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "", "-f", str(key)], check=True)
         shutil.copy(self.key.with_suffix(".pub"), self.dir / "authorized_keys")
         public = (self.dir / "host_key.pub").read_text().split()[:2]
-        self.known_hosts = f"{host.name},{host.ip} {' '.join(public)}\n"
         (self.dir / "sshd_config").write_text(
             f"ListenAddress {host.ip}\nHostKey {self.dir / 'host_key'}\nAuthorizedKeysFile {self.dir / 'authorized_keys'}\n"
             "PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
             "PermitRootLogin prohibit-password\nUsePAM no\nStrictModes no\nPidFile none\n"
             "Subsystem sftp internal-sftp\nLogLevel VERBOSE\n"
         )
+        return f"{host.name},{host.ip} {' '.join(public)}\n"
 
     def __enter__(self) -> Sshd:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # its privilege-separation directory (Debian's package makes it)
