@@ -265,7 +265,8 @@ def gantt(report: dict, path: Path) -> None:
         f"{report['runner']}: {report['wall_s']:.1f} s, of which stage work {report['work_s']:.1f} s "
         f"({100 * (report['useful_fraction'] or 0):.0f}%)"
     )
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18 - 0.3 / len(rows)), fontsize=8, ncol=len(seen), frameon=False)
+    if seen:  # a stage run alone by hand (torchrun on a node) records no spans
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18 - 0.3 / len(rows)), fontsize=8, ncol=len(seen), frameon=False)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=100)
