@@ -68,6 +68,7 @@ def check_api() -> None:
 
 
 def check_health(url: str) -> None:
+    import urllib.error
     import urllib.request
 
     try:
@@ -77,6 +78,16 @@ def check_health(url: str) -> None:
             f"PREFECT_API_URL={url} does not answer ({getattr(e, 'reason', e)}); start the server "
             "(prefect server start --host 127.0.0.1) or unset PREFECT_API_URL to use a local one"
         ) from None
+    try:  # the server answers without its database (PostgreSQL down): every call of the run would fail with a 500
+        urllib.request.urlopen(f"{url.rstrip('/')}/ready", timeout=30).close()
+    except urllib.error.HTTPError as e:
+        if e.code == 503:
+            raise UserError(
+                f"PREFECT_API_URL={url} answers, but the server cannot reach its database ({url}/ready: 503); start "
+                "the database it uses (the server's PREFECT_API_DATABASE_CONNECTION_URL, e.g. PostgreSQL) and run again"
+            ) from None
+    except OSError:
+        pass  # an API without a readiness check (/health answered)
 
 
 def healthy(url: str) -> bool:

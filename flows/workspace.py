@@ -20,6 +20,7 @@ import subprocess
 import uuid
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -28,6 +29,9 @@ from tasks.settings import PARAMS, Settings, dump_settings, edit_params
 from tasks.timeline import CHART, DETAILS, REPORT
 
 REPORTS = [str(REPORT), str(DETAILS), str(CHART)]  # the loop's iteration report, saved with the experiment
+
+# remote options that hold a secret (password, secret_access_key, session_token, passphrase, account_key, ...)
+SECRET_OPTION = re.compile(r"password|secret|token|passphrase|_key$")
 
 BUSY = (
     "{root} is busy: another Trainflow run or DVC command holds its lock ({what}). Wait for it to finish and run "
@@ -114,6 +118,8 @@ class Workspace:
         return stages.get(stage, {})
 
     def push(self) -> None:
+        """Push to the default remote. A failure names the remote and its URL (its password, if the URL has one,
+        masked) and DVC's reason with every secret configured for the remote masked, since a backend may echo one."""
         from dvc.config import NoRemoteError
         from dvc.exceptions import DvcException
 
@@ -124,8 +130,20 @@ class Workspace:
                 "dvc.push is true but this repository has no default DVC remote; add one with "
                 "`dvc remote add -d storage s3://bucket/path` (or a local directory), or set dvc.push: false"
             ) from None
-        except DvcException as e:
-            raise UserError(f"dvc push failed: {e}; check the remote's address and credentials (dvc remote list)") from None
+        except (DvcException, OSError) as e:  # the remote's own errors come through as they are (PermissionError, ...)
+            name = self.repo.config["core"].get("remote", "")
+            remote = self.repo.config["remote"].get(name, {})
+            reason = "; ".join(dict.fromkeys(str(x) for x in (e, e.__cause__) if x))  # DVC's summary, and why
+            secrets = [str(v) for k, v in remote.items() if SECRET_OPTION.search(k) and v]
+            url = str(remote.get("url", ""))
+            if password := urlsplit(url).password:
+                secrets.append(password)
+            for secret in secrets:
+                reason, url = reason.replace(secret, "***"), url.replace(secret, "***")
+            raise UserError(
+                f"dvc push to remote '{name}' ({url}) failed: {reason}; check the remote's address and credentials "
+                f"(dvc remote list; the credentials in .dvc/config.local or the environment)"
+            ) from None
 
     @contextmanager
     def experiment(self, name: str, run_id: str, settings: Settings, changed: dict):

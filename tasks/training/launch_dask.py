@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import urlparse
 
-from tasks.cluster import cluster_workers
+from tasks.cluster import check_project, cluster_workers, connect
 from tasks.errors import InfrastructureError, TrainflowError, UserError
 from tasks.settings import Settings, absolute_paths
 from tasks.training.checkpoint import staging_dir
@@ -44,18 +44,12 @@ def _dask_rank(s: Settings, rank: int, world: int, local_rank: int, local_world:
 
 def on_dask(s: Settings, restart: bool = False) -> list[str]:
     import dask
-    from distributed import Client
 
     cfg = s.train
     address = s.dask.address if s.dask.address != "local" else dask.config.get("scheduler-address", None)
-    try:
-        client = Client(address, timeout=10)
-    except (OSError, TimeoutError) as e:
-        raise UserError(
-            f"train.launcher=dask: no Dask scheduler answers at {address} ({e}); start it (dask scheduler) or fix dask.address"
-        ) from None
-    with client:
+    with connect(address, "dask.address" if s.dask.address != "local" else "DASK_SCHEDULER_ADDRESS") as client:
         workers = _rank_workers(client, cfg, address, restart)
+        check_project(client, workers)
         world = len(workers)
         s = absolute_paths(s)
         schema = str(Path(s.preprocess.out_dir) / "schema.json")

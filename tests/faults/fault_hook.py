@@ -1,12 +1,15 @@
 """Test harness only: make a training rank fail on cue. Product code never calls this; it is installed by
 sitecustomize.py (beside it) in every process started with this folder on PYTHONPATH, or by a test in its own.
 
-TRAINFLOW_INJECT_FAULT="kill|hang:RANK:STEP:MARKER": once rank RANK has finished STEP steps (in this
-process), it SIGKILLs itself or hangs; the marker file makes the fault fire once, so the relaunch goes on.
+TRAINFLOW_INJECT_FAULT="kill|hang|cut:RANK:STEP:MARKER": once rank RANK has finished STEP steps (in this
+process), it SIGKILLs itself, hangs, or pulls its host's network cable (`ip link set eth0 down` in the host's
+network namespace, tests/multihost.py) and goes on into its next collective; the marker file makes the fault
+fire once, so the relaunch goes on.
 """
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -31,6 +34,9 @@ def install() -> None:
             Path(marker).write_text(f"{kind} rank {self.rank} at step {at}\n")
             if kind == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if kind == "cut":
+                subprocess.run(["ip", "link", "set", "eth0", "down"], check=True)
+                return
             time.sleep(10**6)  # hang
 
     step.injects_faults = True
