@@ -145,7 +145,7 @@ def test_the_unchanged_form_starts_a_run_that_completes(server, served, page, tm
     t0 = time.perf_counter()
     custom_run_form(page, server, dep)
     assert field(page, "epochs").input_value() == "3" and field(page, "lr").input_value() == "0.01"  # params.yaml's
-    assert page.get_by_text("Peak learning rate of AdamW (cosine decay). Allowed: > 0, ≤ 10.").count() == 1  # bounds shown
+    assert page.get_by_text("Peak learning rate of AdamW (see train.schedule). Allowed: > 0, ≤ 10.").count() == 1  # bounds shown
     page.screenshot(path=tmp_path / "form.png", full_page=True)
     status, created = submit(page)
     assert status == 201, created
