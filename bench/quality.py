@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from measure import measured  # noqa: E402
+from train import prepare  # noqa: E402,F401  (ingest, validate, preprocess into the work dir, as bench/train.py does)
 
 TARGET = 0.50  # the RMSE the time is measured to
 # The train section before time-to-quality work (issue 18): these keys over params.yaml give it back.
@@ -50,17 +51,6 @@ def settings(work: str, train: dict | None = None):
             raw[section][key] = str((ROOT if section == "dataset" else Path(work)) / raw[section][key])
     raw["train"].update(train or {})
     return parse_settings(raw, root=work)
-
-
-def prepare(work: str) -> dict:
-    from tasks.ingest import ingest
-    from tasks.preprocess import preprocess
-    from tasks.validate import validate
-
-    s = settings(work)
-    for stage in (ingest, validate, preprocess):
-        stage(s)
-    return {"ok": True}
 
 
 def stage(work: str, train: str) -> dict:

@@ -121,7 +121,8 @@ def loop_report(s: Settings, ws: Workspace, stages: dict, start: float) -> dict:
     """reports/iteration.json and .png of this run (in the workspace, or the experiment's worktree)."""
     ran = {k for k, v in stages.items() if v["status"] == "ran"}
     try:
-        iteration = timeline.combine(ws.root, s, "flow", start, time.time(), ran)
+        parts = {name: part for name, part in timeline.read_parts(ws.root).items() if name in ran}
+        iteration = timeline.combine(ws.root, s, "flow", start, time.time(), parts)
         timeline.write(ws.root, iteration)
     except Exception as e:  # the run's work is done; a report that could not be written must not fail it
         get_run_logger().warning("the iteration report was not written (%s: %s)", type(e).__name__, e)

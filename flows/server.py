@@ -56,17 +56,6 @@ def prefect_api():
             yield url
 
 
-def check_api() -> None:
-    """A configured Prefect API must answer; with none configured, start the temporary local server."""
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_ENABLED, get_current_settings
-
-    url = get_current_settings().api.url
-    if url:
-        check_health(url)
-    elif PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        start_temporary_server()
-
-
 def check_health(url: str) -> None:
     import urllib.error
     import urllib.request

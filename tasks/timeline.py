@@ -94,7 +94,7 @@ def recording(stage: str, root: Path = Path("."), process_start: float | None = 
     tmp.replace(path)
 
 
-def loop_origin() -> tuple[str, float]:
+def loop_origin(stage: str) -> tuple[str, float]:
     """The command this stage process belongs to and when it started: `dvc repro` / `dvc exp run` (an
     ancestor process), else this process (a stage run by hand)."""
     import psutil
@@ -107,10 +107,18 @@ def loop_origin() -> tuple[str, float]:
             continue
         if "dvc" in words and ("repro" in words or "exp" in words):
             return "dvc " + " ".join(words[words.index("dvc") + 1 :][:2]), ancestor.create_time()
-    return f"python -m tasks.{_last or 'stage'}", me.create_time()
+    return f"python -m tasks.{stage}", me.create_time()
 
 
-_last: str | None = None
+def read_parts(root: Path) -> dict[str, dict]:
+    """The parts the stages recorded last, by stage."""
+    parts = {}
+    for name in STAGES:
+        try:
+            parts[name] = json.loads((root / PARTS / f"{name}.json").read_text())
+        except (OSError, ValueError):
+            continue
+    return parts
 
 
 def stage_command(stage: str, run, s) -> None:
@@ -118,28 +126,19 @@ def stage_command(stage: str, run, s) -> None:
     loop's report from the parts of the stages this `dvc repro` ran so far, DVC's own time being the gaps."""
     import psutil
 
-    global _last
     if os.environ.get("TORCHELASTIC_RUN_ID"):  # a rank torchrun started: the stage process that ran torchrun reports
         run()
         return
-    _last = stage
     with recording(stage, process_start=psutil.Process().create_time()):
         run()
-    runner, start = loop_origin()
-    parts = {}
-    for name in STAGES:
-        try:
-            part = json.loads((PARTS / f"{name}.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if part["start"] >= start:
-            parts[name] = part
+    runner, start = loop_origin(stage)
+    parts = {name: part for name, part in read_parts(Path(".")).items() if part["start"] >= start}  # this loop's
     previous = start
     for part in sorted(parts.values(), key=lambda p: p["start"]):
         add("dvc", previous, part["start"], "runner")
         previous = part["end"]
     try:
-        write(Path("."), combine(Path("."), s, runner, start, time.time(), set(parts)))
+        write(Path("."), combine(Path("."), s, runner, start, time.time(), parts))
     except Exception as e:  # the stage succeeded; a report it could not write must not fail it
         print(f"warning: the iteration report was not written ({type(e).__name__}: {e})", file=sys.stderr)
 
@@ -155,7 +154,12 @@ def throughput(stage: str, root: Path, s) -> dict:
 
     if stage == "train":
         t = read(Path(s.train.out_dir) / "summary.json")
-        return {"samples_per_s": t.get("samples_per_s"), "split_s": t.get("time_split_s"), "epochs_s": t.get("seconds")}
+        return {
+            "samples_per_s": t.get("samples_per_s"),
+            "split_s": t.get("time_split_s"),
+            "epochs_s": t.get("seconds"),
+            "epochs_wall": t.get("epochs_wall"),  # (not reported: the epochs' phase)
+        }
     if stage == "preprocess":
         return {"rows": sum((read(Path(s.preprocess.out_dir) / "schema.json").get("rows") or {}).values())}
     if stage == "validate":
@@ -165,31 +169,24 @@ def throughput(stage: str, root: Path, s) -> dict:
     return {}
 
 
-def combine(root: Path, s, runner: str, start: float, end: float, ran: set[str]) -> dict:
-    """The report of one loop from `start` to `end`: the parts of the stages in `ran`, the runner's phases."""
+def combine(root: Path, s, runner: str, start: float, end: float, parts: dict[str, dict]) -> dict:
+    """The report of one loop from `start` to `end`: the parts of the stages that ran, the runner's phases."""
     stages: dict[str, dict] = {}
     spans: list[dict] = []
     for name in STAGES:
-        try:
-            part = json.loads((root / PARTS / f"{name}.json").read_text())
-        except (OSError, ValueError):
-            part = None
-        if name not in ran or part is None:
+        part = parts.get(name)
+        if part is None:
             stages[name] = {"status": "cached"}
             continue
+        speed = {k: v for k, v in throughput(name, root, s).items() if v is not None}
         phases = part["phases"]
-        if name == "train":  # the ranks' epochs (in this process or others), from the training summary
-            t = (
-                json.loads((root / s.train.out_dir / "summary.json").read_text())
-                if (root / s.train.out_dir / "summary.json").exists()
-                else {}
-            )
-            if t.get("epochs_wall") and part["start"] <= t["epochs_wall"][0] <= part["end"]:
-                phases = phases + [{"stage": name, "phase": "epochs", "start": t["epochs_wall"][0], "end": t["epochs_wall"][1]}]
+        epochs = speed.pop("epochs_wall", None)  # the ranks' epochs (in this process or others), from the summary
+        if epochs and part["start"] <= epochs[0] <= part["end"]:
+            phases = phases + [{"stage": name, "phase": "epochs", "start": epochs[0], "end": epochs[1]}]
         startup = sum(p["end"] - p["start"] for p in phases if p["phase"] in ("imports", "cluster start"))
         wall = part["end"] - part["start"]
         entry = {"status": "ran", "wall_s": round(wall, 3), "startup_s": round(startup, 3), "work_s": round(wall - startup, 3)}
-        entry |= {k: v for k, v in throughput(name, root, s).items() if v is not None}
+        entry |= speed
         if entry.get("rows") and entry["work_s"] > 0:
             entry["rows_per_s"] = round(entry["rows"] / entry["work_s"])
         stages[name] = entry
