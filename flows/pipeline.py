@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import gc
 import inspect
 import logging
 import sys
@@ -17,20 +18,19 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-
-from prefect import flow, get_run_logger, runtime
-from prefect.client.schemas.objects import State
-from prefect.states import Completed, Failed
+from typing import TYPE_CHECKING
 
 from flows import report
 from flows.params import forms, settings_for
-from flows.server import prefect_api, telemetry_off
-from flows.stages import Stages
+from flows.server import prefect_api, start_early, telemetry_off
 from flows.workspace import Workspace, changed_params, experiment_name
 from tasks import timeline
 from tasks.errors import TrainflowError, UserError
 from tasks.metrics import NAMES, shown
 from tasks.settings import PARAMS, Settings, load_settings
+
+if TYPE_CHECKING:  # Prefect is imported where it is used: `trainflow run` starts the server first (flows/server.py)
+    from prefect.client.schemas.objects import State
 
 
 class Stage:
@@ -55,6 +55,8 @@ ingest, validate, preprocess, train, evaluate, package, promote = (
 
 def run_stages(s: Settings, ws: Workspace) -> dict:
     """The pipeline, stage by stage; their status and seconds."""
+    from flows.stages import Stages
+
     progress = report.TrainingProgress()
     run = Stages(s, ws)
     run(ingest)
@@ -69,6 +71,9 @@ def run_stages(s: Settings, ws: Workspace) -> dict:
 
 def pipeline(parameters: dict) -> dict | State:
     """Validate, preprocess, train, evaluate and package a model; stages DVC finds up to date are skipped."""
+    from prefect import get_run_logger, runtime
+    from prefect.states import Completed
+
     t0, start = time.perf_counter(), timeline.flow_started()
     ws = Workspace(Path.cwd())
     if ws.root != Path.cwd().resolve():
@@ -119,6 +124,8 @@ def pipeline(parameters: dict) -> dict | State:
 
 def loop_report(s: Settings, ws: Workspace, stages: dict, start: float) -> dict:
     """reports/iteration.json and .png of this run (in the workspace, or the experiment's worktree)."""
+    from prefect import get_run_logger
+
     ran = {k for k, v in stages.items() if v["status"] == "ran"}
     try:
         parts = {name: part for name, part in timeline.read_parts(ws.root).items() if name in ran}
@@ -145,6 +152,9 @@ def collect(s: Settings, ws: Workspace) -> dict:
 @functools.cache
 def build(params: Path = Path(PARAMS)):
     """The flow, its parameters the form models of params.yaml (built on first use, not at import)."""
+    from prefect import flow
+    from prefect.states import Failed
+
     # a parameter named like params.yaml's `validate` section shadows pydantic's deprecated BaseModel.validate
     warnings.filterwarnings("ignore", message='Field name "validate"', category=UserWarning)
     models = forms(params)
@@ -194,6 +204,34 @@ def quiet_failures():
             h.removeFilter(quiet)
 
 
+# the modules the stages import, in the pipeline's order: imported while a Prefect server starts (seconds a cold
+# run waits anyway), so that the stages' own start-up is not paid after it
+PRELOAD = (
+    "pandas",
+    "pyarrow.parquet",
+    "tasks.ingest",
+    "tasks.validate",
+    "great_expectations",
+    "distributed",
+    "dask.dataframe",
+    "tasks.preprocess",
+    "torch",
+    "tasks.training.launch",
+    "tasks.evaluate",
+    "tasks.package",
+)
+
+
+def preload(ready) -> None:
+    """Import the stages' modules until the server answers (one module at a time: never later than that)."""
+    import importlib
+
+    for name in PRELOAD:
+        if ready():
+            return
+        importlib.import_module(name)
+
+
 def main(argv: list[str] | None = None) -> None:
     """`trainflow run`: the whole pipeline on params.yaml, as a Prefect flow run; a short report at the end."""
     argparse.ArgumentParser(prog="python -m flows.pipeline", description=main.__doc__).parse_args(argv)
@@ -202,11 +240,14 @@ def main(argv: list[str] | None = None) -> None:
     timeline.process_started()  # this process's imports, then the server's start, are the loop's first phases
     try:
         load_settings()  # bad params stop here, before a Prefect server is started
-        with prefect_api(), quiet_failures():
+        start_early()
+        with prefect_api(while_waiting=preload), quiet_failures():
             out = build(Path(PARAMS).resolve())(return_state=True).result()
     except TrainflowError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    finally:
+        gc.freeze()  # the interpreter's exit then skips a collection over every module (seconds after torch, GX)
     m = out["metrics"]
     print("\nstages: " + ", ".join(f"{k} {v['status']} {v['seconds']:.1f}s" for k, v in out["stages"].items()))
     print("test metrics:  " + "  ".join(f"{NAMES[k]} {m[k]:.4f}" for k in shown(m)) + f"  (n={m['n']:,})")

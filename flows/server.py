@@ -35,12 +35,15 @@ RECORD = "trainflow-server.json"
 
 
 @contextlib.contextmanager
-def prefect_api():
+def prefect_api(while_waiting=None):
     """The Prefect API of this command, for its duration: a configured one must answer; with none configured,
-    this machine's local server (started if it is not running), or a temporary one."""
+    this machine's local server (started if it is not running: see local_server's `while_waiting`), or a
+    temporary one."""
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, get_current_settings, temporary_settings
 
     url = get_current_settings().api.url
+    if url or os.environ.get(MODE, "local") != "local" or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        discard_early()
     if url:
         check_health(url)
         yield url
@@ -50,7 +53,7 @@ def prefect_api():
         start_temporary_server()
         yield None
     else:
-        url = local_server()
+        url = local_server(while_waiting=while_waiting)
         os.environ["PREFECT_API_URL"] = url  # for child processes too
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
@@ -104,43 +107,114 @@ def running_server() -> dict | None:
     return record if isinstance(record, dict) and healthy(str(record.get("url"))) else None
 
 
-def local_server(timeout_s: float = 90) -> str:
+def local_server(timeout_s: float = 90, while_waiting=None) -> str:
     """The API URL of this machine's local Prefect server: the running one, or one started now (on 127.0.0.1,
-    a free port, in its own session so it outlives this run). One start at a time (a lock in PREFECT_HOME)."""
+    a free port, in its own session so it outlives this run). One start at a time (a lock in PREFECT_HOME).
+    While a server starts, `while_waiting(ready)` may use the time (`ready()` says when the server answers)."""
     home = prefect_home()
-    home.mkdir(parents=True, exist_ok=True)
-    with open(home / f"{RECORD}.lock", "w") as lock:
+    early = _early.pop(str(home.resolve()), None)
+    discard_early()  # one started early for another PREFECT_HOME than Prefect's settings name
+    if early is not None:  # started by start_early(), before Prefect was imported; its lock is held
+        lock, proc, url, log = early
+    else:
+        home.mkdir(parents=True, exist_ok=True)
+        lock = open(home / f"{RECORD}.lock", "w")  # noqa: SIM115  (closed by the `with lock:` below)
         fcntl.flock(lock, fcntl.LOCK_EX)
         record = running_server()
         if record:
+            lock.close()
             return record["url"]
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        url = f"http://127.0.0.1:{port}/api"
-        prefect = Path(sys.executable).with_name("prefect")
-        env = dict(os.environ, PREFECT_UI_API_URL=url, PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
-        env.pop("PREFECT_API_URL", None)
-        log = home / "trainflow-server.log"
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(
-                [str(prefect) if prefect.exists() else "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # not in this run's process group: Ctrl-C on a run leaves it running
-            )
+        proc, url, log = _spawn(home)
+    with lock:
+        if while_waiting is not None:
+            while_waiting(lambda: healthy(url))
         deadline = time.monotonic() + timeout_s
         while not healthy(url):
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 tail = log.read_text(errors="replace")[-1500:]
                 raise InfrastructureError(f"the local Prefect server did not start ({log}):\n{tail}")
-            time.sleep(0.2)
+            time.sleep(0.1)
         (home / RECORD).write_text(json.dumps({"url": url, "pid": proc.pid, "started": time.time()}))
-        print(f"Prefect server started for this and later runs: {url.removesuffix('/api')} (UI); stop: trainflow server --stop")
-        return url
+    print(f"Prefect server started for this and later runs: {url.removesuffix('/api')} (UI); stop: trainflow server --stop")
+    return url
+
+
+def _spawn(home: Path) -> tuple[subprocess.Popen, str, Path]:
+    """`prefect server start` on 127.0.0.1 and a free port, logging to PREFECT_HOME; not waited for."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/api"
+    prefect = Path(sys.executable).with_name("prefect")
+    env = dict(os.environ, PREFECT_UI_API_URL=url, PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+    env.pop("PREFECT_API_URL", None)
+    log = home / "trainflow-server.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [str(prefect) if prefect.exists() else "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # not in this run's process group: Ctrl-C on a run leaves it running
+        )
+    return proc, url, log
+
+
+_early: dict[str, tuple] = {}  # PREFECT_HOME -> (held lock, server process, url, log) of start_early()
+
+
+def start_early() -> None:
+    """`trainflow run`, first thing: when no server is configured and the local one is not running, start it now,
+    so that its start (seconds) overlaps this process's import of Prefect; prefect_api() then waits for it, or
+    stops it should Prefect's settings (read only then) name a server after all. Decided without importing
+    Prefect: PREFECT_API_URL or PREFECT_HOME set by the environment, the active profile, a .env or prefect.toml."""
+    if os.environ.get("PREFECT_API_URL") or os.environ.get(MODE, "local") != "local":
+        return
+    if os.environ.get("PREFECT_SERVER_EPHEMERAL_ENABLED", "true").lower() in ("0", "false", "no", "off"):
+        return
+    home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+    if _configured_elsewhere(home):
+        return
+    home.mkdir(parents=True, exist_ok=True)
+    lock = open(home / f"{RECORD}.lock", "w")  # noqa: SIM115  (held until local_server has the server)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        record = json.loads((home / RECORD).read_text())
+        if healthy(str(record.get("url"))):
+            lock.close()
+            return
+    except (OSError, ValueError, AttributeError):
+        pass
+    _early[str(home.resolve())] = (lock, *_spawn(home))
+
+
+def _configured_elsewhere(home: Path) -> bool:
+    """Prefect settings a file may hold that would make the early start wrong (then the run starts it as before)."""
+    import tomllib
+
+    keys = ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_SERVER_EPHEMERAL_ENABLED", "PREFECT_API_KEY")
+    dotenv = Path(".env").read_text(errors="replace") if Path(".env").is_file() else ""
+    if Path("prefect.toml").exists() or any(k in dotenv for k in keys):
+        return True
+    if Path("pyproject.toml").is_file() and "[tool.prefect" in Path("pyproject.toml").read_text():
+        return True
+    try:
+        profiles = tomllib.loads(Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").read_text())
+    except (OSError, ValueError):
+        return False
+    active = os.environ.get("PREFECT_PROFILE") or profiles.get("active", "ephemeral")
+    return any(k in profiles.get("profiles", {}).get(active, {}) for k in keys)
+
+
+def discard_early() -> None:
+    """An early-started server this run does not use after all: stopped, its lock released."""
+    for lock, proc, _url, _log in _early.values():
+        proc.kill()
+        proc.wait()
+        lock.close()
+    _early.clear()
 
 
 def stop_local_server() -> str:

@@ -542,6 +542,10 @@ def cli(stage, argv: list[str] | None = None) -> None:
     except TrainflowError as e:  # classified: one message (a bug keeps its traceback)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    finally:
+        import gc
+
+        gc.freeze()  # the interpreter's exit then skips a collection over every module (seconds after torch, GX)
 
 
 def bounds(info) -> str:

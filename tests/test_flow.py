@@ -298,6 +298,26 @@ def test_unreachable_prefect_api_is_named_with_the_fix(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_server_named_by_the_active_prefect_profile_is_used_and_none_is_started(tmp_path):
+    """`trainflow run` starts the local server before it imports Prefect (flows/server.start_early): a server
+    named only in Prefect's profile must still be the one used, and no local server started beside it."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "profiles.toml").write_text(f'active = "team"\n\n[profiles.team]\nPREFECT_API_URL = "http://127.0.0.1:{port}/api"\n')
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env |= {"PREFECT_HOME": str(home), "TRAINFLOW_PREFECT_SERVER": "local"}
+    proc = sh(ROOT, sys.executable, "-m", "flows.pipeline", check=False, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"PREFECT_API_URL=http://127.0.0.1:{port}/api does not answer" in proc.stderr
+    assert not (home / "trainflow-server.log").exists() and not (home / "trainflow-server.json").exists()
+
+
 def test_a_flow_killed_during_training_resumes_from_its_checkpoint(tmp_path):
     """SIGKILL the flow process itself mid-training (`python -m flows.pipeline`); the next run skips the stages
     that finished and continues training from the checkpoint instead of from scratch."""
