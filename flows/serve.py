@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from flows.pipeline import PRELOAD as PIPELINE_PRELOAD  # (light: flows.pipeline imports Prefect where it is used)
+
 PREFECT_YAML = Path(__file__).resolve().parents[1] / "prefect.yaml"
 
 
@@ -52,7 +54,20 @@ def serve_here(runner) -> None:
 
 
 STAGE_MODULES = ("ingest", "validate", "preprocess", "train", "evaluate", "package", "promote", "predict")
-PRELOAD = ["flows.pipeline", "flows.predict", *(f"tasks.{m}" for m in STAGE_MODULES)]
+# the flow and stage modules and what they import when they run (Prefect, torch, Dask, GX; ONNX export's
+# torch.export and onnxscript, seconds of the package stage otherwise)
+PRELOAD = [
+    "prefect",
+    "flows.stages",
+    "flows.pipeline",
+    "flows.predict",
+    *(f"tasks.{m}" for m in STAGE_MODULES),
+    *PIPELINE_PRELOAD,
+    "torch.export",
+    "torch.onnx._internal.exporter._core",
+    "onnxscript",
+    "onnxruntime",
+]
 CODE = ("tasks", "flows")
 
 
