@@ -69,7 +69,7 @@ def open_parent(s) -> Iterator[Parent]:
                 "its run's checkpoint"
             )
         check_pin(s, sha, path, "the sha256 of its manifest.json")
-        check_same(s, identity(manifest), path)
+        check_same(s, identity({**manifest, "transform": package.transform}), path)
         lineage = {
             "kind": "package",
             "path": str(s.train.init_from),
