@@ -347,7 +347,7 @@ class TrainSettings(Section):
     )
     init_transform: Literal["reuse", "refit"] = Field(
         "reuse",
-        description="With train.init_from a package: reuse (preprocess applies the parent's transform.json instead of fitting one, so every weight keeps its meaning) or refit (a transform fitted on this data; the weights whose shapes still match are loaded and the others start anew, e.g. the embedding of a categorical column whose vocabulary changed; the run lists both). A checkpoint carries no transform: refit.",
+        description="With train.init_from a package: reuse (preprocess applies the parent's transform.json instead of fitting one, so every weight keeps its meaning) or refit (a transform fitted on this data; the weights whose shapes still match are loaded and the others start anew, e.g. the embedding of a categorical column whose vocabulary changed, and the first layer when the embeddings' width changed with it; the run lists both). A checkpoint carries no transform: refit.",
     )
     out_dir: str = Field(description="Trained model and checkpoints.")
     log_dir: str = Field(description="dvclive metrics and plots of training.")
