@@ -8,16 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tasks.evaluate import evaluate
 from tasks.files import sha256_file
 from tasks.package import package
 from tasks.preprocess import preprocess
 from tasks.promote import promote
-from tasks.settings import UserError
+from tasks.settings import UserError, edit_params
 from tasks.train import train
 from tasks.training.model import embedding_dim
-from tests.conftest import ROOT, cli_root, parse, run_until_preprocess, variant
+from tests.conftest import ROOT, STAGES, cli_root, copy_repo, parse, run_until_preprocess, sh, variant
 from tests.harness import snapshot
 from tests.test_flights import flights_slice, flights_workspace
 
@@ -216,3 +217,27 @@ def test_a_column_dropped_since_the_parent_stops_the_preprocess_cli_naming_it(pa
     assert snapshot(Path(s.preprocess.out_dir)) == before
     with pytest.raises(UserError, match="Population only there"):  # (the same through the function the flow calls)
         preprocess(parse(raw))
+
+
+@pytest.mark.slow
+def test_dvc_records_the_parent_and_reruns_preprocess_and_train_when_the_pin_changes(reproduced, tmp_path):
+    repo = copy_repo(reproduced, tmp_path / "repo")  # `dvc repro` done once: its model is the champion
+    sha = sha256_file(repo / "models/production/manifest.json")
+    params = (repo / "params.yaml").read_text()
+    changes = {"train.init_from": "production", "train.init_sha256": sha, "train.epochs": 2}
+    (repo / "params.yaml").write_text(edit_params(params, changes))
+    out = sh(repo, "dvc", "repro").stdout
+    assert [s for s in STAGES if f"Running stage '{s}'" in out] == ["preprocess", "train", "evaluate", "package", "promote"]
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert lock["preprocess"]["params"]["params.yaml"]["train.init_sha256"] == sha
+    assert lock["train"]["params"]["params.yaml"]["train"]["init_sha256"] == sha
+    assert json.loads((repo / "models/package/manifest.json").read_text())["parent"]["package_sha256"] == sha
+    assert json.loads(sh(repo, "dvc", "status", "--json").stdout) == {}
+
+    # another pin: DVC reruns the stage, which stops, naming both hashes, and keeps the model it had
+    before = snapshot(repo / "models/train")
+    (repo / "params.yaml").write_text(edit_params(params, changes | {"train.init_sha256": "0" * 64}))
+    failed = sh(repo, "dvc", "repro", check=False)
+    assert failed.returncode != 0
+    assert f"has sha256 {sha}, not train.init_sha256={'0' * 64}: the parent changed" in failed.stdout + failed.stderr
+    assert snapshot(repo / "models/train") == before
