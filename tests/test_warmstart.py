@@ -18,7 +18,7 @@ from tasks.promote import promote
 from tasks.settings import UserError, edit_params
 from tasks.train import train
 from tasks.training.model import embedding_dim
-from tests.conftest import ROOT, STAGES, cli_root, copy_repo, parse, run_until_preprocess, sh, variant
+from tests.conftest import ROOT, STAGES, cli_root, copy_repo, parse, run_until_preprocess, same_parameters, sh, variant
 from tests.harness import snapshot
 from tests.test_flights import flights_slice, flights_workspace
 
@@ -241,3 +241,13 @@ def test_dvc_records_the_parent_and_reruns_preprocess_and_train_when_the_pin_cha
     assert failed.returncode != 0
     assert f"has sha256 {sha}, not train.init_sha256={'0' * 64}: the parent changed" in failed.stdout + failed.stderr
     assert snapshot(repo / "models/train") == before
+
+
+def test_a_warm_start_on_two_ranks_matches_one_process(trained, tmp_path):
+    """The parent's weights are loaded before DDP wraps the model: 2 ranks give the parameters of 1 process."""
+    model = Path(trained.train.out_dir) / "model.pt"
+    warm = {"init_from": str(model), "init_sha256": sha256_file(model), "init_transform": "refit", "epochs": 2}
+    one = train(variant(trained, tmp_path / "one", world_size=1, **warm))
+    two = train(variant(trained, tmp_path / "two", world_size=2, **warm))
+    assert one["parent"] == two["parent"] and two["world_size"] == 2
+    same_parameters(tmp_path / "one/model", tmp_path / "two/model", atol=1e-5)
