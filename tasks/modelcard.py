@@ -13,7 +13,15 @@ def fmt(v) -> str:
 
 
 def model_card(m: dict, slices: dict, compared: dict, s) -> str:
-    parts = [header(m, s), data(m), metrics(m["metrics"], compared), by_slice(slices), limitations(slices), training(m, s)]
+    parts = [
+        header(m, s),
+        data(m),
+        metrics(m["metrics"], compared),
+        by_slice(slices),
+        limitations(slices),
+        training(m, s),
+        lineage(m),
+    ]
     return "\n\n".join(parts) + "\n"
 
 
@@ -122,4 +130,25 @@ def training(m: dict, s) -> str:
         f"{tr.get('precision', 'fp32')}); training took {tr['seconds']:.1f} s ({tr['samples_per_s']:,.0f} samples/s).\n\n"
         "Files: `model.onnx` (ONNX, onnxruntime), `transform.json` (the fitted feature transform), `suite.yaml` "
         "(input expectations), `manifest.json` (lineage, params, metrics, sha256 of every file)."
+    )
+
+
+def lineage(m: dict) -> str:
+    """The parent a warm-started model came from (train.init_from), or that it has none."""
+    p = m.get("parent")
+    if not p:
+        return "## Lineage\nTrained from scratch (train.init_from: null)."
+    if p["kind"] == "checkpoint":
+        source = f"the checkpoint `{p['path']}` (sha256 `{p['sha256']}`)"
+    else:
+        source = (
+            f"the package `{p['path']}` (manifest sha256 `{p['package_sha256']}`; built {p['created']} from git "
+            f"{str(p['git_commit'])[:12]}, Prefect flow run {p['prefect_flow_run_id'] or 'none'}; {p['rows']['train']:,} "
+            f"train rows of {p['dataset']})"
+        )
+    fresh = ", ".join(p["reinitialised"]) or "none"
+    transform = "its feature transform reused" if p["init_transform"] == "reuse" else "the feature transform refitted"
+    return (
+        f"## Lineage\nWarm-started from {source}, {transform}: {len(p['kept'])} layer(s) loaded, tensors "
+        f"reinitialised: {fresh}. Only the weights carried over; the gate compared this model as any other."
     )

@@ -1,7 +1,8 @@
 """Reading a model package safely: verified before anything in it is used.
 
 A package is a directory (or its .tar.gz) that the package stage wrote: model.onnx, transform.json,
-suite.yaml, MODEL_CARD.md and manifest.json, which lists every other file with its sha256. `open_package`
+suite.yaml, MODEL_CARD.md, model.pt (the weights a warm start continues from) and manifest.json, which lists
+every other file with its sha256. `open_package`
 refuses a package unless
 - manifest.json lists every file in the directory (an unlisted file, e.g. ONNX external data, is refused),
   the list is not empty and holds the files a package needs, and each file matches its sha256;

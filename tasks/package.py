@@ -5,6 +5,8 @@ The package directory holds:
   with onnxruntime in any language, no torch or Python needed at serving time), it holds no pickled code,
   and onnxruntime reproduces torch within ~1e-7. Exported with the torch.export-based exporter (dynamo).
 - transform.json: the feature transform fitted by preprocess (the same file, the same apply code).
+- model.pt: the train stage's model file (weights and plain metadata, read with weights_only): what a warm
+  start (train.init_from) continues from; listed and checked like every file.
 - suite.yaml: the expectation suite the training data passed.
 - MODEL_CARD.md: data, metrics with slices, intended use, limitations, how it was trained.
 - manifest.json: params, data hashes (DVC's too), git commit, Prefect flow run, metrics, versions, and the
@@ -128,6 +130,7 @@ def package(s: Settings) -> dict:
     with atomic_dir(s.package.out_dir) as stage:
         export_onnx(model, meta, stage / "model.onnx")
         shutil.copyfile(feat_dir / "transform.json", stage / "transform.json")
+        shutil.copyfile(train_dir / "model.pt", stage / "model.pt")  # the weights a warm start continues from
         shutil.copyfile(s.dataset.suite, stage / "suite.yaml")
         metrics = json.loads((eval_dir / "metrics.json").read_text())
         gate = json.loads((eval_dir / "gate.json").read_text()) if (eval_dir / "gate.json").exists() else {}
@@ -159,6 +162,7 @@ def package(s: Settings) -> dict:
             "params": dump_settings(s),
             "metrics": metrics,
             "training": training,
+            "parent": training.get("parent"),  # a warm start's parent (train.init_from): its sha256 and run
         }
         (stage / "MODEL_CARD.md").write_text(model_card(manifest, slices, gate.get("compared") or {}, s))
         manifest["files"] = files = {p.name: sha256_file(p) for p in sorted(stage.iterdir())}  # every file it holds

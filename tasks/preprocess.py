@@ -44,6 +44,7 @@ from tasks.features import (  # noqa: F401 (apply_transform: re-exported)
     train_stats,
 )
 from tasks.files import atomic_dir, sha256_path, write_json
+from tasks.parent import reused_transform
 from tasks.settings import MAX_CLASSES, Settings, UserError, cli
 from tasks.tables import count_rows, parquet_files
 
@@ -259,8 +260,9 @@ def preprocess(s: Settings) -> dict:
             f"{s.validate_.out}; there is nothing to train on. Check dataset.target and the data"
         )
     kinds = {c: k for c, k in d.columns.items() if k != "ignore"}
+    reused = reused_transform(s)  # train.init_transform reuse: the parent's transform, checked before any work
     with dask_client(s.dask, "preprocess") as client, atomic_dir(cfg.out_dir) as stage:
-        schema = build_features(client, files, n_rows, list(d.key), kinds, d, cfg, stage)
+        schema = build_features(client, files, n_rows, list(d.key), kinds, d, cfg, stage, reused)
     if schema["dropped_missing_target"]:
         log.warning("preprocess: %d of %d rows have no %s and were left out", schema["dropped_missing_target"], n_rows, d.target)
     return schema
@@ -277,10 +279,12 @@ def preprocess_images(s: Settings) -> dict:
         return finish(stage, s, check_target(counts, s.dataset, None), counts, results, label_dtype(target))
 
 
-def build_features(client, files: list[Path], n_rows: int, key: list[str], kinds: dict, d, cfg, stage: Path) -> dict:
+def build_features(
+    client, files: list[Path], n_rows: int, key: list[str], kinds: dict, d, cfg, stage: Path, reused: tuple | None = None
+) -> dict:
     """The Dask part, into directory `stage`: pass 1 splits and expands the rows and computes the train
-    statistics and the target's counts per split; the target is checked; pass 2 fits the transform and
-    encodes the splits; then the schema that training reads."""
+    statistics and the target's counts per split; the target is checked; pass 2 fits the transform (or takes
+    the parent's, `reused`: (transform, where from)) and encodes the splits; then the schema that training reads."""
     stats, counts = first_pass(client, files, n_rows, key, kinds, d, cfg, stage)
     lowest = LOWEST.get(d.target_transform) if d.task == "regression" else None
     target = {
@@ -290,8 +294,13 @@ def build_features(client, files: list[Path], n_rows: int, key: list[str], kinds
         "classes": check_target(counts, d, lowest),
         "dtype": label_dtype(pq.read_schema(files[0]).field(d.target).type),
     }
-    transform = second_pass(client, stats, kinds, target, cfg, stage)
-    schema = describe(stage, transform, d, n_rows, counts)
+    if reused is not None and reused[0]["classes"] != (target["classes"] or None):
+        raise UserError(
+            f"train.init_transform=reuse: the parent's classes {reused[0]['classes']} are not this train split's "
+            f"{target['classes']}; set train.init_transform: refit (the output layer then starts anew)"
+        )
+    transform = second_pass(client, stats, kinds, target, cfg, stage, reused[0] if reused else None)
+    schema = describe(stage, transform, d, n_rows, counts) | {"transform_from": reused[1] if reused else None}
     write_json(stage / "transform.json", transform)
     write_json(stage / "schema.json", schema)
     return schema
@@ -329,14 +338,15 @@ def first_pass(client, files: list[Path], n_rows: int, key: list[str], kinds: di
     return _merge_stats_frame(stats, kinds, d.target if regression else None), _target_counts(counts)
 
 
-def second_pass(client, stats: dict, kinds: dict, target: dict, cfg, stage: Path) -> dict:
-    """The transform fitted on the train statistics (and quantiles), then every split encoded with it."""
+def second_pass(client, stats: dict, kinds: dict, target: dict, cfg, stage: Path, reused: dict | None = None) -> dict:
+    """The transform fitted on the train statistics (and quantiles), or the one `reused`; then every split
+    encoded with it."""
     quantiles = None
     inter = dd.read_parquet(str(stage / "_expanded"))
-    if cfg.scaler == "quantile":  # Dask's (approximate) quantiles of the train rows, from the expanded copy
+    if cfg.scaler == "quantile" and reused is None:  # Dask's (approximate) quantiles of the train rows
         train_inter = inter[inter.split == "train"][numeric_names(kinds)]
         quantiles = show_progress(client, [train_inter.quantile(list(np.linspace(0, 1, cfg.n_quantiles)))])[0]
-    transform = fit(stats, kinds, target, cfg.scaler, cfg.n_quantiles, cfg.min_frequency, cfg.max_categories, quantiles)
+    transform = reused or fit(stats, kinds, target, cfg.scaler, cfg.n_quantiles, cfg.min_frequency, cfg.max_categories, quantiles)
     encoded = inter.map_partitions(_encoded, transform, meta=_encoded(inter._meta, transform))
     splits = [encoded[encoded.split == name].drop(columns="split") for name in SPLITS]
     show_progress(

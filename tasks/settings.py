@@ -336,11 +336,29 @@ class TrainSettings(Section):
     resume_from: str | None = Field(
         description="A checkpoint file to continue training from (model, optimizer, schedule, data order); null: resume only an interrupted run of the same settings."
     )
+    init_from: str | None = Field(
+        None,
+        description="Warm start: the weights a new run starts from. null: random initialisation; production: the champion (evaluate.champion); a package directory or .tar.gz written by the package stage (verified first; its model.pt); or a checkpoint file of the train stage (model.pt, or checkpoints/step-*.pt; loaded with weights_only). The weights only: the optimizer, schedule and epochs start anew, and the gate still decides promotion. train.resume_from continues a run exactly instead: set one of the two.",
+    )
+    init_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="With train.init_from: the parent's sha256 (a package: of its manifest.json, the name of a champion's version; a checkpoint: of the file); the run says it when unset. dvc.lock records it, so preprocess and train rerun when it changes, and a parent that changed behind the same path stops the run.",
+    )
+    init_transform: Literal["reuse", "refit"] = Field(
+        "reuse",
+        description="With train.init_from a package: reuse (preprocess applies the parent's transform.json instead of fitting one, so every weight keeps its meaning) or refit (a transform fitted on this data; the weights whose shapes still match are loaded and the others start anew, e.g. the embedding of a categorical column whose vocabulary changed, and the first layer when the embeddings' width changed with it; the run lists both). A checkpoint carries no transform: refit.",
+    )
     out_dir: str = Field(description="Trained model and checkpoints.")
     log_dir: str = Field(description="dvclive metrics and plots of training.")
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainSettings:
+        if self.init_from and self.resume_from:
+            raise ValueError(
+                "train.resume_from continues a run exactly (its weights, optimizer, schedule and data order) and "
+                "train.init_from starts a new run from a parent's weights: set one of them to null"
+            )
         if self.strategy == "fsdp" and self.grad_sync != "allreduce":
             raise ValueError(
                 f"grad_sync={self.grad_sync} works with strategy ddp only (a DDP communication hook or "
@@ -682,6 +700,9 @@ def absolute_paths(s: Settings, root: str | Path | None = None) -> Settings:
         value = raw[section].get(key)
         if value and "://" not in value and not Path(value).is_absolute():
             raw[section][key] = str(champion_path(value, root) if (section, key) == ("evaluate", "champion") else root / value)
+    parent = raw["train"]["init_from"]  # (production names the champion, made absolute above)
+    if parent and parent != "production" and not Path(parent).is_absolute():
+        raw["train"]["init_from"] = str(root / parent)
     return validated(raw)
 
 

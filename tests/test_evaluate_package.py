@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from tasks.evaluate import evaluate
+from tasks.files import sha256_file
 from tasks.settings import UserError
 from tests.conftest import ROOT, load_package, parse, workspace
 
@@ -33,7 +34,8 @@ def test_package_reproduces_evaluate_from_raw_rows(packaged):
     np.testing.assert_allclose(pkg.predict(raw_test), expected, atol=1e-5, rtol=0)
     assert result["parity_max_abs_diff"] <= 1e-5
     manifest = pkg.manifest
-    assert set(manifest["files"]) == {"model.onnx", "transform.json", "suite.yaml", "MODEL_CARD.md"}
+    assert set(manifest["files"]) == {"model.onnx", "transform.json", "suite.yaml", "MODEL_CARD.md", "model.pt"}
+    assert manifest["files"]["model.pt"] == sha256_file(Path(s.train.out_dir) / "model.pt")  # what a warm start loads
     assert manifest["metrics"]["rmse"] == packaged[0]["rmse"]
     assert manifest["params"]["train"]["hidden"] == [32, 32]
     assert len(manifest["data"]["raw"]["sha256"]) == 64 and manifest["torch_version"]

@@ -220,3 +220,16 @@ def test_numeric_embeddings_train_on_two_ranks_like_one_process_and_export_to_on
     with torch.no_grad():
         torch_out = servable(model, meta)[0](wide).numpy()
     np.testing.assert_allclose(onnx_out, torch_out, atol=1e-5, rtol=0)
+
+
+def test_a_zero_width_end_bin_of_a_piecewise_linear_encoding_is_a_step():
+    """Repeated quantiles at both ends (a discrete column: months 1 to 8): a value past the train range (month 12,
+    appended later) encodes like the largest train value, not as (12 - 8) / 1e-9."""
+    import torch
+
+    from tasks.training.model import PiecewiseLinear
+
+    encode = PiecewiseLinear(1, 4)
+    encode.fit(torch.tensor([[1.0], [1.0], [2.0], [2.0], [2.0]]))  # edges 1, 1, 2, 2, 2
+    out = encode(torch.tensor([[0.0], [1.5], [2.0], [12.0]])).squeeze(1)
+    assert out.tolist() == [[0, 0, 0, 0], [1, 0.5, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]

@@ -124,6 +124,10 @@ def check_inputs(s) -> dict:
     if cfg.batch_size > n_train:
         raise UserError(f"train.batch_size={cfg.batch_size} exceeds the {n_train:,} training rows; lower train.batch_size")
     check_model_fits(cfg, schema)
+    if cfg.init_from:  # the parent verified and of this data, before any rank starts
+        from tasks.parent import check_features
+
+        check_features(s, json.loads((feat_dir / "transform.json").read_text()))
     if cfg.model not in ("mlp", "resmlp", "cnn", "resnet"):  # a factory of your own: its contract, before any rank starts
         import tempfile
 

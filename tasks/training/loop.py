@@ -31,6 +31,7 @@ from tasks.training.model import architecture, build_model, fit_inputs
 from tasks.training.objective import objective_for
 from tasks.training.state import full_checkpoint, full_model_state, gathered, resumed_sse, rng_state, set_full_state, set_rng
 from tasks.training.sync import Clock, Wrapped, step_times
+from tasks.training.warmstart import warm_start
 from tasks.training.watchdog import Watchdog
 
 
@@ -114,6 +115,8 @@ class Trainer:
         net = build_model(self.arch).to(device)
         if hasattr(self.data, "x_train"):  # tables (image models learn nothing from the inputs before training)
             fit_inputs(net, self.data.x_train)  # before DDP or FSDP take the model over
+        # train.init_from: the parent's weights (an interrupted run then resumes from its own checkpoint below)
+        self.parent = warm_start(net, s, say=self.master) if cfg.init_from else None
         self.net = Wrapped(net, cfg, device, grouped, self.clock)
         model = self.net.model
         # one process on a GPU: CUDA graphs too (a small model's step is otherwise bound by kernel launches)
@@ -419,6 +422,7 @@ class Trainer:
                 "steps": state["steps"],
                 "at": self.resumed_at,
             },
+            "parent": self.parent,  # warm start's lineage (train.init_from), or None
             "time_split_s": {k: round(sum(h[f"{k}_s"] or 0.0 for h in at.history), 4) for k in ("data", "compute", "sync")},
             "epochs": at.history,
         }

@@ -20,7 +20,9 @@ class PiecewiseLinear(nn.Module):
     Learning"): with bin edges b_0 < ... < b_T at train quantiles, bin t of x encodes as (x - b_{t-1}) / (b_t - b_{t-1})
     clipped to [0, 1] (the first bin unbounded below, the last above): a column's value becomes how far it has
     got through each bin. The edges are a buffer (saved with the weights, constants in the ONNX graph), set once
-    from the training rows by `fit`; a bin of zero width (a repeated quantile) encodes as a step at its edge."""
+    from the training rows by `fit`; a bin of zero width (a repeated quantile) encodes as a step at its edge, the
+    first and last bins too: unbounded, a zero-width end bin would scale a value outside the train range (a later
+    month of appended rows) by 1e9."""
 
     edges: torch.Tensor
     low: torch.Tensor
@@ -42,8 +44,10 @@ class PiecewiseLinear(nn.Module):
         self.edges.copy_(ranked[at].T)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, columns) -> (n, columns, bins)
-        left, width = self.edges[:, :-1], (self.edges[:, 1:] - self.edges[:, :-1]).clamp_min(1e-9)
-        return torch.clamp((x.unsqueeze(-1) - left) / width, self.low, self.high)
+        left, span = self.edges[:, :-1], self.edges[:, 1:] - self.edges[:, :-1]
+        width, step = span.clamp_min(1e-9), span <= 0
+        low, high = torch.where(step, 0.0, self.low), torch.where(step, 1.0, self.high)  # a step is bounded at both ends
+        return torch.clamp((x.unsqueeze(-1) - left) / width, low, high)
 
 
 class Periodic(nn.Module):
