@@ -206,6 +206,33 @@ def test_served_runs_fork_from_a_warm_process_and_never_run_stale_code(server, r
         report.write_text(original)
 
 
+def test_served_runs_read_params_and_data_as_they_are_when_triggered(server, repo, served):
+    """The warm process holds imported modules only, never settings or features: params.yaml or the source data
+    changed between two triggered runs is what the next run trains on (DVC reruns what depends on it)."""
+    import pandas as pd
+
+    dep = server.deployment()
+    assert server.wait(server.trigger(dep, {}))["state"]["type"] == "COMPLETED"
+    params, source = repo / "params.yaml", repo / "data/sources/slice.parquet"
+    original, data = params.read_text(), source.read_bytes()
+    lock = lambda: yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    try:
+        assert lock()["train"]["params"]["params.yaml"]["train"]["epochs"] == 3
+        params.write_text(original.replace("  epochs: 3\n", "  epochs: 2\n", 1))
+        assert server.wait(server.trigger(dep, {}))["state"]["type"] == "COMPLETED"
+        assert lock()["train"]["params"]["params.yaml"]["train"]["epochs"] == 2
+        assert json.loads((repo / "models/train/summary.json").read_text())["epochs_run"] == 2
+        rows = pd.read_parquet(source)
+        rows.iloc[:-50].to_parquet(source, index=False)
+        before = lock()["ingest"]["outs"][0]["md5"]
+        assert server.wait(server.trigger(dep, {}))["state"]["type"] == "COMPLETED"
+        assert lock()["ingest"]["outs"][0]["md5"] != before
+        assert json.loads((repo / "reports/validate/report.json").read_text())["rows"]["input"] == len(rows) - 50
+    finally:
+        params.write_text(original)
+        source.write_bytes(data)
+
+
 def test_stopping_serve_pauses_the_deployment_and_the_server_keeps_its_schedule(server, repo, served):
     cron = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"][0]["schedules"][0]["cron"]
     stop(served)
