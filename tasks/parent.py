@@ -5,8 +5,9 @@ A parent is a model package (the champion with `production`, a package directory
 checkpoint file of the train stage. A package is verified as every package is (tasks/modelpackage.py: every
 file against its sha256 in manifest.json, the signature when TRAINFLOW_SIGNING_KEY is set), and its weights
 are its `model.pt`, listed in the manifest like every other file. The parent's identity is the sha256 of its
-manifest.json (a checkpoint: of the file), pinned by train.init_sha256: dvc.lock records it, so DVC reruns
-preprocess and train when it changes, and a parent replaced behind the same path stops the run.
+manifest.json (a checkpoint: of the file), recorded in the lineage. Pinned by train.init_sha256, dvc.lock
+records it, so DVC reruns preprocess and train when it changes, and a parent replaced behind the same path stops
+the run; unpinned (null), the parent is what train.init_from is when the stage runs.
 
 A parent must predict the same thing from the same columns: the same dataset, task, target, target transform,
 row split and input columns with their kinds; otherwise the run stops naming what differs. Weights are loaded
@@ -102,16 +103,21 @@ def checkpoint_parent(s, path: Path) -> Parent:
 
 
 def check_pin(s, sha: str, path: Path, what: str) -> None:
+    """With train.init_sha256 set, the parent must be that one. Unset, the parent is whatever train.init_from is
+    when the stage runs (a scheduled run's `production`: the champion of the day), recorded in the lineage;
+    DVC then reruns for new data or params, not for a new parent alone."""
     pinned = s.train.init_sha256
     if pinned is None:
-        raise UserError(
-            f"train.init_from: {path} has sha256 {sha} ({what}); pin it with train.init_sha256: {sha} (dvc.lock then "
-            "records which parent the model comes from, and DVC reruns when it changes)"
+        print(
+            f"train.init_from: {path} has sha256 {sha} ({what}); recorded in the model's lineage. Not pinned: "
+            f"set train.init_sha256: {sha} to have dvc.lock record it and DVC rerun when the parent changes"
         )
+        return
     if pinned != sha:
         raise UserError(
             f"train.init_from: {path} has sha256 {sha}, not train.init_sha256={pinned}: the parent changed (a new "
-            f"champion was promoted, or the file was replaced). To start from it, set train.init_sha256: {sha}"
+            f"champion was promoted, or the file was replaced). To start from it, set train.init_sha256: {sha} "
+            "(or null, to follow train.init_from as it is when the run starts)"
         )
 
 

@@ -343,7 +343,7 @@ class TrainSettings(Section):
     init_sha256: str | None = Field(
         None,
         pattern=r"^[0-9a-f]{64}$",
-        description="With train.init_from: the parent's sha256 (a package: of its manifest.json, the name of a champion's version; a checkpoint: of the file); the run says it when unset. dvc.lock records it, so preprocess and train rerun when it changes, and a parent that changed behind the same path stops the run.",
+        description="With train.init_from, optional: the parent's sha256 (a package: of its manifest.json, the name of a champion's version; a checkpoint: of the file; the run prints it). Set, dvc.lock records it, so preprocess and train rerun when it changes, and a parent that changed behind the same path stops the run. null: the parent is what train.init_from is when the run starts (a scheduled run's production: the champion of the day), recorded in the lineage; DVC reruns for new data or params, not for a new parent alone.",
     )
     init_transform: Literal["reuse", "refit"] = Field(
         "reuse",

@@ -163,14 +163,14 @@ def test_the_parent_is_pinned_by_its_sha256(packaged, tmp_path):
     _, _, s = packaged
     pkg = s.package.out_dir
     sha = sha256_file(Path(pkg) / "manifest.json")
-    pin = f"has sha256 {sha} \\(the sha256 of its manifest.json\\); pin it with train.init_sha256: {sha}"
-    with pytest.raises(UserError, match=pin):
-        train(variant(s, tmp_path, init_from=pkg))
     with pytest.raises(UserError, match=f"not train.init_sha256={'0' * 64}: the parent changed .* set train.init_sha256: {sha}"):
         train(variant(s, tmp_path, init_from=pkg, init_sha256="0" * 64))
     with pytest.raises(UserError, match="no champion yet for this dataset"):
         train(variant(s, tmp_path, init_from="production", init_sha256=sha))
     assert not (tmp_path / "model").exists()
+    # unpinned: the parent is what init_from is now (a scheduled run's `production`), recorded in the lineage
+    summary = train(variant(s, tmp_path / "unpinned", init_from=pkg, epochs=1))
+    assert summary["parent"]["package_sha256"] == sha and summary["parent"]["kept"]
 
 
 def test_init_from_and_resume_from_together_are_refused(trained):
