@@ -130,6 +130,20 @@ def dataset_new(
 
 
 @app.command()
+def search(
+    apply: Annotated[
+        bool, typer.Option("--apply", help="write the best trial's values into params.yaml, and run nothing")
+    ] = False,
+) -> None:
+    """Hyperparameter search: an Optuna study over params.yaml's search.space, its trials on Dask workers, each
+    complete one a DVC experiment (a killed search resumes); --apply writes the best trial's values into
+    params.yaml, so the next `trainflow run` trains it and the gate judges it."""
+    from flows.search import main
+
+    main(["--apply"] if apply else [])
+
+
+@app.command()
 def status() -> None:
     """What DVC would rerun and why, the champion, and the last run's results."""
     from flows.status import show

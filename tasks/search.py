@@ -19,7 +19,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
@@ -239,6 +239,8 @@ def search(s: Settings, on_trial: Callable[[Any, dict], None] | None = None) -> 
 
     cfg = s.search
     check_space(s)
+    # the study and trials at absolute paths: workers, and this process in an experiment's worktree, see them
+    cfg = cfg.model_copy(update={"storage": str(Path(cfg.storage).resolve()), "out_dir": str(Path(cfg.out_dir).resolve())})
     if s.dataset.modality != "table":
         raise UserError("search: trials train on table features; dataset.modality=image is not searched yet")
     reported = {"val_loss", "val_rmse" if s.dataset.task == "regression" else "val_accuracy"}
@@ -253,7 +255,7 @@ def search(s: Settings, on_trial: Callable[[Any, dict], None] | None = None) -> 
     print(f"search: study {cfg.study} ({cfg.storage}): {there} of {cfg.n_trials} trials there, {max(todo, 0)} to run", flush=True)
     space, trials_dir = distributions(cfg), trials_root(cfg)
     t0 = time.perf_counter()
-    with trial_client(s) as (client, slots, resources, per_host):
+    with trial_client(s) if todo > 0 else nullcontext((None, 0, None, 1)) as (client, slots, resources, per_host):
         flight: dict = {}
         while todo > 0 or flight:
             while todo > 0 and len(flight) < slots:
