@@ -18,8 +18,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
@@ -232,20 +231,17 @@ def trial_client(s: Settings):
         yield client, slots, {"GPU": 1} if gpu else None, max(hosts.values())
 
 
-def search(s: Settings, on_trial: Callable[[Any, dict], None] | None = None) -> dict:
-    """Run the study to search.n_trials trials; `on_trial(frozen_trial, outcome)` after each one finishes.
-    Returns the study's summary (also search.out_dir/search.json)."""
-    from distributed import wait
-
+def search(s: Settings) -> dict:
+    """Run the study to search.n_trials trials; its summary (also search.out_dir/search.json)."""
     cfg = s.search
     check_space(s)
-    # the study and trials at absolute paths: workers, and this process in an experiment's worktree, see them
-    cfg = cfg.model_copy(update={"storage": str(Path(cfg.storage).resolve()), "out_dir": str(Path(cfg.out_dir).resolve())})
     if s.dataset.modality != "table":
         raise UserError("search: trials train on table features; dataset.modality=image is not searched yet")
     reported = {"val_loss", "val_rmse" if s.dataset.task == "regression" else "val_accuracy"}
     if cfg.metric not in reported:
         raise UserError(f"search.metric={cfg.metric} is not reported for dataset.task={s.dataset.task}; choose val_loss")
+    # the study and trials at absolute paths: workers, and this process in an experiment's worktree, see them
+    cfg = cfg.model_copy(update={"storage": str(Path(cfg.storage).resolve()), "out_dir": str(Path(cfg.out_dir).resolve())})
     study = open_study(cfg)
     recovered = recover(study)
     if recovered:
@@ -253,36 +249,39 @@ def search(s: Settings, on_trial: Callable[[Any, dict], None] | None = None) -> 
     there = len(counted(study))
     todo = cfg.n_trials - there
     print(f"search: study {cfg.study} ({cfg.storage}): {there} of {cfg.n_trials} trials there, {max(todo, 0)} to run", flush=True)
-    space, trials_dir = distributions(cfg), trials_root(cfg)
     t0 = time.perf_counter()
-    with trial_client(s) if todo > 0 else nullcontext((None, 0, None, 1)) as (client, slots, resources, per_host):
-        flight: dict = {}
-        while todo > 0 or flight:
-            while todo > 0 and len(flight) < slots:
-                trial = study.ask(space)  # a retry waiting in the study first
-                study._storage.record_heartbeat(trial._trial_id)
-                where = str((trials_dir / f"trial-{trial.number:04d}").resolve())
-                with dask.annotate(resources=resources or {}):
-                    future = client.submit(
-                        run_trial, s, cfg, trial._trial_id, trial.params, where, per_host, key=f"trial-{cfg.study}-{trial.number}"
-                    )
-                flight[future] = trial
-                todo -= 1
-            try:
-                wait(list(flight), timeout=HEARTBEAT_S, return_when="FIRST_COMPLETED")
-            except TimeoutError:  # none finished: beat the heartbeats
-                pass
-            done = [f for f in flight if f.done()]
-            for trial in flight.values():
-                study._storage.record_heartbeat(trial._trial_id)
-            for future in done:
-                trial = flight.pop(future)
-                outcome = finish(study, trial, future)
-                if on_trial is not None:
-                    on_trial(study.trials[trial.number], outcome)
+    if todo > 0:
+        with trial_client(s) as (client, slots, resources, per_host):
+            run_trials(study, s, cfg, todo, client, slots, resources, per_host)
     summary = summarize(study, cfg, round(time.perf_counter() - t0, 2))
     write_json(Path(cfg.out_dir) / "search.json", summary)
     return summary
+
+
+def run_trials(study, s: Settings, cfg: SearchSettings, todo: int, client, slots: int, resources, per_host: int) -> None:
+    """Keep `slots` trials in flight until `todo` more have finished, beating their heartbeats meanwhile."""
+    from distributed import wait
+
+    space, flight = distributions(cfg), dict[Any, Any]()
+    while todo > 0 or flight:
+        while todo > 0 and len(flight) < slots:
+            trial = study.ask(space)  # a retry waiting in the study first
+            study._storage.record_heartbeat(trial._trial_id)
+            where = str(trials_root(cfg) / f"trial-{trial.number:04d}")
+            with dask.annotate(resources=resources or {}):
+                future = client.submit(
+                    run_trial, s, cfg, trial._trial_id, trial.params, where, per_host, key=f"trial-{cfg.study}-{trial.number}"
+                )
+            flight[future] = trial
+            todo -= 1
+        try:
+            wait(list(flight), timeout=HEARTBEAT_S, return_when="FIRST_COMPLETED")
+        except TimeoutError:  # none finished: beat the heartbeats
+            pass
+        for trial in flight.values():
+            study._storage.record_heartbeat(trial._trial_id)
+        for future in [f for f in flight if f.done()]:
+            finish(study, flight.pop(future), future)
 
 
 def finish(study, trial, future) -> dict:
