@@ -558,6 +558,21 @@ class Settings(Section):
         return self
 
     @model_validator(mode="after")
+    def _search_values(self) -> Settings:
+        """Both ends of each search range, and each choice, must be a valid value of its key."""
+        for key, d in self.search.space.items():
+            section, name = key.split(".", 1)
+            current = getattr(self, section)
+            for value in (d.choices if d.type == "categorical" else [d.low, d.high]) or []:
+                value = int(value) if d.type == "int" else value
+                try:
+                    type(current).model_validate(current.model_dump() | {name: value})
+                except ValidationError as e:
+                    reason = e.errors()[0]["msg"].removeprefix("Value error, ")
+                    raise ValueError(f"search.space.{key}: {value!r} is not a valid {key} ({reason}); fix the range") from None
+        return self
+
+    @model_validator(mode="after")
     def _cluster_for_dask_launcher(self) -> Settings:
         if self.train.launcher == "dask" and self.dask.address == "local" and not os.environ.get("DASK_SCHEDULER_ADDRESS"):
             raise ValueError(
