@@ -190,8 +190,8 @@ def recover(study) -> list[int]:
 
 
 def counted(study) -> list:
-    """The trials that count toward search.n_trials: every finished one but those run again after a kill, and
-    the ones in flight or waiting (a retry)."""
+    """The trials that count toward search.n_trials: every one but those run again after a kill (in flight and
+    waiting ones too)."""
     from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
 
     trials = study.get_trials(deepcopy=False)
@@ -224,6 +224,8 @@ def trial_client(s: Settings):
 
 def search(s: Settings) -> dict:
     """Run the study to search.n_trials trials; its summary (also search.out_dir/search.json)."""
+    from optuna.trial import TrialState
+
     cfg = s.search
     if s.dataset.modality != "table":
         raise UserError("search: trials train on table features; dataset.modality=image is not searched yet")
@@ -236,7 +238,7 @@ def search(s: Settings) -> dict:
     recovered = recover(study)
     if recovered:
         print(f"search: trials {recovered} were left running by a killed search; failed and run again once", flush=True)
-    there = len(counted(study))
+    there = len([t for t in counted(study) if t.state != TrialState.WAITING])  # waiting ones (retries) run first
     todo = cfg.n_trials - there
     print(f"search: study {cfg.study} ({cfg.storage}): {there} of {cfg.n_trials} trials there, {max(todo, 0)} to run", flush=True)
     t0 = time.perf_counter()

@@ -563,8 +563,8 @@ class Settings(Section):
         for key, d in self.search.space.items():
             section, name = key.split(".", 1)
             current = getattr(self, section)
-            for value in (d.choices if d.type == "categorical" else [d.low, d.high]) or []:
-                value = int(value) if d.type == "int" else value
+            ends: list[Any] = [d.low, d.high] if d.type == "float" else [int(d.low or 0), int(d.high or 0)]
+            for value in d.choices if d.choices is not None else ends:
                 try:
                     type(current).model_validate(current.model_dump() | {name: value})
                 except ValidationError as e:
