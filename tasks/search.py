@@ -178,8 +178,11 @@ def recover(study) -> list[int]:
     from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
 
-    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    deadline = time.monotonic() + GRACE_S + 2 * HEARTBEAT_S
+    found = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in found:  # one killed between ask and its first heartbeat has none, and would never go stale
+        study._storage.record_heartbeat(trial._trial_id)
+    running = {t.number for t in found}
+    deadline = time.monotonic() + GRACE_S + 3 * HEARTBEAT_S
     while running and time.monotonic() < deadline:
         fail_stale_trials(study)
         still = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}

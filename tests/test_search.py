@@ -46,7 +46,6 @@ def study_settings(base, root: Path, **search):
     raw = base.model_dump(by_alias=True)
     raw["train"].update(epochs=6, patience=100)
     raw["search"].update(
-        n_trials=3,
         workers=1,
         storage=str(root / "search" / "study.db"),
         out_dir=str(root / "report"),
@@ -58,8 +57,8 @@ def study_settings(base, root: Path, **search):
             "train.batch_size": {"type": "categorical", "choices": [128, 4096]},
             "preprocess.n_quantiles": {"type": "int", "low": 10, "high": 500},
         },
-        **search,
     )
+    raw["search"].update({"n_trials": 3, **search})
     return parse(raw)
 
 
@@ -158,3 +157,23 @@ def test_a_killed_search_flow_resumes_without_losing_or_double_counting_a_trial(
     applied = yaml.safe_load(params.read_text())
     assert applied["train"]["lr"] == best.params["train.lr"] and applied["train"]["batch_size"] == best.params["train.batch_size"]
     assert params.read_text().startswith("# Trainflow's one config file")  # comments kept
+
+
+def test_trials_left_running_are_failed_and_retried_once(tmp_path, features):
+    """What a killed driver leaves: a trial with a heartbeat, and one killed between ask and its first heartbeat
+    (which Optuna alone would never find stale). Both are failed and enqueued again once; a second recovery
+    finds nothing."""
+    from optuna.trial import TrialState
+
+    from tasks.search import counted, distributions, open_study, recover
+
+    s = study_settings(features, tmp_path, n_trials=4)
+    study = open_study(s.search)
+    beaten, silent = study.ask(distributions(s.search)), study.ask(distributions(s.search))
+    study._storage.record_heartbeat(beaten._trial_id)
+    assert recover(open_study(s.search)) == [0, 1]
+    trials = open_study(s.search).get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.WAITING, TrialState.WAITING]
+    assert [t.params for t in trials[2:]] == [beaten.params, silent.params]  # the same values run again
+    assert [t.number for t in counted(open_study(s.search))] == [2, 3]
+    assert recover(open_study(s.search)) == []
