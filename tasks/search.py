@@ -140,7 +140,7 @@ def run_trial(s: Settings, cfg: SearchSettings, trial_id: int, values: dict, tri
     trial = optuna.Trial(open_study(cfg, heartbeat=False), trial_id)
     t = trial_settings(s, values, Path(trial_dir))
     t0 = time.perf_counter()
-    if t.preprocess.out_dir != s.preprocess.out_dir:
+    if any(k.startswith("preprocess.") for k in values):  # its own features (trial_settings)
         from tasks.preprocess import preprocess
 
         preprocess(t)
