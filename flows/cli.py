@@ -48,7 +48,7 @@ def server(stop: Annotated[bool, typer.Option("--stop", help="stop it")] = False
 
 @app.command()
 def serve() -> None:
-    """Serve the training-pipeline (on its schedule) and batch-predict deployments from this machine
+    """Serve the training-pipeline (on its schedule), batch-predict and hyperparameter-search deployments from this machine
     (PREFECT_API_URL must point at a server: see `trainflow ui`)."""
     from flows.serve import main
 

@@ -104,7 +104,8 @@ def study_states(db: Path, study: str) -> list:
 def test_a_killed_search_flow_resumes_without_losing_or_double_counting_a_trial(tmp_path):
     """`trainflow search` SIGKILLed (its process group: the flow, its Prefect server and Dask workers) while
     trials run; run again, it fails the trials left running, runs each again once, and runs only the trials still
-    missing. Every complete trial is a DVC experiment; --apply writes the best values into params.yaml."""
+    missing. Every complete trial is a DVC experiment; --apply writes the best values into params.yaml, and the
+    next `trainflow run` trains them and the gate promotes the model (the workspace has no champion yet)."""
     repo = make_repo(tmp_path / "repo")
     n = 6
     params = repo / "params.yaml"
@@ -157,6 +158,9 @@ def test_a_killed_search_flow_resumes_without_losing_or_double_counting_a_trial(
     applied = yaml.safe_load(params.read_text())
     assert applied["train"]["lr"] == best.params["train.lr"] and applied["train"]["batch_size"] == best.params["train.batch_size"]
     assert params.read_text().startswith("# Trainflow's one config file")  # comments kept
+    run = sh(repo, TRAINFLOW, "run", env=env, timeout=600)  # the applied config through the gate, like any run
+    gate = json.loads((repo / "reports/evaluate/gate.json").read_text())
+    assert gate["decision"] == "promote" and "gate:          promote" in run.stdout
 
 
 def test_trials_left_running_are_failed_and_retried_once(tmp_path, features):
