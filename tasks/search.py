@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-import dask
-
 from tasks.errors import UserError
 from tasks.files import replace_dir, write_json
 from tasks.settings import SearchSettings, Settings, absolute_paths, dump_settings, validated
@@ -263,10 +261,10 @@ def run_trials(study, s: Settings, cfg: SearchSettings, todo: int, client, slots
             trial = study.ask(space)  # a retry waiting in the study first
             study._storage.record_heartbeat(trial._trial_id)
             where = str(trials_root(cfg) / f"trial-{trial.number:04d}")
-            with dask.annotate(resources=resources or {}):
-                future = client.submit(
-                    run_trial, s, cfg, trial._trial_id, trial.params, where, per_host, key=f"trial-{cfg.study}-{trial.number}"
-                )
+            key = f"trial-{cfg.study}-{trial.number}"
+            future = client.submit(
+                run_trial, s, cfg, trial._trial_id, trial.params, where, per_host, key=key, resources=resources
+            )
             flight[future] = trial
             todo -= 1
         try:

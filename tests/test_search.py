@@ -181,3 +181,29 @@ def test_trials_left_running_are_failed_and_retried_once(tmp_path, features):
     assert [t.params for t in trials[2:]] == [beaten.params, silent.params]  # the same values run again
     assert [t.number for t in counted(open_study(s.search))] == [2, 3]
     assert recover(open_study(s.search)) == []
+
+
+@pytest.mark.slow
+def test_trials_go_to_the_gpu_workers_of_an_existing_cluster(features, tmp_path):
+    """dask.address set: the trials ask for a GPU resource, so they run only on the workers that declare one
+    (here a CPU worker started with GPU=1), one at a time each; the worker without one runs none."""
+    from distributed import Client, Nanny, Scheduler, SpecCluster, get_task_stream
+
+    from tasks.search import search
+
+    options = {"nthreads": 2, "host": "127.0.0.1", "dashboard_address": None}
+    workers = {
+        "gpu": {"cls": Nanny, "options": dict(options, resources={"GPU": 1})},
+        "cpu": {"cls": Nanny, "options": options},
+    }
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": None}}
+    raw = study_settings(features, tmp_path, n_trials=2, pruner="none").model_dump(by_alias=True)
+    raw["search"]["space"] = {"train.lr": {"type": "float", "low": 0.005, "high": 0.02, "log": True}}
+    with SpecCluster(workers=workers, scheduler=scheduler) as cluster, Client(cluster) as client:
+        raw["dask"]["address"] = cluster.scheduler_address
+        gpu = next(a for a, w in client.scheduler_info()["workers"].items() if w.get("resources"))
+        with get_task_stream(client) as stream:
+            summary = search(parse(raw))
+    assert summary["states"] == {"COMPLETE": 2}
+    placed = {t["key"]: t["worker"] for t in stream.data if str(t["key"]).startswith("trial-")}
+    assert len(placed) == 2 and set(placed.values()) == {gpu}
