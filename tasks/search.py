@@ -17,6 +17,7 @@ import json
 import shutil
 import sys
 import time
+import warnings
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +40,9 @@ def trials_root(cfg: SearchSettings) -> Path:
 
 def storage(cfg: SearchSettings, heartbeat: bool = True):
     import optuna
+
+    # heartbeats and their retry callback are "experimental" since Optuna 2.8; said once here, not on every call
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
     Path(cfg.storage).parent.mkdir(parents=True, exist_ok=True)
     beats: dict[str, Any] = (
@@ -348,8 +352,6 @@ def best_values(cfg: SearchSettings) -> dict:
 def figures(study, out: Path) -> dict:
     """optimisation history and parameter importances (PED-ANOVA: numpy only; fANOVA needs scikit-learn, a dev
     dependency here) as PNGs in `out`; the importances."""
-    import warnings
-
     import matplotlib
 
     matplotlib.use("Agg")
