@@ -48,7 +48,7 @@ def server(stop: Annotated[bool, typer.Option("--stop", help="stop it")] = False
 
 @app.command()
 def serve() -> None:
-    """Serve the training-pipeline (on its schedule) and batch-predict deployments from this machine
+    """Serve the training-pipeline (on its schedule), batch-predict and hyperparameter-search deployments from this machine
     (PREFECT_API_URL must point at a server: see `trainflow ui`)."""
     from flows.serve import main
 
@@ -127,6 +127,20 @@ def dataset_new(
     from tasks.draft import main as draft_main
 
     draft_main([file, "--target", target, "--task", task] + (["--name", name] if name else []) + (["--force"] if force else []))
+
+
+@app.command()
+def search(
+    apply: Annotated[
+        bool, typer.Option("--apply", help="write the best trial's values into params.yaml, and run nothing")
+    ] = False,
+) -> None:
+    """Hyperparameter search: an Optuna study over params.yaml's search.space, its trials on Dask workers, each
+    complete one a DVC experiment (a killed search resumes); --apply writes the best trial's values into
+    params.yaml, so the next `trainflow run` trains it and the gate judges it."""
+    from flows.search import main
+
+    main(["--apply"] if apply else [])
 
 
 @app.command()

@@ -1,5 +1,5 @@
 """Serve Trainflow's deployments from this machine: `training-pipeline` on the schedule in prefect.yaml, and
-`batch-predict` on demand.  Run in the project root: trainflow serve (or python -m flows.serve), with
+`batch-predict` and `hyperparameter-search` on demand.  Run in the project root: trainflow serve (or python -m flows.serve), with
 PREFECT_API_URL set (e.g. http://127.0.0.1:4200/api; `trainflow ui` starts a server).
 
 Runs are executed here. Each deployment's concurrency limit is 1 (prefect.yaml's), so a second run of it
@@ -34,15 +34,16 @@ def deployment_spec(name: str) -> dict:
 
 
 def serve_here(runner) -> None:
-    """Add both flows to `runner` as deployments, with prefect.yaml's description, concurrency limit and
+    """Add the flows to `runner` as deployments, with prefect.yaml's description, concurrency limit and
     schedules. As flows (Runner.add_flow), not deployments loaded from storage: the runner then runs each flow
     run from the flow object in a process of its own (see warm_runs), not via `python -m prefect.engine`."""
     from prefect.schedules import Cron
 
     from flows.pipeline import build
     from flows.predict import batch_predict
+    from flows.search import hyperparameter_search
 
-    for flow in (build(Path("params.yaml").resolve()), batch_predict):
+    for flow in (build(Path("params.yaml").resolve()), batch_predict, hyperparameter_search):
         spec = deployment_spec(flow.name)
         runner.add_flow(
             flow,
@@ -61,6 +62,8 @@ PRELOAD = [
     "flows.stages",
     "flows.pipeline",
     "flows.predict",
+    "flows.search",
+    "tasks.search",
     *(f"tasks.{m}" for m in STAGE_MODULES),
     *PIPELINE_PRELOAD,
     "torch.export",

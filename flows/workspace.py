@@ -146,10 +146,11 @@ class Workspace:
             ) from None
 
     @contextmanager
-    def experiment(self, name: str, run_id: str, settings: Settings, changed: dict):
+    def experiment(self, name: str, run_id: str, settings: Settings, changed: dict, stages: list[str] | None = None):
         """A temporary worktree of HEAD's code, with the workspace's dvc.lock and outputs and `settings` as
         its params.yaml; saved as DVC experiment `name` (like `dvc exp run --temp`, stage by stage). The
-        worktree's directory is named by `run_id` (a UUID), never by anything a user typed."""
+        worktree's directory is named by `run_id` (a UUID), never by anything a user typed. `stages`: those
+        whose outputs the experiment records (default all; a search trial records its params and metrics only)."""
         from dvc.exceptions import CheckoutError
 
         run_id = uuid.UUID(str(run_id)).hex  # refuses anything but a UUID
@@ -183,7 +184,8 @@ class Workspace:
             except CheckoutError:
                 pass
             yield exp
-            exp.repo.experiments.save(name=name, force=True, include_untracked=["dvc.lock", *REPORTS] + uncached)
+            targets = [exp._target(stage) for stage in stages] if stages is not None else None
+            exp.repo.experiments.save(name=name, targets=targets, force=True, include_untracked=["dvc.lock", *REPORTS] + uncached)
         finally:
             os.chdir(cwd)
             subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=self.root, capture_output=True)
@@ -193,7 +195,7 @@ class Workspace:
         return [os.path.relpath(o.fs_path, self.root) for o in self.repo.index.outs if not o.use_cache]
 
 
-RUNTIME_SECTIONS = ("dask", "dvc")  # where and how a run executes; no stage output depends on them
+RUNTIME_SECTIONS = ("dask", "dvc", "search")  # where and how a run executes, the search; no stage output depends on them
 
 
 def changed_params(settings: Settings, base: Settings) -> dict[str, tuple]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import types
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, urlsplit
@@ -405,6 +406,124 @@ class DvcSettings(Section):
     push: bool = Field(description="After a run, push data and models to the default DVC remote (dvc remote add -d ...).")
 
 
+SearchValue = bool | int | float | str
+
+
+class SearchDimension(Section):
+    """One tuned key of search.space."""
+
+    type: Literal["float", "int", "categorical"] = Field(
+        description="float or int: a range [low, high]; categorical: one of choices."
+    )
+    low: float | None = Field(None, description="float, int: the smallest value tried.")
+    high: float | None = Field(None, description="float, int: the largest value tried.")
+    log: bool = Field(False, description="float, int: sample on a log scale (low must be > 0).")
+    choices: list[SearchValue] | None = Field(None, description="categorical: the values tried (at least two).")
+
+    @model_validator(mode="after")
+    def _well_formed(self) -> SearchDimension:
+        if self.type == "categorical":
+            if self.low is not None or self.high is not None or self.log:
+                raise ValueError("a categorical takes choices, not low/high/log; remove them")
+            if not self.choices or len(set(map(repr, self.choices))) < 2:
+                raise ValueError(
+                    f"categorical choices={self.choices}: give at least two different values (one value is no search: set it in params.yaml)"
+                )
+            return self
+        if self.choices is not None:
+            raise ValueError(f"type {self.type} takes low and high, not choices; use type: categorical")
+        if self.low is None or self.high is None:
+            raise ValueError(f"type {self.type} needs low and high")
+        if self.low >= self.high:
+            raise ValueError(f"empty range: low={self.low:g} must be below high={self.high:g}")
+        if self.type == "int" and (self.low != int(self.low) or self.high != int(self.high)):
+            raise ValueError(f"type int needs whole low and high (got {self.low:g}, {self.high:g})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log scale needs low > 0 (got {self.low:g})")
+        return self
+
+
+# keys a trial does not tune: where it runs and writes (a trial is one rank of its own, in its own directories)
+UNTUNABLE = {
+    "train": {
+        "world_size",
+        "launcher",
+        "strategy",
+        "out_dir",
+        "log_dir",
+        "resume_from",
+        "max_restarts",
+        "elastic",
+        "rejoin_timeout_s",
+        "step_timeout_s",
+        "keep_checkpoints",
+        "checkpoint_every",
+    },
+    "preprocess": {"out_dir", "split", "partition_rows"},
+}
+
+
+class SearchSettings(Section):
+    """Hyperparameter search (`trainflow search`, the hyperparameter-search flow): an Optuna study over train.* and preprocess.* keys, its trials on Dask workers (docs/search.md)."""
+
+    n_trials: int = Field(
+        ge=1,
+        le=100_000,
+        description="Trials the study runs in all (completed, pruned and failed ones count; a resumed study runs only the rest).",
+    )
+    workers: int = Field(
+        ge=1,
+        le=1024,
+        description="Trials at once: local Dask worker processes, one trial each (on the dask.address cluster: one trial per worker, or per GPU resource when its workers declare GPU).",
+    )
+    seed: int = Field(ge=0, description="Seed of the TPE sampler.")
+    metric: Literal["val_rmse", "val_accuracy", "val_loss"] = Field(
+        description="The per-epoch validation figure the study optimises (its best epoch per trial) and the pruner compares; val_accuracy is maximised, the others minimised."
+    )
+    pruner: Literal["median", "asha", "none"] = Field(
+        description="Stops unpromising trials early on the per-epoch metric: median (below the median of earlier trials at the same epoch), asha (asynchronous successive halving), none."
+    )
+    warmup_epochs: int = Field(
+        ge=0, description="median: epochs a trial runs before it may be pruned; asha: its minimum resource (epochs, at least 1)."
+    )
+    startup_trials: int = Field(
+        ge=0, description="Trials sampled at random before TPE models the space (and, with median, before any trial is pruned)."
+    )
+    reduction_factor: int = Field(
+        ge=2, le=100, description="asha: the fraction 1/reduction_factor of trials promoted at each rung."
+    )
+    study: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="The study's name in the storage: the same name resumes it."
+    )
+    storage: str = Field(
+        description="The study's SQLite file (git-ignored), beside the trials' directories: it survives a killed search, which resumes from it."
+    )
+    out_dir: str = Field(
+        description="The search's report (search.md, search.json) and figures (history.png, importances.png); each trial's model and logs are beside search.storage."
+    )
+    space: dict[str, SearchDimension] = Field(
+        min_length=1,
+        description="Dotted train.* or preprocess.* keys to tune, each {type: float, int or categorical; low, high and log, or choices}.",
+    )
+
+    @field_validator("space")
+    @classmethod
+    def _tunable(cls, space: dict) -> dict:
+        import difflib
+
+        sections: dict[str, type[Section]] = {"train": TrainSettings, "preprocess": PreprocessSettings}
+        known = [f"{s}.{k}" for s, model in sections.items() for k in model.model_fields if k not in UNTUNABLE[s]]
+        for key in space:
+            section, _, name = key.partition(".")
+            if section in sections and name in UNTUNABLE[section]:
+                raise ValueError(f"{key} is not tunable (where a trial runs or writes); remove it from search.space")
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=3)
+                hint = f"did you mean {' or '.join(close)}? " if close else ""
+                raise ValueError(f"unknown key {key!r}: {hint}search.space takes train.* and preprocess.* keys")
+        return space
+
+
 # the settings that name files (relative to the project root unless absolute or a URL)
 PATH_KEYS = INPUTS + REPLACED + WRITTEN_INTO
 
@@ -419,6 +538,7 @@ class Settings(Section):
     evaluate: EvaluateSettings
     package: PackageSettings
     dvc: DvcSettings
+    search: SearchSettings
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, hide_input_in_errors=True)
 
@@ -453,6 +573,21 @@ class Settings(Section):
             raise ValueError(
                 f"train.augment={self.train.augment} augments images; dataset.modality=table: set train.augment: none"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _search_values(self) -> Settings:
+        """Both ends of each search range, and each choice, must be a valid value of its key."""
+        for key, d in self.search.space.items():
+            section, name = key.split(".", 1)
+            current = getattr(self, section)
+            ends: list[Any] = [d.low, d.high] if d.type == "float" else [int(d.low or 0), int(d.high or 0)]
+            for value in d.choices if d.choices is not None else ends:
+                try:
+                    type(current).model_validate(current.model_dump() | {name: value})
+                except ValidationError as e:
+                    reason = e.errors()[0]["msg"].removeprefix("Value error, ")
+                    raise ValueError(f"search.space.{key}: {value!r} is not a valid {key} ({reason}); fix the range") from None
         return self
 
     @model_validator(mode="after")
@@ -601,6 +736,8 @@ def _kind(annotation) -> str:
         return " \\| ".join(f"`{a}`" for a in args)
     if type(None) in args:
         return " or ".join(_kind(a) for a in args if a is not type(None)) + " or `null`"
+    if isinstance(annotation, types.UnionType):
+        return " or ".join(_kind(a) for a in args)
     if origin is list:
         return f"list of {_kind(args[0])}"
     if origin is dict:
@@ -646,6 +783,15 @@ def reference(params: str | Path = PARAMS) -> str:
         ]
         for sub, info in section.model_fields.items():
             nested = _nested(info.annotation)
+            if nested is not None and _kind(info.annotation).startswith("mapping"):  # search.space: per tuned key
+                lines.append(
+                    f"| `{key}.{sub}` | mapping of str to section | {bounds(info)} | (one per key) | {info.description} |"
+                )
+                lines += [
+                    f"| `{key}.{sub}.KEY.{k}` | {_kind(i.annotation)} | | | {i.description} |"
+                    for k, i in nested.model_fields.items()
+                ]
+                continue
             if nested is not None:
                 if values[key][sub] is None:  # an optional section (dataset.image): its row, then its keys
                     lines.append(f"| `{key}.{sub}` | section or `null` | | `null` | {info.description} |")

@@ -18,10 +18,13 @@ from tests.harness import snapshot
 TRAINFLOW = str(Path(sys.executable).with_name("trainflow"))
 EDGES = [
     [sys.executable, "-m", m]
-    for m in ["flows.pipeline", "flows.serve", "flows.predict", "tasks.settings", "tasks.datasets", "tasks.predict"]
+    for m in ["flows.pipeline", "flows.serve", "flows.predict", "flows.search"]
+    + ["tasks.settings", "tasks.datasets", "tasks.predict"]
     + [f"tasks.{s}" for s in STAGES]
 ]
-COMMANDS = [[TRAINFLOW]] + [[TRAINFLOW, c] for c in ("run", "server", "serve", "stage", "predict", "use", "status", "ui")]
+COMMANDS = [[TRAINFLOW]] + [
+    [TRAINFLOW, c] for c in ("run", "server", "serve", "stage", "predict", "use", "status", "ui", "search")
+]
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import copy
 import math
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -36,10 +37,18 @@ from tasks.training.watchdog import Watchdog
 
 
 def run_rank(
-    s: Settings, rank: int, world: int, local_rank: int, init_method: str, local_world: int | None = None, log: bool = True
+    s: Settings,
+    rank: int,
+    world: int,
+    local_rank: int,
+    init_method: str,
+    local_world: int | None = None,
+    log: bool = True,
+    stop: Callable[[dict], bool] | None = None,
 ) -> None:
     """One rank of a training run. init_method "" means one process and no process group; "store://HOST:PORT" a
-    store the launcher hosts (this rank connects as a client and listens on nothing itself)."""
+    store the launcher hosts (this rank connects as a client and listens on nothing itself). `stop(record)`, in
+    one process only, ends training after an epoch when it returns True (a search's pruner)."""
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}" if cuda else "cpu")
     if cuda:
@@ -60,7 +69,7 @@ def run_rank(
             **({"device_id": device} if cuda else {}),  # type: ignore[arg-type]
         )
     try:
-        Trainer(s, rank, world, device, grouped=bool(init_method), local_world=local_world or world, log=log).fit()
+        Trainer(s, rank, world, device, grouped=bool(init_method), local_world=local_world or world, log=log, stop=stop).fit()
     except RuntimeError as e:
         if peer_failed(e):  # a collective failed because a peer died or the network went: infrastructure
             raise InfrastructureError(f"rank {rank}: a collective failed ({str(e).splitlines()[0][:200]})") from e
@@ -94,8 +103,12 @@ class RunState:
 
 
 class Trainer:
-    def __init__(self, s: Settings, rank: int, world: int, device: torch.device, grouped: bool, local_world: int, log: bool):
+    def __init__(
+        self, s: Settings, rank: int, world: int, device: torch.device, grouped: bool, local_world: int, log: bool, stop=None
+    ):
+        assert stop is None or not grouped, "a stop hook decides for one process; ranks would disagree"
         cfg = self.cfg = s.train
+        self.stop = stop
         self.rank, self.world, self.device, self.grouped, self.master = rank, world, device, grouped, rank == 0
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
         torch.manual_seed(cfg.seed)
@@ -211,9 +224,10 @@ class Trainer:
                 at.history.append(record)
                 if self.master:
                     self.writes.append(self.writer.submit(log_epoch, self.live, record, self.out / PROGRESS))
-                if self.unit == "step" or epoch % self.every == 0 or at.stale >= cfg.patience or epoch == cfg.epochs:
+                stopped = at.stale >= cfg.patience or (self.stop is not None and self.stop(record))
+                if self.unit == "step" or epoch % self.every == 0 or stopped or epoch == cfg.epochs:
                     self.save(epoch + 1, 0, self.order.get_state(), None)
-                if at.stale >= cfg.patience:
+                if stopped:
                     break
         finally:
             self.watchdog.stop()
