@@ -34,7 +34,7 @@ REPLACED = [
     ("package", "archive"),
     ("evaluate", "champion"),
 ]
-WRITTEN_INTO = [("train", "log_dir"), ("evaluate", "out_dir")]
+WRITTEN_INTO = [("train", "log_dir"), ("evaluate", "out_dir"), ("search", "out_dir"), ("search", "storage")]
 INPUTS = [("dataset", "source"), ("dataset", "suite")]
 CONTROL = (".git", ".dvc", "params.yaml", "dvc.yaml", "dvc.lock", ".dvcignore", "pyproject.toml")
 

@@ -53,6 +53,8 @@ ATTACKS = [  # (changes, the stage whose CLI is run, what the message must name)
     ({"validate.report": "tasks/ingest.py"}, "validate", "which git tracks"),
     ({"ingest.out": "data/sources/slice.parquet"}, "ingest", "ingest.out overlaps dataset.source"),
     ({"evaluate.champion": ".."}, "promote", "evaluate.champion: .. is outside the project"),
+    ({"search.out_dir": str(OUTSIDE)}, "ingest", "search.out_dir: /"),
+    ({"search.storage": "data/raw/data.parquet"}, "ingest", "ingest.out and search.storage overlap"),
 ]
 
 

@@ -2,9 +2,11 @@
 California Housing slice; bad search spaces through the real CLI; the flow killed mid-study and resumed in a git
 + DVC repo, its trials listed by `dvc exp show`, and the best trial applied to params.yaml."""
 
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -94,6 +96,12 @@ def study_states(db: Path, study: str) -> list:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:  # read only until the search has created the schema (else both would create it: a UNIQUE conflict)
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as db_:
+            if not db_.execute("SELECT count(*) FROM alembic_version").fetchone()[0]:
+                return []
+    except sqlite3.Error:
+        return []
     try:
         return optuna.load_study(study_name=study, storage=f"sqlite:///{db}").get_trials(deepcopy=False)
     except KeyError:  # not created yet
