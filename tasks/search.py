@@ -240,6 +240,8 @@ def search(s: Settings) -> dict:
     # the study and trials at absolute paths: workers, and this process in an experiment's worktree, see them
     cfg = cfg.model_copy(update={"storage": str(Path(cfg.storage).resolve()), "out_dir": str(Path(cfg.out_dir).resolve())})
     study = open_study(cfg)
+    if not study.trials:  # a new study's first trial is params.yaml's values: the search starts from what you have
+        study.enqueue_trial(current_values(s, cfg))
     recovered = recover(study)
     if recovered:
         print(f"search: trials {recovered} were left running by a killed search; failed and run again once", flush=True)
@@ -253,6 +255,21 @@ def search(s: Settings) -> dict:
     summary = summarize(study, cfg, round(time.perf_counter() - t0, 2))
     write_json(Path(cfg.out_dir) / "search.json", summary)
     return summary
+
+
+def current_values(s: Settings, cfg: SearchSettings) -> dict:
+    """params.yaml's values of the space's keys, those inside the space (the others the sampler picks)."""
+    values, out = dump_settings(s), {}
+    for key, d in cfg.space.items():
+        section, name = key.split(".")
+        value = values[section][name]
+        if d.type == "categorical":
+            inside = value in (d.choices or [])
+        else:
+            inside = isinstance(value, int | float) and float(d.low or 0) <= value <= float(d.high or 0)
+        if inside:
+            out[key] = value
+    return out
 
 
 def run_trials(study, s: Settings, cfg: SearchSettings, todo: int, client, slots: int, resources, per_host: int) -> None:
