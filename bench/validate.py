@@ -13,6 +13,7 @@ sampled every 50 ms.
 """
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -48,7 +49,9 @@ def params_for(work: Path, data: Path, partitioned: bool) -> Path:
     raw["dataset"]["suite"] = str(ROOT / raw["dataset"]["suite"])
     raw["validate"]["in_memory_max_rows"] = 0 if partitioned else 10**12
     raw["validate"]["drift"] = "off"
-    raw["ingest"]["out"] = str(data)
+    raw["ingest"]["out"] = str(run / "raw.parquet")  # inside the run's project (tasks/paths.py): a link to the data
+    (run / "raw.parquet").unlink(missing_ok=True)
+    os.link(data, run / "raw.parquet")
     path = run / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
