@@ -274,4 +274,4 @@ def test_bin_fractions_close_each_bin_on_the_right():
     for edges in (np.array([1.0, 3.0]), np.array([1.0]), np.array([-10.0, 0.0, 2.0, 100.0])):
         expected = np.bincount(np.searchsorted(edges, x, side="left"), minlength=len(edges) + 1) / len(x)
         np.testing.assert_array_equal(fractions(edges, x), expected)
-    assert fractions(np.array([1.0, 3.0]), x).tolist() == [0.5, 0.3, 0.2]
+    assert fractions(np.array([1.0, 3.0]), x).tolist() == [0.5, 0.4, 0.1]
