@@ -344,7 +344,8 @@ def second_pass(client, files: list[Path], stats: dict, key: list[str], kinds: d
     """The transform fitted on the train statistics (and quantiles), then each piece read again and encoded."""
     quantiles = None
     if cfg.scaler == "quantile":  # Dask's (approximate) quantiles of the train rows' expanded columns
-        train = dd.read_parquet(str(stage / "_quantiles"))
+        # one partition per batch, as written (dd.read_parquet would fuse files as its heuristics see fit)
+        train = dd.from_map(pd.read_parquet, sorted(str(f) for f in (stage / "_quantiles").glob("*.parquet")))
         quantiles = show_progress(client, [train.quantile(list(np.linspace(0, 1, cfg.n_quantiles)))])[0]
     shutil.rmtree(stage / "_quantiles")
     transform = fit(stats, kinds, target, cfg.scaler, cfg.n_quantiles, cfg.min_frequency, cfg.max_categories, quantiles)
