@@ -140,13 +140,18 @@ def _log_cluster(client, stage: str) -> None:
 
 def show_progress(client, collections: list) -> list:
     """Compute the collections on the cluster (with a progress bar on a terminal); return their results."""
+    return gather(client, client.compute(collections))
+
+
+def gather(client, futures: list) -> list:
+    """The futures' results, once all are done (a progress bar on a terminal; in logs, where a progress bar
+    cannot redraw, a line every 30 s)."""
     from distributed import progress, wait
 
-    futures = client.compute(collections)
     if sys.stdout.isatty():
         progress(futures)
     waited = 0
-    while True:  # a line now and then in logs (Prefect, CI), where a progress bar cannot redraw
+    while True:
         try:
             wait(futures, timeout=30)
             break

@@ -39,6 +39,7 @@ HASH_BUCKETS = 1_000_000
 CLIP = 1e-7  # quantile levels are clipped to [CLIP, 1 - CLIP] before the normal ppf, as sklearn does
 DATE_PARTS = ("year", "month", "day", "dayofweek", "hour")
 MISSING = "__missing"
+SPLITS = ("train", "val", "test")  # split_codes 0, 1, 2
 
 
 def _text_as_categorical(col: pd.Series) -> pd.Categorical:
@@ -84,8 +85,8 @@ def label_value(text: str, dtype: str):
     return text
 
 
-def assign_split(part: pd.DataFrame, fractions: tuple[float, float, float]) -> pd.Series:
-    """'train' / 'val' / 'test' for each row, from a hash of its key columns (stable, order-free)."""
+def split_codes(part: pd.DataFrame, fractions: tuple[float, float, float]) -> np.ndarray:
+    """0 (train), 1 (val) or 2 (test) for each row, from a hash of its key columns (stable, order-free)."""
     part = pd.DataFrame(
         {c: part[c] if pd.api.types.is_numeric_dtype(t) else _text_as_categorical(part[c]) for c, t in part.dtypes.items()},
         index=part.index,
@@ -93,8 +94,12 @@ def assign_split(part: pd.DataFrame, fractions: tuple[float, float, float]) -> p
     bucket = pd.util.hash_pandas_object(part, index=False).to_numpy() % HASH_BUCKETS
     train_end = round(fractions[0] * HASH_BUCKETS)
     val_end = round((fractions[0] + fractions[1]) * HASH_BUCKETS)
-    names = np.where(bucket < train_end, "train", np.where(bucket < val_end, "val", "test"))
-    return pd.Series(names, index=part.index, dtype="string")
+    return (bucket >= train_end).astype(np.int8) + (bucket >= val_end)
+
+
+def assign_split(part: pd.DataFrame, fractions: tuple[float, float, float]) -> pd.Series:
+    """'train' / 'val' / 'test' for each row (split_codes as names)."""
+    return pd.Series(np.array(SPLITS, dtype=object)[split_codes(part, fractions)], index=part.index, dtype="string")
 
 
 def expand(part: pd.DataFrame, kinds: dict[str, str]) -> pd.DataFrame:
@@ -105,12 +110,18 @@ def expand(part: pd.DataFrame, kinds: dict[str, str]) -> pd.DataFrame:
         if kind == "numeric":
             cols[name] = col.astype("float64")
         elif kind == "datetime":
-            t = pd.to_datetime(col, utc=True, errors="coerce")
-            for p in DATE_PARTS:
-                cols[f"{name}__{p}"] = getattr(t.dt, p).astype("float64")
+            cols |= {f"{name}__{p}": x for p, x in _date_parts(col).items()}
         elif kind == "categorical":
             cols[name] = col.astype("string[pyarrow]")
     return pd.DataFrame(cols, index=part.index)
+
+
+def _date_parts(col: pd.Series) -> dict[str, np.ndarray]:
+    """pd.to_datetime(col, utc=True, errors="coerce")'s DATE_PARTS as float64, each distinct value parsed once
+    (timestamps repeat: a year of hourly data has 8,760) and its parts taken for each row; missing: NaN."""
+    codes, distinct = pd.factorize(col)  # distinct in order of appearance (the parse infers its format from the first)
+    t = pd.to_datetime(pd.Series(distinct), utc=True, errors="coerce")
+    return {p: np.append(getattr(t.dt, p).to_numpy(np.float64, na_value=np.nan), np.nan)[codes] for p in DATE_PARTS}
 
 
 def numeric_names(kinds: dict[str, str]) -> list[str]:

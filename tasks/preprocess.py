@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
+from functools import partial
 from pathlib import Path
 
 import dask.dataframe as dd
@@ -28,9 +28,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.cluster import dask_client, show_progress
+from tasks.cluster import dask_client, gather, show_progress
 from tasks.features import (  # noqa: F401 (apply_transform: re-exported)
     LOWEST,
+    SPLITS,
     apply_transform,
     assign_split,
     categorical_features,
@@ -41,15 +42,15 @@ from tasks.features import (  # noqa: F401 (apply_transform: re-exported)
     label_text,
     merge_stats,
     numeric_names,
+    split_codes,
     train_stats,
 )
 from tasks.files import atomic_dir, sha256_path, write_json
 from tasks.parent import reused_transform
 from tasks.settings import MAX_CLASSES, Settings, UserError, cli
-from tasks.tables import count_rows, parquet_files
+from tasks.tables import Piece, count_rows, parquet_files, pieces
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "val", "test")
 
 
 def check_validated(s: Settings) -> None:
@@ -175,58 +176,6 @@ def _encoded(part: pd.DataFrame, transform: dict) -> pd.DataFrame:
     return frame
 
 
-STATS_META = {"part": "int64", "stat": "object", "column": "object", "value": "object", "x": "float64"}
-
-
-def _stats_frame(part: pd.DataFrame, kinds: dict, target: str, transform: str | None, partition_info=None) -> pd.DataFrame:
-    """train_stats of one partition as rows of a small frame (so it computes in the same graph as the writes)."""
-    s, i = train_stats(part, kinds, target, transform), (partition_info or {}).get("number", 0)
-    rows = [(i, stat, c, "", float(s[stat][j])) for j, c in enumerate(s["columns"]) for stat in ("n", "mean", "m2")]
-    rows.append((i, "rows", "", "", float(s["rows"])))
-    rows += [(i, "count", c, str(v), float(n)) for c, vc in s["counts"].items() for v, n in vc.items()]
-    return pd.DataFrame(rows, columns=list(STATS_META)).astype(STATS_META)
-
-
-def _target_frame(part: pd.DataFrame, target: str, task: str, lowest: float | None) -> pd.DataFrame:
-    """Per split, the rows of each label (classification), or of a target outside the transform's domain."""
-    if task == "regression":
-        bad = (part[target] <= lowest) if lowest is not None else pd.Series(False, index=part.index)
-        by = bad.groupby(part["split"], observed=True).sum()
-        rows = [(0, "target", str(split), "invalid", float(n)) for split, n in by.items()]
-    else:
-        sizes = part.groupby(["split", target], observed=True).size()
-        rows = [(0, "target", str(split), str(label), float(n)) for (split, label), n in sizes.items()]
-    return pd.DataFrame(rows, columns=list(STATS_META)).astype(STATS_META)
-
-
-def _target_counts(frame: pd.DataFrame) -> dict:
-    out: dict = {}
-    for (split, value), x in frame.groupby(["column", "value"])["x"].sum().items():
-        out.setdefault(split, {})[value] = int(x)
-    return out
-
-
-def _merge_stats_frame(frame: pd.DataFrame, kinds: dict, target: str | None) -> dict:
-    columns = numeric_names(kinds) + ([target] if target else [])
-    categorical = [c for c, k in kinds.items() if k == "categorical"]
-    parts = []
-    for _, g in frame.groupby("part", sort=True):
-        num = g[g.stat.isin(["n", "mean", "m2"])].pivot(index="column", columns="stat", values="x")
-        num = num.reindex(index=columns, columns=["n", "mean", "m2"])
-        counts = {c: g[(g.stat == "count") & (g.column == c)].set_index("value")["x"] for c in categorical}
-        parts.append(
-            {
-                "columns": columns,
-                "n": num["n"].to_numpy(),
-                "mean": num["mean"].to_numpy(),
-                "m2": num["m2"].to_numpy(),
-                "rows": int(g[g.stat == "rows"]["x"].sum()),
-                "counts": counts,
-            }
-        )
-    return merge_stats(parts)
-
-
 def _expanded(part: pd.DataFrame, kinds: dict, target: str, task: str) -> pd.DataFrame:
     y = part[target].astype("float64") if task == "regression" else label_text(part[target])
     return expand(part, kinds).assign(**{target: y, "split": part["split"]})
@@ -282,10 +231,20 @@ def preprocess_images(s: Settings) -> dict:
 def build_features(
     client, files: list[Path], n_rows: int, key: list[str], kinds: dict, d, cfg, stage: Path, reused: tuple | None = None
 ) -> dict:
-    """The Dask part, into directory `stage`: pass 1 splits and expands the rows and computes the train
-    statistics and the target's counts per split; the target is checked; pass 2 fits the transform (or takes
-    the parent's, `reused`: (transform, where from)) and encodes the splits; then the schema that training reads."""
-    stats, counts = first_pass(client, files, n_rows, key, kinds, d, cfg, stage)
+    """The Dask part, into directory `stage`: pass 1 splits the rows, writes the raw test rows and computes the
+    train statistics and the target's counts per split; the target is checked; pass 2 fits the transform (or takes
+    the parent's, `reused`: (transform, where from)) and reads the input again (only the columns it uses) to
+    encode the splits; then the schema that training reads.
+    A Dask task per piece of whole row groups (tasks/tables.py), working through it in batches of
+    preprocess.partition_rows rows with Arrow and numpy: memory is bounded by a batch per worker thread."""
+    if not key:  # the columns other than the target: transforming or relabelling the target moves no row
+        key = [c for c in pq.read_schema(files[0]).names if c != d.target]
+    stats, counts = first_pass(client, files, key, kinds, d, cfg, stage)
+    if stats is None:
+        rows = {split: sum(c.values()) for split, c in counts.items()}
+        raise UserError(
+            f"preprocess: the train split is empty (rows per split: {rows}); give more data or change preprocess.split"
+        )
     lowest = LOWEST.get(d.target_transform) if d.task == "regression" else None
     target = {
         "name": d.target,
@@ -299,64 +258,124 @@ def build_features(
             f"train.init_transform=reuse: the parent's classes {reused[0]['classes']} are not this train split's "
             f"{target['classes']}; set train.init_transform: refit (the output layer then starts anew)"
         )
-    transform = second_pass(client, stats, kinds, target, cfg, stage, reused[0] if reused else None)
+    transform = second_pass(client, files, stats, key, kinds, target, d, cfg, stage, reused[0] if reused else None)
     schema = describe(stage, transform, d, n_rows, counts) | {"transform_from": reused[1] if reused else None}
     write_json(stage / "transform.json", transform)
     write_json(stage / "schema.json", schema)
     return schema
 
 
-def part_name(i: int) -> str:
-    return f"part-{i:05d}.parquet"
+def _batches(piece: Piece, rows: int, columns: list[str] | None = None):
+    """The piece's rows as tables of at most `rows` rows, with the input's pandas metadata (so each converts to
+    the dtypes the whole table has)."""
+    f = pq.ParquetFile(piece.file)
+    metadata = f.schema_arrow.metadata
+    for b in f.iter_batches(batch_size=rows, row_groups=list(piece.row_groups), columns=columns):
+        yield pa.Table.from_batches([b]).replace_schema_metadata(metadata)
 
 
-def first_pass(client, files: list[Path], n_rows: int, key: list[str], kinds: dict, d, cfg, stage: Path) -> tuple[dict, dict]:
-    """Each partition read once: it is given its split, its raw test rows and its expanded columns are written
-    (to stage/test_raw and stage/_expanded), and, in the same graph, its train statistics and its target
-    counts per split are computed."""
-    fractions = (cfg.split.train, cfg.split.val, cfg.split.test)
-    if not key:  # the columns other than the target: transforming or relabelling the target moves no row
-        key = [c for c in pq.read_schema(files[0]).names if c != d.target]
-    ddf = dd.read_parquet([str(f) for f in files])
-    ddf = ddf.repartition(npartitions=max(1, math.ceil(n_rows / cfg.partition_rows)))
-    ddf = ddf.dropna(subset=[d.target])
-    ddf = ddf.assign(split=ddf[key].map_partitions(assign_split, fractions, meta=("split", "string")))
-    expanded = ddf.map_partitions(_expanded, kinds, d.target, d.task, meta=_expanded(ddf._meta, kinds, d.target, d.task))
-    test_raw = ddf[ddf.split == "test"].drop(columns="split")
-    writes = [
-        expanded.to_parquet(stage / "_expanded", write_index=False, compute=False, name_function=part_name),
-        test_raw.to_parquet(stage / "test_raw", write_index=False, compute=False, name_function=part_name),
-    ]
-    # small results per partition, computed with the writes: each partition is read once
+def _split_rows(table: pa.Table, key: list[str], target: str, fractions) -> tuple[pa.Table, pd.DataFrame, np.ndarray]:
+    """The rows that have a target, as Arrow and as pandas, and their split codes (0 train, 1 val, 2 test)."""
+    frame = table.to_pandas()
+    keep = frame[target].notna().to_numpy()
+    if not keep.all():
+        table, frame = table.filter(keep), frame[keep].reset_index(drop=True)
+    return table, frame, split_codes(frame[key], fractions)
+
+
+def _target_counts(y: pd.Series, split: np.ndarray, task: str, lowest: float | None) -> dict:
+    """Per split, the rows of each label (classification), or of a target outside the transform's domain."""
+    if task == "regression":
+        bad = (y <= lowest).to_numpy() if lowest is not None else np.zeros(len(y), bool)
+        return {SPLITS[k]: {"invalid": int(bad[split == k].sum())} for k in np.unique(split)}
+    sizes = pd.DataFrame({"split": split, "y": y}).groupby(["split", "y"], observed=True).size()
+    out: dict = {}
+    for (k, label), n in sizes.items():
+        out.setdefault(SPLITS[k], {})[str(label)] = int(n)
+    return out
+
+
+def _first_piece(piece: Piece, i: int, by: list[str], kinds: dict, d, cfg, stage: Path) -> dict:
+    """One piece read once, in batches of preprocess.partition_rows rows: its raw test rows written to
+    stage/test_raw, its train statistics and its target counts per split returned (and, for the quantile
+    scaler, its expanded numeric train columns written to stage/_quantiles)."""
     regression = d.task == "regression"
-    train = expanded[expanded.split == "train"]
-    transform = d.target_transform if regression else None
-    partials = train.map_partitions(_stats_frame, kinds, d.target, transform, meta=STATS_META, partition_info=True)
     lowest = LOWEST[d.target_transform][0] if regression and d.target_transform in LOWEST else None
-    targets = expanded.map_partitions(_target_frame, d.target, d.task, lowest, meta=STATS_META)
-    *_, stats, counts = show_progress(client, writes + [partials, targets])
-    return _merge_stats_frame(stats, kinds, d.target if regression else None), _target_counts(counts)
+    fractions = (cfg.split.train, cfg.split.val, cfg.split.test)
+    stats, counts = [], []
+    for j, table in enumerate(_batches(piece, cfg.partition_rows)):
+        table, frame, split = _split_rows(table, by, d.target, fractions)
+        pq.write_table(table.filter(split == 2), stage / "test_raw" / f"part-{i:05d}-{j:03d}.parquet")
+        y = frame[d.target].astype("float64") if regression else label_text(frame[d.target])
+        counts.append(_target_counts(y, split, d.task, lowest))
+        train = expand(frame.loc[split == 0, list(kinds)], kinds).assign(**{d.target: y[split == 0]})
+        if len(train):
+            stats.append(train_stats(train, kinds, d.target, d.target_transform if regression else None))
+            if cfg.scaler == "quantile":
+                train[numeric_names(kinds)].to_parquet(stage / "_quantiles" / f"part-{i:05d}-{j:03d}.parquet", index=False)
+    return {"stats": stats, "counts": counts}
 
 
-def second_pass(client, stats: dict, kinds: dict, target: dict, cfg, stage: Path, reused: dict | None = None) -> dict:
-    """The transform fitted on the train statistics (and quantiles), or the one `reused`; then every split
-    encoded with it."""
+def first_pass(client, files: list[Path], key: list[str], kinds: dict, d, cfg, stage: Path) -> tuple[dict | None, dict]:
+    """Each piece of the input (whole row groups) read once by a task: the merged train statistics (None
+    without a train row) and the target's counts per split."""
+    for name in ("test_raw", "_quantiles"):
+        (stage / name).mkdir()
+    parts = pieces(files, cfg.partition_rows)
+    task = partial(_first_piece, by=key, kinds=kinds, d=d, cfg=cfg, stage=stage)
+    results = gather(client, client.map(task, parts, range(len(parts)), pure=False))
+    stats = merge_stats([s for r in results for s in r["stats"]]) if any(r["stats"] for r in results) else None
+    counts: dict = {}
+    for c in (c for r in results for c in r["counts"]):
+        for split, labels in c.items():
+            for label, n in labels.items():
+                counts.setdefault(split, {})[label] = counts.get(split, {}).get(label, 0) + n
+    return stats, counts
+
+
+def _second_piece(piece: Piece, i: int, by: list[str], kinds: dict, transform: dict, d, cfg, stage: Path) -> None:
+    """One piece read again (only the columns the split and the transform use): each batch encoded and its rows
+    written to stage/train, val and test."""
+    columns = list(dict.fromkeys([*by, *kinds, d.target]))
+    fractions = (cfg.split.train, cfg.split.val, cfg.split.test)
+    names = [*transform["features"], d.target]
+    for j, table in enumerate(_batches(piece, cfg.partition_rows, columns)):
+        _, frame, split = _split_rows(table, by, d.target, fractions)
+        x = encode(transform, expand(frame, kinds))
+        y = encode_target(transform, frame[d.target])
+        x = np.asfortranarray(x)  # a column at a time below
+        for k, name in enumerate(SPLITS):
+            rows = np.flatnonzero(split == k)
+            out = pa.table([*(x[:, f].take(rows) for f in range(x.shape[1])), y.take(rows)], names=names)
+            pq.write_table(out, stage / name / f"part-{i:05d}-{j:03d}.parquet")
+
+
+def second_pass(
+    client,
+    files: list[Path],
+    stats: dict,
+    key: list[str],
+    kinds: dict,
+    target: dict,
+    d,
+    cfg,
+    stage: Path,
+    reused: dict | None = None,
+) -> dict:
+    """The transform fitted on the train statistics (and quantiles), or the one `reused`; then each piece read
+    again and encoded."""
     quantiles = None
-    inter = dd.read_parquet(str(stage / "_expanded"))
-    if cfg.scaler == "quantile" and reused is None:  # Dask's (approximate) quantiles of the train rows
-        train_inter = inter[inter.split == "train"][numeric_names(kinds)]
-        quantiles = show_progress(client, [train_inter.quantile(list(np.linspace(0, 1, cfg.n_quantiles)))])[0]
+    if cfg.scaler == "quantile" and reused is None:  # Dask's (approximate) quantiles of the train rows' expanded columns
+        # one partition per batch, as written (dd.read_parquet would fuse files as its heuristics see fit)
+        train = dd.from_map(pd.read_parquet, sorted(str(f) for f in (stage / "_quantiles").glob("*.parquet")))
+        quantiles = show_progress(client, [train.quantile(list(np.linspace(0, 1, cfg.n_quantiles)))])[0]
+    shutil.rmtree(stage / "_quantiles")
     transform = reused or fit(stats, kinds, target, cfg.scaler, cfg.n_quantiles, cfg.min_frequency, cfg.max_categories, quantiles)
-    encoded = inter.map_partitions(_encoded, transform, meta=_encoded(inter._meta, transform))
-    splits = [encoded[encoded.split == name].drop(columns="split") for name in SPLITS]
-    show_progress(
-        client,
-        [
-            split.to_parquet(stage / name, write_index=False, compute=False, name_function=part_name)
-            for name, split in zip(SPLITS, splits)
-        ],
-    )
-    shutil.rmtree(stage / "_expanded")
+    for name in SPLITS:
+        (stage / name).mkdir()
+    parts = pieces(files, cfg.partition_rows)
+    task = partial(_second_piece, by=key, kinds=kinds, transform=transform, d=d, cfg=cfg, stage=stage)
+    gather(client, client.map(task, parts, range(len(parts)), pure=False))
     return transform
 
 

@@ -10,7 +10,7 @@ import pytest
 from tasks.ingest import ingest
 from tasks.settings import UserError
 from tasks.validate import validate
-from tasks.validation.drift import column_stat, psi
+from tasks.validation.drift import column_stat, fractions, psi
 from tests.conftest import parse, real_slice, workspace
 
 KEY = "california_housing/MedHouseVal"  # the default dataset's entry in the reference file
@@ -266,3 +266,12 @@ def test_an_unreadable_reference_is_named(tmp_path):
     ingest(s)
     with pytest.raises(UserError, match=r"validate.reference: .*stats.json is not readable JSON .*; delete it"):
         validate(s)
+
+
+def test_bin_fractions_close_each_bin_on_the_right():
+    """A value equal to an edge falls in the bin below it: the fractions are the binary search's, exactly."""
+    x = np.array([0.0, 1.0, 1.0, 1.0, 2.0, 2.5, 3.0, 3.0, 9.0, -4.0])
+    for edges in (np.array([1.0, 3.0]), np.array([1.0]), np.array([-10.0, 0.0, 2.0, 100.0])):
+        expected = np.bincount(np.searchsorted(edges, x, side="left"), minlength=len(edges) + 1) / len(x)
+        np.testing.assert_array_equal(fractions(edges, x), expected)
+    assert fractions(np.array([1.0, 3.0]), x).tolist() == [0.5, 0.4, 0.1]

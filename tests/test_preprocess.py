@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tasks.features import DATE_PARTS, HASH_BUCKETS, expand
 from tasks.ingest import ingest
 from tasks.preprocess import apply_transform, assign_split, preprocess
 from tasks.settings import UserError
@@ -79,3 +80,35 @@ def test_refuses_data_that_failed_validation(tmp_path):
         validate(s)
     with pytest.raises(UserError, match="failed validation"):
         preprocess(s)
+
+
+def test_split_is_pandas_row_hash_of_the_key_whatever_the_string_dtype():
+    """The split is the bucket of pandas' row hash of the key (text hashed as objects): outputs of before stay."""
+    raw = real_slice().assign(region=lambda f: np.where(f.Latitude > 36, "north", None))
+    key = raw[["HouseAge", "region"]]
+    bucket = pd.util.hash_pandas_object(key.astype({"region": object}), index=False).to_numpy() % HASH_BUCKETS
+    expected = np.where(bucket < 640_000, "train", np.where(bucket < 800_000, "val", "test"))
+    for region in (object, "str", "string[pyarrow]"):
+        split = assign_split(key.astype({"region": region}), (0.64, 0.16, 0.20))
+        assert split.tolist() == expected.tolist(), region
+
+
+def test_datetime_parts_parse_each_distinct_value_as_the_whole_column_would():
+    stamps = [
+        "2013-01-01T05:00:00Z",
+        None,
+        "not a time",
+        "2013-01-01T05:00:00Z",
+        "2014-02-03T01:00:00+01:00",
+        "2013-12-31T23:00:00Z",
+    ]
+    for col in (
+        pd.Series(stamps * 50, dtype=object),
+        pd.Series(stamps * 50, dtype="str"),
+        pd.Series(pd.to_datetime(stamps[:2] * 50)),
+    ):
+        got = expand(pd.DataFrame({"t": col}), {"t": "datetime"})
+        t = pd.to_datetime(col, utc=True, errors="coerce")
+        for p in DATE_PARTS:
+            np.testing.assert_array_equal(got[f"t__{p}"].to_numpy(), getattr(t.dt, p).astype("float64").to_numpy(), err_msg=p)
+    assert got["t__hour"].isna().sum() == 50  # the missing ones

@@ -56,8 +56,10 @@ def _finite(col: pd.Series) -> np.ndarray:
 
 
 def fractions(edges: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """The fraction of x in each bin (-inf, e0], (e0, e1], ..., (e_last, inf)."""
-    return np.bincount(np.searchsorted(edges, x, side="left"), minlength=len(edges) + 1) / max(len(x), 1)
+    """The fraction of x in each bin (-inf, e0], (e0, e1], ..., (e_last, inf). (A count of x ≤ e per edge: a
+    vectorised comparison is several times faster than a binary search per value for the few edges here.)"""
+    at_most = [np.count_nonzero(x <= e) for e in edges]
+    return np.diff([0, *at_most, len(x)]) / max(len(x), 1)
 
 
 def psi(bins: dict, x: np.ndarray) -> float:

@@ -124,9 +124,11 @@ class Partitioned:
 
     def duplicates(self) -> dict[str, list]:
         """Values that occur more than once in each unique-key column, over all partitions."""
+        keys = [c for c, spec in self.suite["columns"].items() if spec.get("unique")]
+        if not keys:
+            return {}
         import dask.dataframe as dd  # only here: its import takes a second
 
-        keys = [c for c, spec in self.suite["columns"].items() if spec.get("unique")]
         present = set(pq.read_schema(self.files[0]).names)
         found: dict[str, list] = {}
         for c in keys:
