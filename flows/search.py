@@ -76,7 +76,7 @@ def markdown(summary: dict, saved: list[str]) -> str:
 def write_report(s: Settings, summary: dict, saved: list[str]) -> str:
     """search.md and the figures in search.out_dir; the markdown with the figures inline (the artifact)."""
     out = Path(s.search.out_dir)
-    summary["importances"] = figures(open_study(s.search, heartbeat=False), out)
+    summary["importances"] = figures(open_study(s.search, heartbeat=False), out, s.search.metric)
     text = markdown(summary, saved)
     with atomic_path(out / "search.md") as tmp:
         Path(tmp).write_text(text)

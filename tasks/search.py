@@ -366,7 +366,7 @@ def best_values(cfg: SearchSettings) -> dict:
     return dict(study.best_trial.params)
 
 
-def figures(study, out: Path) -> dict:
+def figures(study, out: Path, metric: str = "objective") -> dict:
     """optimisation history and parameter importances (PED-ANOVA: numpy only; fANOVA needs scikit-learn, a dev
     dependency here) as PNGs in `out`; the importances."""
     import matplotlib
@@ -381,7 +381,8 @@ def figures(study, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ExperimentalWarning
-        ax = optuna.visualization.matplotlib.plot_optimization_history(study)
+        ax = optuna.visualization.matplotlib.plot_optimization_history(study, target_name=metric)
+    ax.set_title(f"{metric} of each complete trial, and the best so far")
     save(ax.figure, out / "history.png")
     importances: dict = {}
     try:

@@ -88,7 +88,7 @@ def test_trials_train_are_pruned_and_fail_and_the_study_goes_on(features, tmp_pa
         assert len(transform["references"]) == q
     summary2 = search(s)  # the study is complete: nothing runs again
     assert summary2["states"] == summary["states"]
-    importances = figures(open_study(s.search, heartbeat=False), Path(s.search.out_dir))
+    importances = figures(open_study(s.search, heartbeat=False), Path(s.search.out_dir), s.search.metric)
     assert (Path(s.search.out_dir) / "history.png").stat().st_size > 1000 and isinstance(importances, dict)
 
 
