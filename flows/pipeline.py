@@ -241,8 +241,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         load_settings()  # bad params stop here, before a Prefect server is started
         start_early()
-        with prefect_api(while_waiting=preload), quiet_failures():
-            out = build(Path(PARAMS).resolve())(return_state=True).result()
+        with prefect_api(while_waiting=preload):
+            training_pipeline = build(Path(PARAMS).resolve())  # (imports Prefect, which sets up its log handlers)
+            with quiet_failures():
+                out = training_pipeline(return_state=True).result()
     except TrainflowError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

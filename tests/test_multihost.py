@@ -16,7 +16,7 @@ from tasks.train import train
 from tests.conftest import ROOT, cli_root, parse, same_parameters, variant
 from tests.harness import FAULT_ENV, FAULTS
 from tests.multihost import BIN, Network, available, dask_cluster, installed_project
-from tests.test_dask_cluster import assert_same, snapshot
+from tests.test_dask_cluster import assert_same, in_row_groups, snapshot
 from tests.test_flights import flights_workspace, run
 
 pytestmark = [
@@ -76,7 +76,7 @@ with Client(sys.argv[1], timeout=10) as c:
 
 
 def test_preprocessing_on_the_cluster_across_hosts_is_identical_to_local(net, cluster, tmp_path):
-    s = flights_workspace(tmp_path, preprocess__partition_rows=1000)  # several partitions for the two workers
+    s = in_row_groups(flights_workspace(tmp_path, preprocess__partition_rows=1000))  # tasks for the two workers
     run(s)  # on a local cluster, in this process
     local = snapshot(Path(s.preprocess.out_dir))
     before = net["client"].python(WORK_DONE, cluster)
@@ -86,7 +86,8 @@ def test_preprocessing_on_the_cluster_across_hosts_is_identical_to_local(net, cl
     after = net["client"].python(WORK_DONE, cluster)
     assert_same(snapshot(Path(s.preprocess.out_dir)), local)
     assert sorted(urlparse(w).hostname for w in after) == ["10.77.0.11", "10.77.0.12"]
-    assert all(after[w] > before[w] + 50 for w in after), (before, after)  # both worker hosts did the work
+    done = {w: after[w] - before[w] for w in after}  # task state changes on each worker during the stage
+    assert sum(done.values()) > 20 and all(n >= 0.2 * sum(done.values()) for n in done.values()), done  # both did work
     print(f"preprocess from the client host on 2 worker hosts: {seconds:.1f} s")
 
 

@@ -231,6 +231,8 @@ def test_served_runs_read_params_and_data_as_they_are_when_triggered(server, rep
     finally:
         params.write_text(original)
         source.write_bytes(data)
+    # the workspace back as the module's later tests expect it: every stage up to date
+    assert server.wait(server.trigger(dep, {}))["state"]["type"] == "COMPLETED"
 
 
 def test_stopping_serve_pauses_the_deployment_and_the_server_keeps_its_schedule(server, repo, served):
