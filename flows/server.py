@@ -135,7 +135,8 @@ def local_server(timeout_s: float = 90, while_waiting=None) -> str:
                 tail = log.read_text(errors="replace")[-1500:]
                 raise InfrastructureError(f"the local Prefect server did not start ({log}):\n{tail}")
             time.sleep(0.1)
-        (home / RECORD).write_text(json.dumps({"url": url, "pid": proc.pid, "started": time.time()}))
+        record = {"url": url, "pid": proc.pid, "started": time.time(), "early": early is not None}  # (early: start_early)
+        (home / RECORD).write_text(json.dumps(record))
     print(f"Prefect server started for this and later runs: {url.removesuffix('/api')} (UI); stop: trainflow server --stop")
     return url
 
@@ -191,15 +192,24 @@ def start_early() -> None:
 
 
 def _configured_elsewhere(home: Path) -> bool:
-    """Prefect settings a file may hold that would make the early start wrong (then the run starts it as before)."""
+    """Prefect settings a file may hold that would make the early start wrong (then the run starts it as before):
+    a server's URL or key, another home or profiles file, the local server switched off."""
     import tomllib
 
-    keys = ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_SERVER_EPHEMERAL_ENABLED", "PREFECT_API_KEY")
+    keys = ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_SERVER_EPHEMERAL_ENABLED", "PREFECT_API_KEY", "PREFECT_PROFILES_PATH")
     dotenv = Path(".env").read_text(errors="replace") if Path(".env").is_file() else ""
-    if Path("prefect.toml").exists() or any(k in dotenv for k in keys):
+    if any(k in dotenv for k in keys):
         return True
-    if Path("pyproject.toml").is_file() and "[tool.prefect" in Path("pyproject.toml").read_text():
-        return True
+    for path, table in (("prefect.toml", ()), ("pyproject.toml", ("tool", "prefect"))):
+        try:
+            settings = tomllib.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            continue
+        for name in table:
+            settings = settings.get(name, {})
+        api, ephemeral = settings.get("api", {}), settings.get("server", {}).get("ephemeral", {})
+        if api.get("url") or api.get("key") or "home" in settings or "profiles_path" in settings or "enabled" in ephemeral:
+            return True
     try:
         profiles = tomllib.loads(Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").read_text())
     except (OSError, ValueError):

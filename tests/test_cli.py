@@ -155,6 +155,7 @@ def test_trainflow_run_keeps_one_local_prefect_server_for_later_runs(reproduced,
         assert "Prefect server started for this and later runs: http://127.0.0.1:" in first.stdout
         record = json.loads((tmp_path / "home/trainflow-server.json").read_text())
         assert record["url"].startswith("http://127.0.0.1:")
+        assert record["early"]  # started before the run imported Prefect (the project's [tool.prefect] names no server)
         server = psutil.Process(record["pid"])
         listening = [c for p in [server, *server.children(True)] for c in p.net_connections("inet") if c.status == "LISTEN"]
         assert listening and all(c.laddr.ip == "127.0.0.1" for c in listening)
