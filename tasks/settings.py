@@ -222,7 +222,10 @@ class PreprocessSettings(Section):
         ge=2,
         description="A categorical column with more distinct values than this in the train split is refused (declare it ignore, or raise this).",
     )
-    partition_rows: int = Field(ge=1000, description="Target rows per Dask partition and per output Parquet file.")
+    partition_rows: int = Field(
+        ge=1000,
+        description="Rows per piece of work: the input is cut into pieces of whole row groups of at most this many rows (one row group at least), a Dask task each, read in batches of at most this many rows; one output Parquet file per batch and split. Memory: a batch per worker thread.",
+    )
     out_dir: str = Field(description="Feature splits, fitted transform and schema (a DVC output).")
 
 
