@@ -130,6 +130,18 @@ def test_a_killed_stage_process_resumes_from_its_checkpoint(features, tmp_path):
     same_parameters(ref / "model", tmp_path / "run" / "model", atol=1e-6)
 
 
+def test_a_dvclive_summary_cut_by_a_kill_is_written_anew_on_resume(tmp_path):
+    """A stage killed while dvclive rewrote its summary (metrics.json, not written atomically) left it empty:
+    the resumed run must not fail reading it (found by test_a_killed_stage_process_resumes_from_its_checkpoint)."""
+    from tasks.training.live import log_epoch, open_live
+
+    (tmp_path / "metrics.json").write_text('{"step": 3, "train": {"lo')  # what the kill left
+    live = open_live(str(tmp_path), 3)
+    log_epoch(live, {"epoch": 4, "train_loss": 0.5}, tmp_path / "progress.jsonl")
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["step"] == 4 and summary["train"]["loss"] == 0.5
+
+
 def test_checkpoints_that_are_not_ours_or_not_this_model_are_refused(features, uninterrupted, tmp_path):
     ref, summary = uninterrupted
     good = ref / "model/checkpoints" / f"step-{summary['steps']:08d}.pt"

@@ -33,6 +33,13 @@ def open_live(log_dir: str, resumed_epochs: int | None):
 def trim_live(log_dir: Path, epochs: int) -> None:
     """Drop the dvclive rows of epochs after the checkpoint being resumed (they are trained and logged again),
     and what a killed process left half-written, so no epoch is logged twice."""
+    summary = log_dir / "metrics.json"  # dvclive's summary, which it reads to resume and rewrites every epoch
+    try:
+        json.loads(summary.read_text())
+    except FileNotFoundError:
+        pass
+    except ValueError:  # cut by a kill while dvclive wrote it (not atomically): the next epoch writes it anew
+        summary.unlink()
     for tsv in (log_dir / "plots" / "metrics").rglob("*.tsv"):
         lines = tsv.read_text().splitlines()
         header = lines[0].split("\t") if lines else []
