@@ -204,6 +204,14 @@ def remove_stale() -> None:
             teardown(f"{PREFIX}{pid}")
 
 
+@contextmanager
+def project_network(hosts: dict[str, int], tmp: Path):
+    """The hosts as network namespaces with this project installed for them in tmp/site (the tests' `net`)."""
+    with Network(hosts, tmp) as net:
+        net.site = installed_project(tmp / "site")
+        yield net
+
+
 def installed_project(dest: Path) -> Path:
     """This checkout pip-installed (built as a wheel, no dependencies: those are the virtualenv's) into dest, the
     directory hosts put on PYTHONPATH: the hosts run the installed package, not the source tree."""

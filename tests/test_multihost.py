@@ -15,7 +15,7 @@ import pytest
 from tasks.train import train
 from tests.conftest import ROOT, cli_root, parse, same_parameters, variant
 from tests.harness import FAULT_ENV, FAULTS
-from tests.multihost import BIN, Network, available, dask_cluster, installed_project
+from tests.multihost import BIN, available, dask_cluster, project_network
 from tests.test_dask_cluster import assert_same, in_row_groups, snapshot
 from tests.test_flights import flights_workspace, run
 
@@ -33,9 +33,7 @@ LOST = r"rank [01] on tcp://10\.77\.0\.1[12]:\d+ hung \(no step in train.step_ti
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("multihost")
-    with Network(HOSTS, tmp) as net:
-        net.site = installed_project(tmp / "site")
+    with project_network(HOSTS, tmp_path_factory.mktemp("multihost")) as net:
         yield net
 
 

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from tests.conftest import copy_repo, load_package
-from tests.multihost import BIN, Network, available, installed_project
+from tests.multihost import BIN, available, project_network
 from tests.services import Postgres, api_call, prefect_env, prefect_server
 
 pytestmark = [
@@ -32,9 +32,7 @@ LRS = (0.003, 0.005, 0.02, 0.03)  # four experiments' train.lr (params.yaml has 
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("team")
-    with Network(HOSTS, tmp) as net:
-        net.site = installed_project(tmp / "site")
+    with project_network(HOSTS, tmp_path_factory.mktemp("team")) as net:
         yield net
 
 

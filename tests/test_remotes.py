@@ -13,7 +13,7 @@ import pytest
 
 from tasks.files import sha256_file
 from tests.conftest import copy_repo
-from tests.multihost import BIN, Network, available, installed_project
+from tests.multihost import BIN, available, project_network
 from tests.services import Sshd, moto_s3
 
 pytestmark = [
@@ -27,9 +27,7 @@ SECRET = "not-the-right-secret-5f2b9c"  # a wrong credential that must never be 
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("remotes")
-    with Network(HOSTS, tmp) as net:
-        net.site = installed_project(tmp / "site")
+    with project_network(HOSTS, tmp_path_factory.mktemp("remotes")) as net:
         yield net
 
 
