@@ -98,10 +98,10 @@ def prefect_home() -> Path:
     return Path(get_current_settings().home).expanduser()
 
 
-def running_server() -> dict | None:
-    """The local server a run started and left running (its record), if it answers."""
+def running_server(home: Path | None = None) -> dict | None:
+    """The local server a run started and left running (its record in PREFECT_HOME, or `home`), if it answers."""
     try:
-        record = json.loads((prefect_home() / RECORD).read_text())
+        record = json.loads(((home or prefect_home()) / RECORD).read_text())
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) and healthy(str(record.get("url"))) else None
@@ -181,13 +181,9 @@ def start_early() -> None:
     home.mkdir(parents=True, exist_ok=True)
     lock = open(home / f"{RECORD}.lock", "w")  # noqa: SIM115  (held until local_server has the server)
     fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-        record = json.loads((home / RECORD).read_text())
-        if healthy(str(record.get("url"))):
-            lock.close()
-            return
-    except (OSError, ValueError, AttributeError):
-        pass
+    if running_server(home):
+        lock.close()
+        return
     _early[str(home.resolve())] = (lock, *_spawn(home))
 
 
