@@ -49,7 +49,7 @@ def save_experiments(s: Settings, ws: Workspace) -> list[str]:
         settings = with_values(s, trial.params, f"search trial {trial.number}")
         run_id = uuid.uuid5(uuid.NAMESPACE_URL, f"trainflow-search/{s.search.study}/{trial.number}")
         # its dvc.lock stays the workspace's (the trial's model is not kept: apply its values and run to get it)
-        with ws.experiment(name, str(run_id), settings, changed_params(settings, s), stages=["ingest"]) as exp:
+        with ws.experiment(name, str(run_id), settings, changed_params(settings, s)) as exp:
             shutil.copytree(where / "live", exp.root / s.train.log_dir, dirs_exist_ok=True)
         (where / EXPERIMENT).write_text(name + "\n")
         saved.append(name)

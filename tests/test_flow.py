@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.pipeline import training_pipeline
+from flows.pipeline import stages_to_run, training_pipeline
 from flows.workspace import Workspace
 from tasks.files import sha256_file
 from tasks.settings import UserError, load_settings
@@ -143,6 +143,19 @@ def test_rerun_with_nothing_changed_skips_every_stage(in_repo):
     assert it["ran"] == [] and it["work_s"] == 0 and it["overhead"]["dvc status"] > 0  # all of it overhead
 
 
+def test_while_the_server_starts_a_run_imports_only_what_its_stages_will_need(in_repo):
+    """`trainflow run` imports stage modules while the local server starts: none for a run with nothing to do;
+    from the first stage DVC finds changed on (a train.* value: train, evaluate, package, promote)."""
+    assert stages_to_run() == []
+    text = (in_repo / "params.yaml").read_text()
+    (in_repo / "params.yaml").write_text(text.replace("epochs: 3", "epochs: 2", 1))
+    try:
+        assert stages_to_run() == ["train", "evaluate", "package", "promote"]
+    finally:
+        (in_repo / "params.yaml").write_text(text)
+    assert stages_to_run() == []
+
+
 def test_train_param_from_the_ui_runs_as_a_dvc_experiment(in_repo):
     params_before = (in_repo / "params.yaml").read_bytes()
     model_before = sha256_file(in_repo / "models/train/model.pt")
@@ -186,6 +199,12 @@ def test_train_param_from_the_ui_runs_as_a_dvc_experiment(in_repo):
     assert re.search(r"champion: models/production\s", theirs)  # relative, as the user wrote it (no path of this machine)
     diff = json.loads(sh(in_repo, "dvc", "exp", "diff", exp, "--json").stdout)["params"]["params.yaml"]
     assert diff == {"train.epochs": {"old": 3, "new": 1}} or set(diff) == {"train.epochs"}
+    # `dvc exp branch` makes it a branch whose dvc.lock names the experiment's model, kept in the DVC cache
+    sh(in_repo, "dvc", "exp", "branch", exp, "one-epoch")
+    lock = yaml.safe_load(sh(in_repo, "git", "show", "one-epoch:dvc.lock").stdout)
+    model = next(o for o in lock["stages"]["train"]["outs"] if o["path"].endswith("models/train"))["md5"]
+    assert model != next(o for o in yaml.safe_load((in_repo / "dvc.lock").read_text())["stages"]["train"]["outs"])["md5"]
+    assert (in_repo / ".dvc/cache/files/md5" / model[:2] / model[2:]).is_file()
 
 
 def test_a_run_named_like_a_path_is_never_used_as_one(in_repo):
