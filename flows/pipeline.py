@@ -204,32 +204,44 @@ def quiet_failures():
             h.removeFilter(quiet)
 
 
-# the modules the stages import, in the pipeline's order: imported while a Prefect server starts (seconds a cold
+# the modules each stage imports, in the pipeline's order: imported while a Prefect server starts (seconds a cold
 # run waits anyway), so that the stages' own start-up is not paid after it
-PRELOAD = (
-    "pandas",
-    "pyarrow.parquet",
-    "tasks.ingest",
-    "tasks.validate",
-    "great_expectations",
-    "distributed",
-    "dask.dataframe",
-    "tasks.preprocess",
-    "torch",
-    "tasks.training.launch",
-    "tasks.evaluate",
-    "tasks.package",
-)
+STAGE_IMPORTS = {
+    "ingest": ("pandas", "pyarrow.parquet", "tasks.ingest"),
+    "validate": ("tasks.validate", "great_expectations"),
+    "preprocess": ("distributed", "dask.dataframe", "tasks.preprocess"),
+    "train": ("torch", "tasks.training.launch"),
+    "evaluate": ("tasks.evaluate",),
+    "package": ("tasks.package",),
+    "promote": (),
+}
+PRELOAD = tuple(m for modules in STAGE_IMPORTS.values() for m in modules)
 
 
 def preload(ready) -> None:
-    """Import the stages' modules until the server answers (one module at a time: never later than that)."""
+    """While the server starts: ask DVC which stages are out of date, then import what the first of them and every
+    later one import (one module at a time, until the server answers). A run with nothing to do imports none of
+    them, and the server starts with both cores."""
     import importlib
 
-    for name in PRELOAD:
+    for name in (m for stage in stages_to_run() for m in STAGE_IMPORTS[stage]):
         if ready():
             return
         importlib.import_module(name)
+
+
+def stages_to_run() -> list[str]:
+    """The first stage DVC finds out of date and those after it (a stage's changed inputs show only once the stage
+    before it ran); all of them when DVC cannot say now (the flow then says why, or waits for a busy workspace)."""
+    try:
+        ws = Workspace(Path.cwd())
+        try:
+            first = next((i for i, stage in enumerate(STAGE_IMPORTS) if ws.changes(stage)), len(STAGE_IMPORTS))
+        finally:
+            ws.repo.close()
+    except Exception:
+        return list(STAGE_IMPORTS)
+    return list(STAGE_IMPORTS)[first:]
 
 
 def main(argv: list[str] | None = None) -> None:
