@@ -1,8 +1,8 @@
 """The Prefect server a run talks to: the one in PREFECT_API_URL, or a local one Trainflow keeps running.
 
 A configured server must answer (else the run stops with the fix, not a connection traceback). With none
-configured, `trainflow run` uses this machine's local server: started by the first run (`prefect server
-start` on 127.0.0.1, a free port, PREFECT_HOME's database), recorded in PREFECT_HOME/trainflow-server.json
+configured, `trainflow run` uses this machine's local server: started by the first run (Prefect's server
+on 127.0.0.1, a free port, PREFECT_HOME's database), recorded in PREFECT_HOME/trainflow-server.json
 and reused by every later run, so a run does not pay a server's start (4-9 s) and every run stays visible in
 its UI (`trainflow server` says where; `trainflow server --stop` stops it). TRAINFLOW_PREFECT_SERVER=temporary
 gives Prefect's own temporary server instead, started for one run and stopped after it, with a small reaper
@@ -142,18 +142,21 @@ def local_server(timeout_s: float = 90, while_waiting=None) -> str:
 
 
 def _spawn(home: Path) -> tuple[subprocess.Popen, str, Path]:
-    """`prefect server start` on 127.0.0.1 and a free port, logging to PREFECT_HOME; not waited for."""
+    """Prefect's server (API, UI, services) on 127.0.0.1 and a free port, logging to PREFECT_HOME; not waited for.
+    Run as Prefect runs its own temporary server: uvicorn with Prefect's app factory, which answers ~0.3 s sooner
+    than `prefect server start` (no CLI to import first)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/api"
-    prefect = Path(sys.executable).with_name("prefect")
     env = dict(os.environ, PREFECT_UI_API_URL=url, PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+    env.update(PREFECT__SERVER_FINAL="1", PYTHONUNBUFFERED="1")  # (the one app of its process; its log as it happens)
     env.pop("PREFECT_API_URL", None)
     log = home / "trainflow-server.log"
+    app = ["--factory", "prefect.server.api.server:create_app", "--lifespan", "on"]
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [str(prefect) if prefect.exists() else "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "uvicorn", *app, "--host", "127.0.0.1", "--port", str(port)],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=out,
