@@ -215,16 +215,17 @@ STAGE_IMPORTS = {
     "package": ("tasks.package",),
     "promote": (),
 }
-PRELOAD = tuple(m for modules in STAGE_IMPORTS.values() for m in modules)
+REPORT_IMPORTS = ("pandas", "matplotlib.pyplot")  # the run's summary tables and its timeline chart, even when nothing ran
+PRELOAD = tuple(dict.fromkeys([m for modules in STAGE_IMPORTS.values() for m in modules] + list(REPORT_IMPORTS)))
 
 
 def preload(ready) -> None:
     """While the server starts: ask DVC which stages are out of date, then import what the first of them and every
-    later one import (one module at a time, until the server answers). A run with nothing to do imports none of
-    them, and the server starts with both cores."""
+    later one import, then what the run's report needs (one module at a time, until the server answers). A run
+    with nothing to do imports no stage's modules, and the server starts with both cores."""
     import importlib
 
-    for name in (m for stage in stages_to_run() for m in STAGE_IMPORTS[stage]):
+    for name in dict.fromkeys([m for stage in stages_to_run() for m in STAGE_IMPORTS[stage]] + list(REPORT_IMPORTS)):
         if ready():
             return
         importlib.import_module(name)

@@ -50,7 +50,8 @@ def pipeline_status() -> list[tuple[str, str]]:
     from flows.workspace import Workspace
 
     ws = Workspace(Path.cwd())
-    lock = (yaml.safe_load((ws.root / "dvc.lock").read_text()) or {}).get("stages", {}) if (ws.root / "dvc.lock").exists() else {}
+    lock_file = ws.root / "dvc.lock"
+    lock = (yaml.load(lock_file.read_text(), Loader=yaml.CSafeLoader) or {}).get("stages", {}) if lock_file.exists() else {}
     params = yaml.safe_load((ws.root / PARAMS).read_text())
     status = ws.repo.status()
     stages = list((yaml.safe_load((ws.root / "dvc.yaml").read_text()) or {}).get("stages", {}))

@@ -114,7 +114,7 @@ class Workspace:
 
     def lock_entry(self, stage: str) -> dict:
         lock = self.root / "dvc.lock"
-        stages = yaml.safe_load(lock.read_text()).get("stages", {}) if lock.exists() else {}
+        stages = yaml.load(lock.read_text(), Loader=yaml.CSafeLoader).get("stages", {}) if lock.exists() else {}
         return stages.get(stage, {})
 
     def push(self) -> None:

@@ -61,8 +61,8 @@ def _key(section: str, key: str) -> str:
 
 
 def _inside(a: Path, b: Path) -> bool:
-    """a is b or lies below it."""
-    return a == b or b in a.parents
+    """a is b or lies below it (by name, as Path.parents would say: thousands of calls per settings check)."""
+    return a == b or str(a).startswith(str(b).rstrip("/") + "/")
 
 
 @functools.lru_cache(maxsize=8)
@@ -76,7 +76,7 @@ def _tracked(root: Path, lock_mtime: float) -> frozenset[Path]:
         return frozenset()  # not a git repository: nothing is tracked
     files = {root / f for f in out.stdout.decode().split("\0") if f}
     lock = root / "dvc.lock"
-    stages = ((yaml.safe_load(lock.read_text()) or {}).get("stages") or {}) if lock.exists() else {}
+    stages = ((yaml.load(lock.read_text(), Loader=yaml.CSafeLoader) or {}).get("stages") or {}) if lock.exists() else {}
     products = [root / o["path"] for st in stages.values() for o in (st.get("outs") or []) if "path" in o]
     return frozenset(f for f in files if not any(_inside(f, p) for p in products))
 
