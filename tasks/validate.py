@@ -24,6 +24,7 @@ from tasks.errors import UserError
 from tasks.files import copy_and_hash, remove, sha256_path, staged_path
 from tasks.settings import Settings, cli
 from tasks.tables import count_rows, parquet_files
+from tasks.validation.direct import needs_gx
 from tasks.validation.drift import describe, psi_unchecked
 from tasks.validation.inmemory import Drift, InMemory
 from tasks.validation.reference import dataset_key, read_reference, write_reference
@@ -54,9 +55,10 @@ def validate(s: Settings) -> dict:
     partitioned = raw.is_dir() or n_rows > cfg.in_memory_max_rows
     # beside the checks, one read of the input copies it to the staged output (what is accepted when no
     # row is quarantined) and hashes it; GX is imported while the data is read if this process runs GX
+    # (partitions whose columns direct.py checks exactly need no GX)
     with staged_path(cfg.out) as out, ThreadPoolExecutor(2) as pool:
         digest = pool.submit(copy_and_hash, raw, out)
-        if not partitioned or (s.dask.address == "local" and not s.dask.processes):
+        if not partitioned or (s.dask.address == "local" and not s.dask.processes and needs_gx(files, suite)):
             pool.submit(import_gx)
         if partitioned:
             from tasks.validation.partitioned import Partitioned

@@ -2,8 +2,9 @@
 results are added up exactly (used by tasks/validate.py above `validate.in_memory_max_rows`, or for a
 directory of Parquet files).
 
-Great Expectations has no Dask engine, so each partition is validated by GX's pandas engine and the
-partition results are merged into what one validation of the whole table gives, field for field:
+Great Expectations has no Dask engine, so each partition is validated by GX's pandas engine (or by the
+same pandas kernels without GX's per-batch machinery where that gives exactly GX's result: direct.py) and
+the partition results are merged into what one validation of the whole table gives, field for field:
 - row-level expectations (nulls, ranges, sets): counts add up, percents are recomputed from the summed
   counts with GX's formulas, row numbers are shifted by each partition's global offset, samples are the
   first ones in global order;
@@ -23,6 +24,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from tasks.tables import Piece, as_validated, pieces, read_piece
+from tasks.validation.direct import direct_results
 from tasks.validation.drift import column_drift, column_stat
 from tasks.validation.report import non_numbers, quarantine_frame
 from tasks.validation.suite import SAMPLES, json_value, run_suite
@@ -31,9 +33,12 @@ UNIQUE = "expect_column_values_to_be_unique"
 
 
 def check_piece(piece: Piece, suite: dict, duplicates: dict[str, list]) -> dict:
-    """GX on one partition; uniqueness against the duplicates of the whole column. Row numbers are local."""
+    """The suite on one partition (GX's kernels directly where that is exact, else GX); uniqueness against
+    the duplicates of the whole column. Row numbers are local."""
     frame = read_piece(piece)
-    results = run_suite(frame, suite)
+    results = direct_results(frame, suite)
+    if results is None:
+        results = run_suite(frame, suite)
     for r in results:
         if r["expectation"] == UNIQUE and r["column"] in frame and "unexpected_count" in r:
             r.update(unique_rows(frame[r["column"]], duplicates[r["column"]]))

@@ -141,8 +141,11 @@ def run_suite(frame: pd.DataFrame, suite: dict) -> list[dict]:
     batch_def, gx_suite = _gx_validator(suite)
     batch = batch_def.get_batch(batch_parameters={"dataframe": for_gx(frame, suite)})
     result = batch.validate(gx_suite, result_format={"result_format": "COMPLETE", "partial_unexpected_count": SAMPLES})
+    return in_report_order([_summarize(r) for r in result.results] + check_types(frame, suite), suite)
+
+
+def in_report_order(results: list[dict], suite: dict) -> list[dict]:
     position = {name: i for i, name in enumerate(suite["columns"])}
-    results = [_summarize(r) for r in result.results] + check_types(frame, suite)
     return sorted(results, key=lambda r: (position.get(r["column"], -1), ORDER.index(r["expectation"])))
 
 
