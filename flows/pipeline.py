@@ -12,7 +12,9 @@ import contextlib
 import functools
 import gc
 import inspect
+import json
 import logging
+import os
 import sys
 import time
 import uuid
@@ -75,6 +77,7 @@ def pipeline(parameters: dict) -> dict | State:
     from prefect.states import Completed
 
     t0, start = time.perf_counter(), timeline.flow_started()
+    process = process_state()
     ws = Workspace(Path.cwd())
     if ws.root != Path.cwd().resolve():
         raise UserError(f"run the flow from the project root {ws.root}, not {Path.cwd()} (settings paths are relative to it)")
@@ -93,12 +96,12 @@ def pipeline(parameters: dict) -> dict | State:
                 exp.check_graph()
                 stages = run_stages(settings, exp)
                 outputs = collect(settings, exp)  # read in the experiment's worktree, before it is removed
-                iteration = loop_report(settings, exp, stages, start)  # saved with the experiment
+                iteration = loop_report(settings, exp, stages, start, process)  # saved with the experiment
         else:
             ws.check_graph()
             stages = run_stages(settings, ws)
             outputs = collect(settings, ws)
-            iteration = loop_report(settings, ws, stages, start)
+            iteration = loop_report(settings, ws, stages, start, process)
         if settings.dvc.push:
             ws.push()
     outputs.update(
@@ -122,19 +125,33 @@ def pipeline(parameters: dict) -> dict | State:
     return outputs
 
 
-def loop_report(s: Settings, ws: Workspace, stages: dict, start: float) -> dict:
+def loop_report(s: Settings, ws: Workspace, stages: dict, start: float, process: dict) -> dict:
     """reports/iteration.json and .png of this run (in the workspace, or the experiment's worktree)."""
     from prefect import get_run_logger
 
     ran = {k for k, v in stages.items() if v["status"] == "ran"}
     try:
         parts = {name: part for name, part in timeline.read_parts(ws.root).items() if name in ran}
-        iteration = timeline.combine(ws.root, s, "flow", start, time.time(), parts)
+        iteration = timeline.combine(ws.root, s, "flow", start, time.time(), parts) | {"process": process}
         timeline.write(ws.root, iteration)
     except Exception as e:  # the run's work is done; a report that could not be written must not fail it
         get_run_logger().warning("the iteration report was not written (%s: %s)", type(e).__name__, e)
         return {}
     return iteration | {"chart": report.image(ws.root / timeline.CHART, "timeline of the loop")}
+
+
+WARM = "TRAINFLOW_WARM_PROCESS"  # set by `trainflow serve` in its warm process (JSON: since when), so in the runs it forks
+HEAVY = ("prefect", "pandas", "great_expectations", "distributed", "torch", "onnxscript")  # seconds each to import
+
+
+def process_state() -> dict:
+    """The run's process as the flow starts: forked from `trainflow serve`'s warm process (since when), or not;
+    which of the heavy modules it had imported already (a fresh `trainflow run` imports them while its server
+    starts)."""
+    state = {"warm": WARM in os.environ, "imported": [m for m in HEAVY if m in sys.modules]}
+    with contextlib.suppress(ValueError):
+        state |= json.loads(os.environ.get(WARM, "{}"))
+    return state
 
 
 def collect(s: Settings, ws: Workspace) -> dict:

@@ -18,12 +18,15 @@ a run never executes stale code. params.yaml and the data are read by each run i
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import time
 from pathlib import Path
 
 import yaml
 
 from flows.pipeline import PRELOAD as PIPELINE_PRELOAD  # (light: flows.pipeline imports Prefect where it is used)
+from flows.pipeline import WARM
 
 PREFECT_YAML = Path(__file__).resolve().parents[1] / "prefect.yaml"
 
@@ -70,6 +73,7 @@ PRELOAD = [
     "torch.onnx._internal.exporter._core",
     "onnxscript",
     "onnxruntime",
+    "flows.warm",  # (last: builds once what every run would build again)
 ]
 CODE = ("tasks", "flows")
 
@@ -105,6 +109,8 @@ class WarmContext:
             print("trainflow serve: the project's code changed; restarting the warm process server", flush=True)
             forkserver._forkserver._stop()  # the next run starts a fresh one, importing the new code
             self.restarts += 1
+        if now != self.started_with:  # a warm process starts now: the runs it forks inherit when (their report says it)
+            os.environ[WARM] = json.dumps({"since": time.strftime("%Y-%m-%d %H:%M:%S"), "restarts": self.restarts})
         self.started_with = now
         return self.ctx
 
@@ -130,22 +136,21 @@ def main(argv: list[str] | None = None) -> None:
 
     from prefect.exceptions import TerminationSignal
     from prefect.runner import Runner
-    from prefect.settings import PREFECT_RUNNER_POLL_FREQUENCY, get_current_settings, temporary_settings
+    from prefect.settings import get_current_settings
 
     from flows.server import telemetry_off
 
     telemetry_off()
     warm_runs()
-    # a run triggered from the UI starts within 1 s (Prefect's default: up to 10 s); a query is one small request
-    with temporary_settings(updates={PREFECT_RUNNER_POLL_FREQUENCY: int(os.environ.get("PREFECT_RUNNER_POLL_FREQUENCY", 1))}):
-        runner = Runner(pause_on_shutdown=True)
-        serve_here(runner)
-        ui = (get_current_settings().ui_url or "the Prefect UI").rstrip("/")
-        print(f"Serving training-pipeline and batch-predict here; trigger them from {ui}/deployments", flush=True)
-        try:
-            asyncio.run(runner.start())
-        except (KeyboardInterrupt, TerminationSignal):  # Ctrl-C, SIGTERM: the runner paused the deployments
-            pass
+    # a run triggered from the UI starts within 0.5 s (Prefect's default: up to 10 s); a query is one small request
+    runner = Runner(pause_on_shutdown=True, query_seconds=float(os.environ.get("PREFECT_RUNNER_POLL_FREQUENCY", 0.5)))
+    serve_here(runner)
+    ui = (get_current_settings().ui_url or "the Prefect UI").rstrip("/")
+    print(f"Serving training-pipeline and batch-predict here; trigger them from {ui}/deployments", flush=True)
+    try:
+        asyncio.run(runner.start())
+    except (KeyboardInterrupt, TerminationSignal):  # Ctrl-C, SIGTERM: the runner paused the deployments
+        pass
 
 
 if __name__ == "__main__":

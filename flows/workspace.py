@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import uuid
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -24,6 +25,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from tasks import timeline
 from tasks.errors import UserError
 from tasks.settings import PARAMS, Settings, dump_settings, edit_params
 from tasks.timeline import CHART, DETAILS, REPORT
@@ -153,6 +155,7 @@ class Workspace:
         user typed."""
         from dvc.exceptions import CheckoutError
 
+        started = time.time()
         run_id = uuid.UUID(str(run_id)).hex  # refuses anything but a UUID
         path, cwd = self.root / ".dvc" / "tmp" / "trainflow-exps" / run_id, os.getcwd()
         if subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=self.root, capture_output=True).returncode:
@@ -183,6 +186,7 @@ class Workspace:
                 exp.repo.checkout(force=True)  # the outputs dvc.lock names, from the shared cache; missing ones rerun
             except CheckoutError:
                 pass
+            timeline.add("dvc experiment", started, time.time(), "runner")  # its worktree (its save comes after the report)
             yield exp
             exp.save_experiment(name, ["dvc.lock", *REPORTS] + uncached)
         finally:

@@ -287,6 +287,17 @@ def markdown(report: dict) -> str:
         "| stage | status | wall s | start-up s | work s | throughput |",
         "|---|---|---|---|---|---|",
     ]
+    process = report.get("process") or {}
+    if process.get("warm"):
+        lines[1:1] = [
+            "",
+            f"**Warm process:** forked from `trainflow serve`'s warm process (started {process.get('since', '?')}, "
+            f"restarted {process.get('restarts', 0)} time(s) for code changes): {', '.join(process['imported']) or 'nothing'} "
+            "already imported when the run started.",
+        ]
+    cached = [n for n, v in report["stages"].items() if v["status"] == "cached"]
+    if cached:
+        lines[1:1] = ["", f"**Reused, up to date in DVC:** {', '.join(cached)} (their outputs from DVC's cache, not recomputed)."]
     for name, v in report["stages"].items():
         speed = (
             f"{v['samples_per_s']:,.0f} samples/s"

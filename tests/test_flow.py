@@ -141,6 +141,8 @@ def test_rerun_with_nothing_changed_skips_every_stage(in_repo):
     assert "training-epochs" not in arts and "**Gate:**" not in arts["training-summary"].data
     it = json.loads((in_repo / "reports/iteration.timeline.json").read_text())
     assert it["ran"] == [] and it["work_s"] == 0 and it["overhead"]["dvc status"] > 0  # all of it overhead
+    assert it["process"]["warm"] is False and "**Warm process:**" not in arts["iteration"].data  # (not a served run)
+    assert f"**Reused, up to date in DVC:** {', '.join(STAGES)} (their" in arts["iteration"].data
 
 
 def test_while_the_server_starts_a_run_imports_only_what_its_stages_will_need(in_repo):

@@ -191,9 +191,14 @@ def test_served_runs_fork_from_a_warm_process_and_never_run_stale_code(server, r
         return [p for p in psutil.Process(served.pid).children() if "forkserver" in " ".join(p.cmdline())]
 
     dep = server.deployment()
-    assert server.wait(server.trigger(dep, {}))["state"]["type"] == "COMPLETED"
+    first = server.wait(server.trigger(dep, {}))
+    assert first["state"]["type"] == "COMPLETED"
     (warm,) = warm_servers()
     assert "tasks.train" in " ".join(warm.cmdline())  # preloaded with the stage modules
+    # and the run says so, in its iteration report
+    said = server.artifacts(first["id"])["iteration"]
+    assert "**Warm process:** forked from `trainflow serve`'s warm process (started 20" in said
+    assert "prefect, pandas, great_expectations, distributed, torch, onnxscript already imported" in said
     report = repo / "flows/report.py"  # code of the flow, not a DVC dependency: no stage reruns for it
     original = report.read_text()
     report.write_text(original + '\nDIRECTION += " (edited between two runs)"\n')
