@@ -228,7 +228,7 @@ STAGE_IMPORTS = {
     "validate": ("tasks.validate", "great_expectations"),
     "preprocess": ("distributed", "dask.dataframe", "tasks.preprocess"),
     "train": ("torch", "tasks.training.launch"),
-    "evaluate": ("tasks.evaluate",),
+    "evaluate": ("tasks.evaluate", "tasks.figures", "pyarrow.dataset"),
     "package": ("tasks.package",),
     "promote": (),
 }
@@ -237,11 +237,12 @@ PRELOAD = tuple(dict.fromkeys([m for modules in STAGE_IMPORTS.values() for m in 
 
 
 def preload(ready) -> None:
-    """While the server starts: ask DVC which stages are out of date, then import what the first of them and every
-    later one import, then what the run's report needs (one module at a time, until the server answers). A run
+    """While the server starts: build the flow, ask DVC which stages are out of date, then import what the first of
+    them and every later one import, then what the run's report needs (one module at a time, until the server answers). A run
     with nothing to do imports no stage's modules, and the server starts with both cores."""
     import importlib
 
+    build(Path(PARAMS).resolve())  # the flow itself first: Prefect's flow machinery and the form's models
     for name in dict.fromkeys([m for stage in stages_to_run() for m in STAGE_IMPORTS[stage]] + list(REPORT_IMPORTS)):
         if ready():
             return

@@ -122,10 +122,14 @@ class WarmContext:
 
 def warm_runs() -> WarmContext:
     """Prefect's flow runs, from now on, from the warm forkserver."""
+    import multiprocessing.forkserver
+
     import prefect.flow_engine
 
     warm = WarmContext()
     prefect.flow_engine.multiprocessing = warm  # type: ignore[assignment]  # (its only use: get_context("spawn"))
+    warm.get_context()  # (notes the code it imports, and since when)
+    multiprocessing.forkserver.ensure_running()  # started now, not by the first run: it imports while serve starts up
     return warm
 
 
