@@ -245,8 +245,9 @@ def preload(ready) -> None:
     build(Path(PARAMS).resolve())  # the flow itself first: Prefect's flow machinery and the form's models
     for name in dict.fromkeys([m for stage in stages_to_run() for m in STAGE_IMPORTS[stage]] + list(REPORT_IMPORTS)):
         if ready():
-            return
+            break
         importlib.import_module(name)
+    gc.freeze()  # the modules stay for the run: the collector's full passes need not walk them
 
 
 def stages_to_run() -> list[str]:
