@@ -242,11 +242,15 @@ def preload(ready) -> None:
     with nothing to do imports no stage's modules, and the server starts with both cores."""
     import importlib
 
-    build(Path(PARAMS).resolve())  # the flow itself first: Prefect's flow machinery and the form's models
-    for name in dict.fromkeys([m for stage in stages_to_run() for m in STAGE_IMPORTS[stage]] + list(REPORT_IMPORTS)):
-        if ready():
-            break
-        importlib.import_module(name)
+    with timeline.phase("imports", stage="runner"):  # (phases of their own in the report: not the server's start)
+        build(Path(PARAMS).resolve())  # the flow itself first: Prefect's flow machinery and the form's models
+    with timeline.phase("dvc status", stage="runner"):
+        todo = stages_to_run()
+    with timeline.phase("imports", stage="runner"):
+        for name in dict.fromkeys([m for stage in todo for m in STAGE_IMPORTS[stage]] + list(REPORT_IMPORTS)):
+            if ready():
+                break
+            importlib.import_module(name)
     gc.freeze()  # the modules stay for the run: the collector's full passes need not walk them
 
 

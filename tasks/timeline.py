@@ -60,12 +60,19 @@ def process_started() -> None:
 
 
 def flow_started() -> float:
-    """The flow function starts: the loop's start (the process's, under `trainflow run`)."""
+    """The flow function starts: the loop's start (the process's, under `trainflow run`). The time since
+    process_started that no runner phase accounts for (imports and DVC's status, done while the server starts)
+    was the wait for the server."""
     global _flow_pending
-    now = time.time()
-    if _flow_pending is None:
+    now, waited_from = time.time(), _flow_pending
+    if waited_from is None:
         return now
-    add("server start", _flow_pending, now, "runner")
+    for start, end in sorted((p["start"], p["end"]) for p in _phases if p["stage"] == "runner" and p["start"] >= waited_from):
+        if start > waited_from:
+            add("server start", waited_from, start, "runner")
+        waited_from = max(waited_from, end)
+    if now > waited_from:
+        add("server start", waited_from, now, "runner")
     _flow_pending = None
     return min(p["start"] for p in _phases if p["stage"] == "runner")
 
@@ -241,6 +248,7 @@ COLORS = {
     "server start": "#8172b3",
     "dvc status": "#937860",
     "dvc commit": "#da8bc3",
+    "dvc experiment": "#c4ad66",
     "dvc": "#937860",
 }
 

@@ -156,6 +156,13 @@ def test_trainflow_run_keeps_one_local_prefect_server_for_later_runs(reproduced,
         record = json.loads((tmp_path / "home/trainflow-server.json").read_text())
         assert record["url"].startswith("http://127.0.0.1:")
         assert record["early"]  # started before the run imported Prefect (the project's [tool.prefect] names no server)
+        # the report tells the wait for the server from what the run did meanwhile (imports, DVC's status)
+        it = json.loads((repo / "reports/iteration.timeline.json").read_text())
+        runner = [(p["phase"], p["start_s"], p["end_s"]) for p in it["timeline"] if p["stage"] == "runner"]
+        waits = [(a, b) for phase, a, b in runner if phase == "server start"]
+        meanwhile = [(a, b) for phase, a, b in runner[1:] if phase in ("imports", "dvc status") and b <= waits[-1][1]]
+        assert waits and meanwhile and not any(a < d and c < b for a, b in waits for c, d in meanwhile)  # none overlap
+        assert it["overhead"]["dvc status"] > 0 and it["overhead"]["imports"] > it["timeline"][0]["end_s"]
         server = psutil.Process(record["pid"])
         listening = [c for p in [server, *server.children(True)] for c in p.net_connections("inet") if c.status == "LISTEN"]
         assert listening and all(c.laddr.ip == "127.0.0.1" for c in listening)
