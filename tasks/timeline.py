@@ -297,11 +297,12 @@ def markdown(report: dict) -> str:
     ]
     process = report.get("process") or {}
     if process.get("warm"):
+        restarts = process.get("restarts", 0)
+        restarted = f" after {restarts} restart(s) for code changes" if restarts else ""
         lines[1:1] = [
             "",
-            f"**Warm process:** forked from `trainflow serve`'s warm process (started {process.get('since', '?')}, "
-            f"restarted {process.get('restarts', 0)} time(s) for code changes): {', '.join(process['imported']) or 'nothing'} "
-            "already imported when the run started.",
+            f"**Warm process:** forked from `trainflow serve`'s warm process (started {process.get('since', '?')}{restarted}): "
+            f"{', '.join(process['imported']) or 'nothing'} already imported when the run started.",
         ]
     cached = [n for n, v in report["stages"].items() if v["status"] == "cached"]
     if cached:

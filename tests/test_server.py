@@ -207,6 +207,7 @@ def test_served_runs_fork_from_a_warm_process_and_never_run_stale_code(server, r
         assert run["state"]["type"] == "COMPLETED"
         assert "(edited between two runs)" in server.artifacts(run["id"])["training-summary"]  # the new code ran
         assert [p.pid for p in warm_servers()] != [warm.pid]  # in a restarted warm process
+        assert " restart(s) for code changes): " in server.artifacts(run["id"])["iteration"]  # which its report says
     finally:
         report.write_text(original)
 
