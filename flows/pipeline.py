@@ -233,7 +233,14 @@ STAGE_IMPORTS = {
     "promote": (),
 }
 REPORT_IMPORTS = ("pandas", "matplotlib.pyplot")  # the run's summary tables and its timeline chart, even when nothing ran
-PRELOAD = tuple(dict.fromkeys([m for modules in STAGE_IMPORTS.values() for m in modules] + list(REPORT_IMPORTS)))
+
+
+def imports_of(stages) -> list[str]:
+    """The modules these stages and the run's report import, each once, in the pipeline's order."""
+    return list(dict.fromkeys([m for stage in stages for m in STAGE_IMPORTS[stage]] + list(REPORT_IMPORTS)))
+
+
+PRELOAD = tuple(imports_of(STAGE_IMPORTS))
 
 
 def preload(ready) -> None:
@@ -247,7 +254,7 @@ def preload(ready) -> None:
     with timeline.phase("dvc status", stage="runner"):
         todo = stages_to_run()
     with timeline.phase("imports", stage="runner"):
-        for name in dict.fromkeys([m for stage in todo for m in STAGE_IMPORTS[stage]] + list(REPORT_IMPORTS)):
+        for name in imports_of(todo):
             if ready():
                 break
             importlib.import_module(name)
